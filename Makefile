@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create (or reuse) .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-slow lint venv clean bench-quick
+
+venv: $(STAMP)
+
+# torch is pinned so that CPU machines take the CPU wheel instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dag sample --prompts examples/prompts/shapes.txt --num-per-prompt 4 --output runs/demo/samples
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

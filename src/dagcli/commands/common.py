@@ -1,0 +1,48 @@
+"""Options and checks shared by several commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dagcli.errors import DagError
+from dagcli.models import DEVICES, DTYPES
+
+MODEL_HELP = (
+    "Model: built-in 'tiny' (default) or 'tiny-random', a local diffusers folder, "
+    "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
+)
+
+
+def model_option(default: str | None = None):
+    return typer.Option(default, "--model", "-m", help=MODEL_HELP)
+
+
+def device_option():
+    return typer.Option("auto", "--device", help=f"Device: {'|'.join(DEVICES)}.")
+
+
+def dtype_option():
+    return typer.Option("fp32", "--dtype", help=f"Dtype of the frozen weights: {'|'.join(DTYPES)}.")
+
+
+def check_positive(name: str, value: int | float | None) -> None:
+    if value is not None and value <= 0:
+        raise DagError(f"{name} must be positive, got {value}")
+
+
+def check_eta(eta: float) -> None:
+    if not 0.0 <= eta <= 1.0:
+        raise DagError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+
+
+def check_writable_dir(path: Path, flag: str = "--output") -> None:
+    """The folder exists or can be created, and a file can be written in it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".dag-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise DagError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e})") from e

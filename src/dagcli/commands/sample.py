@@ -1,0 +1,83 @@
+"""`dag sample`: images from the base model or a trained checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dagcli.commands.common import (
+    check_eta,
+    check_positive,
+    check_writable_dir,
+    device_option,
+    dtype_option,
+    model_option,
+)
+from dagcli.errors import DagError
+
+
+def sample(
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    prompts: str = typer.Option(None, "--prompts", help="Prompt file (.txt/.jsonl) or built-in set name."),
+    num_per_prompt: int = typer.Option(4, "--num-per-prompt", "-n", help="Images per prompt."),
+    seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
+    steps: int = typer.Option(None, "--steps", help="Sampler steps (default: the model's, else 50)."),
+    eta: float = typer.Option(1.0, "--eta", help="DDIM eta in [0, 1]."),
+    guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance (default: the model's, else 5)."),
+    height: int = typer.Option(None, "--height", help="Image height in pixels (default: the model's)."),
+    width: int = typer.Option(None, "--width", help="Image width in pixels (default: the model's)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler call."),
+    ckpt: str = typer.Option(None, "--ckpt", help="A LoRA folder, checkpoint folder or training run (latest)."),
+    output: Path = typer.Option(Path("samples"), "--output", "-o", help="Output folder."),
+    model: str = model_option(),
+    device: str = device_option(),
+    dtype: str = dtype_option(),
+) -> None:
+    """Generate images (one PNG each, a grid per prompt, samples.jsonl)."""
+    from dagcli.checkpoint import attach_lora, read_meta, resolve_checkpoint
+    from dagcli.generate import SampleSettings, generate, write_samples
+    from dagcli.models import check_model_name, load_model
+    from dagcli.progress import default_reporter
+    from dagcli.prompts import PromptItem, load_prompts
+
+    # Validate everything before loading any weights.
+    if not prompt and not prompts:
+        raise DagError("no prompts given; use --prompt TEXT (repeatable) or --prompts FILE|SET")
+    items = [PromptItem(p) for p in (prompt or [])] + (load_prompts(prompts) if prompts else [])
+    for name, value in [("--num-per-prompt", num_per_prompt), ("--steps", steps), ("--batch-size", batch_size),
+                        ("--height", height), ("--width", width)]:
+        check_positive(name, value)
+    check_eta(eta)
+    folder = resolve_checkpoint(ckpt) if ckpt else None
+    meta = read_meta(folder) if folder else {}
+    model = model or meta.get("base_model")
+    if model:
+        check_model_name(model)
+    check_writable_dir(output)
+
+    reporter = default_reporter()
+    loaded = load_model(model, device=device, dtype=dtype)
+    for name, value in [("--height", height), ("--width", width)]:
+        if value is not None and value % loaded.pipe.vae_scale_factor:
+            raise DagError(f"{name} must be a multiple of {loaded.pipe.vae_scale_factor} for this model, got {value}")
+    if folder:
+        attach_lora(loaded.pipe, folder)
+    settings = SampleSettings(
+        steps=steps or loaded.defaults.get("default_steps", 50),
+        guidance=guidance if guidance is not None else loaded.defaults.get("default_guidance", 5.0),
+        eta=eta,
+        height=height,
+        width=width,
+        batch_size=batch_size,
+        num_per_prompt=num_per_prompt,
+        seed=seed,
+    )
+    images = generate(loaded, items, settings, reporter)
+    extra = {"model": loaded.name, **({"ckpt": str(folder)} if folder else {})}
+    manifest = write_samples(images, settings, output, extra)
+    reporter.info(f"wrote {len(images)} images for {len(items)} prompts to {output} ({manifest.name})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sample")(sample)

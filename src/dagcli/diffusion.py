@@ -1,0 +1,263 @@
+"""The denoising chain as a GFlowNet: DDIM steps with log-probabilities, the backward kernel, and rollouts.
+
+Everything here is a pure function of tensors and a `Schedule`; the network enters as a callable. The
+same `ddim_step` samples a step during a rollout and scores a stored step during training, so the two agree
+exactly on the same inputs (the on-policy ratio is exactly 1).
+
+Notation (for one transition x_t -> x_s, s the next, smaller timestep):
+    x̂0   = (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)
+    σ_t  = η sqrt((1 - ᾱ_s) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_s)
+    μ    = sqrt(ᾱ_s) x̂0 + sqrt(1 - ᾱ_s - σ_t²) ε
+    P_F(x_s | x_t) = N(μ, σ_t² I)                      (forward policy)
+    P_B(x_t | x_s) = N(sqrt(ᾱ_t / ᾱ_s) x_s, (1 - ᾱ_t / ᾱ_s) I)   (backward policy: the noising kernel)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Reduction = Literal["mean", "sum"]
+REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+
+# (x_t [B,C,h,w], t [B] long) -> (guided ε [B,C,h,w], conditional ε [B,C,h,w])
+Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The numbers of a DDIM scheduler that the step needs, in float64 on CPU (indexed by timestep)."""
+
+    alphas_cumprod: torch.Tensor  # [num_train_timesteps] float64
+    final_alpha_cumprod: float  # ᾱ used after the last step (diffusers' `final_alpha_cumprod`)
+    timesteps: torch.Tensor  # [T] long, descending: the sampler's timesteps
+    step_ratio: int  # num_train_timesteps // T: s = t - step_ratio
+    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction"
+    clip_sample: float | None = None  # clamp x̂0 to ±this (diffusers' clip_sample_range) when set
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_steps: int) -> Schedule:
+        """Read a diffusers `DDIMScheduler` (its config and `set_timesteps(num_steps)`)."""
+        scheduler.set_timesteps(num_steps)
+        cfg = scheduler.config
+        if cfg.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+        return cls(
+            alphas_cumprod=scheduler.alphas_cumprod.detach().to("cpu", torch.float64),
+            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            timesteps=scheduler.timesteps.detach().to("cpu", torch.long),
+            step_ratio=cfg.num_train_timesteps // num_steps,
+            prediction_type=cfg.prediction_type,
+            clip_sample=float(cfg.clip_sample_range) if cfg.clip_sample else None,
+        )
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t for timesteps t (long, any shape); t < 0 gives `final_alpha_cumprod`. float64."""
+        t = t.to("cpu", torch.long)
+        out = self.alphas_cumprod[t.clamp(min=0)]
+        return torch.where(t >= 0, out, torch.full_like(out, self.final_alpha_cumprod))
+
+    def prev(self, t: torch.Tensor) -> torch.Tensor:
+        """The next (smaller) timestep s of each t; -1 stands for 'after the last step'."""
+        s = t.to(torch.long) - self.step_ratio
+        return torch.where(s >= 0, s, torch.full_like(s, -1))
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # [B,C,h,w] x_s, sampled or the one given
+    log_prob: torch.Tensor  # [B] log P_F(x_s | x_t), reduced over latent dims (float32)
+    mean: torch.Tensor  # [B,C,h,w] μ
+    std: torch.Tensor  # [B] σ_t
+    pred_x0: torch.Tensor  # [B,C,h,w] x̂0
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] -> [B,1,1,1] on `like`'s device and dtype."""
+    return v.to(like.device, like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def reduce_latent(x: torch.Tensor, reduction: Reduction) -> torch.Tensor:
+    """Reduce [B, ...] over everything but the batch: 'mean' (as the reference code) or 'sum' (the true density)."""
+    if reduction == "mean":
+        return x.flatten(1).mean(1)
+    if reduction == "sum":
+        return x.flatten(1).sum(1)
+    raise ValueError(f"unknown reduction {reduction!r}; valid options: {', '.join(REDUCTIONS)}")
+
+
+def gaussian_log_prob(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: Reduction
+) -> torch.Tensor:
+    """log N(x; mean, std² I), reduced over latent dims. `std` is [B] and must be > 0."""
+    std_b = _bcast(std, x)
+    elem = -((x - mean) ** 2) / (2 * std_b**2) - torch.log(std_b) - _LOG_SQRT_2PI
+    return reduce_latent(elem, reduction)
+
+
+def pred_x0_from_eps(schedule: Schedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x̂0 from the model output (ε, or v for v-prediction), without clipping. Same dtype as x_t."""
+    a_t = _bcast(schedule.alpha(t), x_t)
+    if schedule.prediction_type == "epsilon":
+        return (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_t**0.5 * x_t - (1 - a_t) ** 0.5 * eps  # v-prediction
+
+
+def ddim_step(
+    schedule: Schedule,
+    model_output: torch.Tensor,
+    t: torch.Tensor,
+    x_t: torch.Tensor,
+    eta: float,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    reduction: Reduction = "mean",
+) -> StepOutput:
+    """One DDIM step x_t -> x_s with the log-probability of x_s under P_F.
+
+    Samples x_s (noise from `generator`) when `prev_sample` is None, otherwise scores the given x_s.
+    Computed in float32 whatever the inputs' dtype, so sampling and scoring agree bit for bit.
+    With η = 0 the step is deterministic and the returned log-prob is 0.
+    """
+    x_t = x_t.float()
+    model_output = model_output.float()
+    t = torch.as_tensor(t).reshape(-1).expand(x_t.shape[0])
+    s = schedule.prev(t)
+    a_t = schedule.alpha(t)  # [B] float64
+    a_s = schedule.alpha(s)
+    variance = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+    std = (eta * variance.sqrt()).float()  # [B]
+
+    a_t_b, a_s_b = _bcast(a_t.float(), x_t), _bcast(a_s.float(), x_t)
+    if schedule.prediction_type == "epsilon":
+        pred_x0 = (x_t - (1 - a_t_b) ** 0.5 * model_output) / a_t_b**0.5
+        eps = model_output
+    else:  # v-prediction
+        pred_x0 = a_t_b**0.5 * x_t - (1 - a_t_b) ** 0.5 * model_output
+        eps = a_t_b**0.5 * model_output + (1 - a_t_b) ** 0.5 * x_t
+    if schedule.clip_sample is not None:
+        pred_x0 = pred_x0.clamp(-schedule.clip_sample, schedule.clip_sample)
+    std_b = _bcast(std, x_t)
+    mean = a_s_b**0.5 * pred_x0 + (1 - a_s_b - std_b**2) ** 0.5 * eps
+
+    if prev_sample is None:
+        if eta > 0:
+            noise = _randn_like(mean, generator)
+            prev_sample = mean + std_b * noise
+        else:
+            prev_sample = mean
+    prev_sample = prev_sample.float()
+    if eta > 0:
+        log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    else:
+        log_prob = torch.zeros(x_t.shape[0], device=x_t.device)
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, pred_x0=pred_x0)
+
+
+def backward_log_prob(
+    schedule: Schedule,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    x_s: torch.Tensor,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
+    """log P_B(x_t | x_s) of the fixed noising kernel N(sqrt(ᾱ_t/ᾱ_s) x_s, (1 - ᾱ_t/ᾱ_s) I). No parameters."""
+    x_t, x_s = x_t.float(), x_s.float()
+    t = torch.as_tensor(t).reshape(-1).expand(x_t.shape[0])
+    ratio = schedule.alpha(t) / schedule.alpha(schedule.prev(t))  # [B] float64
+    mean = _bcast(ratio.sqrt().float(), x_s) * x_s
+    std = (1 - ratio).sqrt().float()
+    return gaussian_log_prob(x_t, mean, std, reduction)
+
+
+def _randn_like(x: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+    """Standard normal noise shaped like x; a list of generators draws each batch row from its own."""
+    if isinstance(generator, list):
+        rows = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator]
+        return torch.stack(rows).to(x.device)
+    gen_device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
+
+
+def initial_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator | list[torch.Generator] | None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """x_T ~ N(0, I) [B,C,h,w] float32, drawn the way diffusers' pipelines draw it (per-row for a list)."""
+    return _randn_like(torch.empty(shape, device=device), generator)
+
+
+@dataclass
+class Trajectory:
+    """One batch of rollouts. T = number of sampler steps; states are x_T (index 0) ... x_0 (index T)."""
+
+    latents: torch.Tensor  # [B, T+1, C, h, w] float32: x at every state, x_T first
+    timesteps: torch.Tensor  # [T] long: the timestep t of each transition (state i -> i+1)
+    log_probs: torch.Tensor  # [B, T] float32: log P_F(x_{i+1} | x_i) recorded while sampling
+    eps_guided: torch.Tensor  # [B, T, C, h, w]: the guided model output that drove each step
+    eps_cond: torch.Tensor  # [B, T, C, h, w]: the conditional (unguided) model output at each step
+    prompt_embeds: torch.Tensor  # [B, L, D]: the conditional text embeddings
+    prompts: list[str]  # [B]
+    images: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1], the decoded x_0
+    eta: float = 1.0
+    reduction: str = "mean"
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[0]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+
+def rollout(
+    denoise: Denoiser,
+    schedule: Schedule,
+    x_T: torch.Tensor,
+    eta: float,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    reduction: Reduction = "mean",
+    callback: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the sampler from x_T, recording every state, log-prob and model output.
+
+    Returns (latents [B,T+1,...], timesteps [T], log_probs [B,T], eps_guided [B,T,...], eps_cond [B,T,...]).
+    `callback(step, total)` is called after each step (for progress bars).
+    """
+    x = x_T.float()
+    states, log_probs, guided, cond = [x], [], [], []
+    batch = x.shape[0]
+    for i, t in enumerate(schedule.timesteps):
+        t_b = t.reshape(1).expand(batch).to(x.device)
+        eps_g, eps_c = denoise(x, t_b)
+        out = ddim_step(schedule, eps_g, t_b, x, eta, generator=generator, reduction=reduction)
+        x = out.prev_sample
+        states.append(x)
+        log_probs.append(out.log_prob)
+        guided.append(eps_g.float())
+        cond.append(eps_c.float())
+        if callback is not None:
+            callback(i + 1, schedule.num_steps)
+    return (
+        torch.stack(states, 1),
+        schedule.timesteps.clone(),
+        torch.stack(log_probs, 1),
+        torch.stack(guided, 1),
+        torch.stack(cond, 1),
+    )

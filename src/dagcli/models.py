@@ -1,0 +1,244 @@
+"""Load a Stable Diffusion pipeline by hub id, local folder or built-in name; devices and dtypes.
+
+Every command loads its model through `load_model`, so offline behaviour and errors are the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dagcli.builtin import TINY_NAME, TINY_RANDOM_NAME, TINY_SD_DIR, tiny_available
+from dagcli.errors import DagError
+
+REAL_USE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def builtin_names() -> list[str]:
+    return [TINY_NAME, TINY_RANDOM_NAME]
+
+
+def default_model() -> str:
+    """The built-in pretrained tiny model when it ships, else the random-weight one."""
+    return TINY_NAME if tiny_available() else TINY_RANDOM_NAME
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline plus what the commands need to know about it."""
+
+    pipe: object  # diffusers.StableDiffusionPipeline
+    name: str  # what the user asked for (hub id, folder, or built-in name)
+    device: torch.device
+    dtype: torch.dtype  # of the frozen weights
+    is_builtin_tiny: bool = False  # the pretrained built-in model (its tiny CLIP is the default `clip` reward)
+    defaults: dict = field(default_factory=dict)  # recommended sampling settings (guidance, steps, resolution)
+
+    @property
+    def resolution(self) -> int:
+        unet = self.pipe.unet
+        return int(unet.config.sample_size) * self.pipe.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.unet.config.in_channels)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is an error."""
+    if device not in DEVICES:
+        raise DagError(f"unknown device {device!r}; valid options: {', '.join(DEVICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DagError("device 'cuda' requested but no CUDA GPU is available; valid options here: auto, cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise DagError(f"unknown dtype {dtype!r}; valid options: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_model_name(model: str) -> None:
+    """Fail fast (before any loading) on a name that is neither built-in, a folder, nor a hub id."""
+    if model in builtin_names():
+        if model == TINY_NAME and not tiny_available():
+            raise DagError(f"built-in model {TINY_NAME!r} is not installed with this package; use {TINY_RANDOM_NAME!r}")
+        return
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise DagError(f"model folder {str(path)!r} has no model_index.json; expected a diffusers pipeline folder")
+        return
+    if not _HUB_ID.match(model):
+        raise DagError(
+            f"unknown model {model!r}; valid options: {', '.join(builtin_names())}, "
+            f"a local diffusers folder, or a hub id such as {REAL_USE_MODEL}"
+        )
+
+
+def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp32") -> LoadedModel:
+    """Load a `StableDiffusionPipeline` with frozen weights in `dtype` on `device`.
+
+    `model` is a built-in name ('tiny', 'tiny-random'), a local diffusers folder, or a hub id. Hub ids are
+    read from the local Hugging Face cache first and only then downloaded; offline, a one-line `DagError`
+    says how to provide the weights.
+    """
+    model = model or default_model()
+    check_model_name(model)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    _quiet_loading()
+    if model == TINY_RANDOM_NAME:
+        pipe, is_tiny = build_tiny_random_pipeline().to(dtype=dt), False
+    else:
+        folder = TINY_SD_DIR if model == TINY_NAME else model
+        pipe = _from_pretrained(str(folder), dt)
+        is_tiny = Path(folder).resolve() == TINY_SD_DIR.resolve()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(dev)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    return LoadedModel(
+        pipe=pipe, name=model, device=dev, dtype=dt, is_builtin_tiny=is_tiny, defaults=_read_defaults(model)
+    )
+
+
+def _read_defaults(model: str) -> dict:
+    """Recommended settings stored beside a pipeline in `dagcli.json` (the built-in model has one)."""
+    folder = TINY_SD_DIR if model == TINY_NAME else Path(model)
+    meta = folder / "dagcli.json"
+    if model != TINY_RANDOM_NAME and meta.is_file():
+        return json.loads(meta.read_text())
+    return {}
+
+
+def _quiet_loading() -> None:
+    """No per-component loading bars or dtype notes from the libraries: our own progress is enough."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def _from_pretrained(name: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True, torch_dtype=dtype)
+    if Path(name).exists():
+        return _load_or_explain(lambda: StableDiffusionPipeline.from_pretrained(name, **kwargs), name)
+    try:  # the local cache first: no network round-trip when the model is already there
+        return StableDiffusionPipeline.from_pretrained(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise DagError(_offline_message(name))
+    return _load_or_explain(lambda: StableDiffusionPipeline.from_pretrained(name, **kwargs), name)
+
+
+def _load_or_explain(load, name: str):
+    try:
+        return load()
+    except DagError:
+        raise
+    except Exception as e:  # network, missing files, wrong format: all end in the same advice
+        raise DagError(_offline_message(name) + f" ({type(e).__name__})") from e
+
+
+def _offline_message(name: str) -> str:
+    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    return (
+        f"could not load model {name!r}: it is not a local folder, not in the Hugging Face cache ({hf_home}), "
+        f"and could not be downloaded; download it where there is network and pass the folder with --model, "
+        f"or fill HF_HOME and set HF_HUB_OFFLINE=1"
+    )
+
+
+# --- the random-weight tiny pipeline (built in code) ------------------------------------------------------
+
+TINY_RANDOM_WORDS = (
+    "a an the of on in with and small large big red green blue yellow purple orange white black pink "
+    "circle square triangle background photo painting cat dog horse bird fish"
+).split()
+
+
+def build_tiny_random_pipeline(seed: int = 0):
+    """A tiny Stable Diffusion pipeline with random weights: 32 px images, 8x8x4 latents, ~0.5 M parameters.
+
+    Deterministic for a seed. For plumbing checks and tests; its images are noise-like.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dagcli.builtin.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

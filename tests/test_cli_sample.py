@@ -1,0 +1,75 @@
+"""`dag sample` end to end through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dagcli.cli import main
+
+
+def run_cli(args, capsys):
+    try:
+        main(args)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_sample_writes_images_grid_and_manifest(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["sample", "--model", str(tiny_pipeline_dir), "-p", "a red circle", "-p", "a blue square",
+                            "-n", "2", "--steps", "4", "--batch-size", "3", "-o", str(out)], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["seed"] for r in records] == [0, 1, 2, 3]
+    assert all((out / r["file"]).is_file() for r in records)
+    assert len(list(out.glob("grid-*.png"))) == 2
+    assert records[0]["settings"]["steps"] == 4
+
+
+def test_same_seed_same_images_any_batch_size(tiny_pipeline_dir, tmp_path, capsys):
+    files = []
+    for bs in (1, 4):
+        out = tmp_path / f"b{bs}"
+        code, _, err = run_cli(["sample", "--model", str(tiny_pipeline_dir), "-p", "a red circle", "-n", "3",
+                                "--steps", "3", "--batch-size", str(bs), "-o", str(out)], capsys)
+        assert code == 0, err
+        files.append(sorted(p.read_bytes() for p in out.glob("000-*.png")))
+    assert files[0] == files[1]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["sample", "-p", "x", "--model", "nope"], "unknown model 'nope'"),
+        (["sample", "--prompts", "missing-file.txt"], "missing-file.txt"),
+        (["sample", "-p", "x", "--eta", "1.5"], "--eta"),
+        (["sample", "-p", "x", "--steps", "0"], "--steps"),
+        (["sample", "-p", "x", "--steps", "-3"], "--steps"),
+        (["sample"], "no prompts"),
+        (["sample", "-p", "x", "--ckpt", "no/such/run"], "no/such/run"),
+    ],
+)
+def test_bad_input_one_line_exit_2(args, needle, capsys):
+    code, out, err = run_cli(args, capsys)
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_prompt_file(tmp_path, capsys):
+    f = tmp_path / "empty.txt"
+    f.write_text("\n# nothing\n")
+    code, _, err = run_cli(["sample", "--prompts", str(f)], capsys)
+    assert code == 2 and "no prompts" in err
+
+
+def test_help_for_every_command(capsys):
+    code, out, _ = run_cli(["--help"], capsys)
+    assert code == 0 and "sample" in out
+    code, out, _ = run_cli(["sample", "--help"], capsys)
+    assert code == 0 and "--num-per-prompt" in out

@@ -1,0 +1,80 @@
+"""Prompt files and built-in sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dagcli.errors import DagError
+from dagcli.prompts import SIMPLE_ANIMALS, load_prompts
+
+
+def test_text_file_skips_blanks_and_comments(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# header\na cat\n\n  a dog  \n#x\n", encoding="utf-8")
+    assert [p.prompt for p in load_prompts(f)] == ["a cat", "a dog"]
+
+
+def test_jsonl_keeps_metadata(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "a cat", "tag": 1}) + "\n\n" + json.dumps({"prompt": "a dog"}) + "\n")
+    items = load_prompts(f)
+    assert [p.prompt for p in items] == ["a cat", "a dog"]
+    assert items[0].metadata == {"tag": 1}
+
+
+def test_existing_path_wins_over_set_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "simple_animals").write_text("only this\n")
+    assert [p.prompt for p in load_prompts("simple_animals")] == ["only this"]
+
+
+def test_builtin_simple_animals():
+    items = load_prompts("simple_animals")
+    assert len(items) == 45 == len(set(SIMPLE_ANIMALS))
+    assert load_prompts("builtin:simple_animals") == items
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "no prompts"),
+        (b"# only a comment\n\n", "no prompts"),
+        (b"\x00\x01\x02binary", "binary"),
+        (b"caf\xe9\n", "not UTF-8"),
+    ],
+)
+def test_bad_text_files(tmp_path, content, match):
+    f = tmp_path / "p.txt"
+    f.write_bytes(content)
+    with pytest.raises(DagError, match=match):
+        load_prompts(f)
+
+
+@pytest.mark.parametrize("line", ["{not json", "[1, 2]", '{"text": "x"}', '{"prompt": ""}', '{"prompt": 3}'])
+def test_bad_jsonl_lines(tmp_path, line):
+    f = tmp_path / "p.jsonl"
+    f.write_text(line + "\n")
+    with pytest.raises(DagError, match="line 1"):
+        load_prompts(f)
+
+
+def test_missing_source_lists_sets():
+    with pytest.raises(DagError, match="simple_animals"):
+        load_prompts("definitely-missing.txt")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufeff"), max_size=30), max_size=12))
+def test_text_parsing_fuzz(tmp_path_factory, lines):
+    f = tmp_path_factory.mktemp("fuzz") / "p.txt"
+    f.write_text("\n".join(lines), encoding="utf-8")
+    expected = [s.strip() for s in "\n".join(lines).splitlines() if s.strip() and not s.strip().startswith("#")]
+    if expected:
+        assert [p.prompt for p in load_prompts(f)] == expected
+    else:
+        with pytest.raises(DagError):
+            load_prompts(f)
