@@ -82,3 +82,161 @@ def attach_lora(pipe, folder: Path) -> None:
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
     except Exception as e:
         raise DagError(f"could not load LoRA {str(file)!r} into this model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+# --- saving and loading training checkpoints -------------------------------------------------------------
+
+FLOW_FILE = "flow.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def lora_state_dict(unet) -> dict:
+    """The UNet's LoRA weights in diffusers' format (what `pipe.load_lora_weights` reads)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def write_lora(folder: Path, unet, rank: int, alpha: float, target_modules: list[str]) -> Path:
+    """Write `pytorch_lora_weights.safetensors` the way diffusers' own trainers do (alpha kept as metadata)."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        str(folder),
+        unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()},
+        safe_serialization=True,
+        unet_lora_adapter_metadata={"r": rank, "lora_alpha": alpha, "target_modules": target_modules},
+    )
+    return Path(folder) / LORA_FILE
+
+
+def _fsync_dir(folder: Path) -> None:
+    import os
+
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    *,
+    step: int,
+    unet,
+    flow,
+    flow_config: dict | None,
+    optimizer,
+    state: dict,
+    config: dict,
+    base_model: str,
+    lora: dict,
+    keep_last: int,
+) -> Path:
+    """Write a checkpoint atomically: everything goes to a temporary folder that is renamed when complete.
+
+    A process killed at any moment leaves either the previous checkpoints only, or them plus the new one.
+    """
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_lora(tmp, unet, lora["rank"], lora["alpha"], lora["target_modules"])
+    if flow is not None:
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in flow.state_dict().items()}
+        save_file(weights, str(tmp / FLOW_FILE), metadata={"config": json.dumps(flow_config)})
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
+    files = sorted(p.name for p in tmp.iterdir())
+    meta = {
+        "format": 1,
+        "step": step,
+        "base_model": base_model,
+        "lora": lora,
+        "state": state,
+        "config": config,
+        "algorithm": config.get("train", {}).get("algorithm"),
+        "sha256": {name: sha256(tmp / name) for name in files},
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checksums(folder: Path, meta: dict) -> None:
+    for name, digest in meta.get("sha256", {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise DagError(f"checkpoint {str(folder)!r} is missing {name}")
+        if sha256(path) != digest:
+            raise DagError(f"checkpoint file {str(path)!r} does not match its checksum (corrupt or modified)")
+
+
+def load_checkpoint_into(
+    folder: Path, *, unet, flow, optimizer, base_model: str, lora_rank: int, algorithm: str
+) -> dict:
+    """Restore LoRA, flow network and optimiser from a checkpoint; returns the saved trainer state."""
+    import torch
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if not meta:
+        raise DagError(f"{str(folder)!r} is not a training checkpoint (no {META_FILE})")
+    problems = []
+    if meta.get("base_model") != base_model:
+        problems.append(f"base model {meta.get('base_model')!r} (this run: {base_model!r})")
+    if meta.get("lora", {}).get("rank") != lora_rank:
+        problems.append(f"LoRA rank {meta.get('lora', {}).get('rank')} (this run: {lora_rank})")
+    if meta.get("algorithm") != algorithm:
+        problems.append(f"algorithm {meta.get('algorithm')!r} (this run: {algorithm!r})")
+    if problems:
+        raise DagError(f"checkpoint {str(folder)!r} does not match this run: " + "; ".join(problems))
+    verify_checksums(folder, meta)
+    try:
+        lora = load_file(str(folder / LORA_FILE))
+        peft_sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
+        result = set_peft_model_state_dict(unet, peft_sd)
+        if getattr(result, "unexpected_keys", None):
+            raise DagError(f"checkpoint LoRA has keys this model lacks, e.g. {result.unexpected_keys[0]!r}")
+        if flow is not None:
+            flow.load_state_dict(load_file(str(folder / FLOW_FILE)))
+        optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
+        torch.set_rng_state(torch.load(folder / RNG_FILE, weights_only=True)["torch"])
+    except DagError:
+        raise
+    except Exception as e:
+        raise DagError(f"could not restore checkpoint {str(folder)!r} ({type(e).__name__}: {str(e)[:200]})") from e
+    return meta["state"]

@@ -1,0 +1,121 @@
+"""`dag train`: align a model to a reward with DAG-DB (default), DAG-KL or DDPO."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dagcli.errors import DagError
+
+
+def train(
+    config: Path = typer.Option(None, "--config", "-c", help="TOML preset (see examples/)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override a key: section.key=value (repeatable)."),
+    algorithm: str = typer.Option(None, "--algorithm", help="dag-db (default) | dag-kl | ddpo."),
+    reward: str = typer.Option(None, "--reward", "-r", help="Reward spec, e.g. aesthetic or aesthetic:1,clip:0.5."),
+    prompts: str = typer.Option(None, "--prompts", help="Prompt file or built-in set."),
+    epochs: int = typer.Option(None, "--epochs", help="Number of epochs."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Trajectories per sampler call (per process)."),
+    train_batch_size: int = typer.Option(None, "--train-batch-size", help="Transitions per micro-batch."),
+    steps: int = typer.Option(None, "--steps", help="Sampler steps per trajectory."),
+    seed: int = typer.Option(None, "--seed", help="Run seed."),
+    output: Path = typer.Option(None, "--output", "-o", help="Run directory (default runs/dag)."),
+    model: str = typer.Option(None, "--model", "-m", help="Base model (built-in name, folder or hub id)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of --output."),
+    resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
+) -> None:
+    """Fine-tune a LoRA so that high-reward images become likely (DAG-DB with the forward-looking flow)."""
+    from dagcli.config import load_config
+    from dagcli.progress import default_reporter
+
+    flags = {
+        "train.algorithm": algorithm, "reward.spec": reward, "sampling.prompts": prompts, "train.epochs": epochs,
+        "sampling.batch_size": batch_size, "train.batch_size": train_batch_size, "sampling.steps": steps,
+        "train.seed": seed, "output.dir": str(output) if output is not None else None, "model.name": model,
+        "model.device": device,
+    }
+    overrides = list(set_ or []) + [f"{k}={_toml(v)}" for k, v in flags.items() if v is not None]
+    cfg = load_config(config, overrides)
+    reporter = default_reporter()
+    run(cfg, resume=resume, resume_from=resume_from, reporter=reporter)
+
+
+def _toml(value) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], Path | None]:
+    """Everything that can be checked before loading a model: prompts, reward names, output, checkpoint."""
+    from dagcli.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
+    from dagcli.commands.common import check_writable_dir
+    from dagcli.models import check_model_name, default_model
+    from dagcli.prompts import load_prompts
+    from dagcli.rewards import validate_spec
+
+    prompts = [p.prompt for p in load_prompts(cfg.sampling.prompts)]
+    validate_spec(cfg.reward.spec)
+    check_model_name(cfg.model.name or default_model())
+    run_dir = Path(cfg.output.dir)
+    check_writable_dir(run_dir)
+    folder = None
+    if resume_from is not None:
+        folder = resolve_checkpoint(resume_from)
+    elif resume:
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise DagError(f"--resume: {str(run_dir)!r} has no checkpoints to resume; start without --resume")
+        folder = found[-1][1]
+    elif list_checkpoints(run_dir):
+        raise DagError(f"{str(run_dir)!r} already has checkpoints; pass --resume to continue it, "
+                       "or choose another --output")
+    if folder is not None:
+        meta = read_meta(folder)
+        want = cfg.model.name or default_model()
+        if meta.get("base_model") not in (None, want):
+            raise DagError(f"checkpoint {str(folder)!r} was trained on {meta.get('base_model')!r}, "
+                           f"not on {want!r}; pass --model {meta.get('base_model')}")
+    return prompts, folder
+
+
+def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=None):
+    """Validate, build the trainer, print the banner, train. Returns the trainer (for tests and scripts)."""
+    from dagcli.trainer import Trainer
+
+    prompts, folder = preflight(cfg, resume, resume_from)
+    trainer = Trainer(cfg, prompts, reporter=reporter)
+    if folder is not None:
+        trainer.resume(folder)
+    if trainer.is_main and reporter is not None:
+        banner(trainer, reporter)
+    trainer.train()
+    return trainer
+
+
+def banner(trainer, reporter) -> None:
+    c, s = trainer.config, trainer.sizes()
+    reporter.info(
+        f"[bold]dag train[/] {c.train.algorithm} on {trainer.model.name} · reward {c.reward.spec} · "
+        f"{len(set(trainer.prompts))} prompts · output {c.output.dir}"
+    )
+    reporter.info(
+        f"  {s['trajectories_per_epoch']} trajectories/epoch ({s['processes']} process(es)), "
+        f"{s['transitions_per_trajectory']} transitions each, {s['micro_batches_per_epoch']} micro-batches, "
+        f"{s['optimizer_steps_per_epoch']} optimiser step(s)/epoch · LoRA {s['lora_parameters']:,} params, "
+        f"flow {s['flow_parameters']:,}, UNet {s['unet_parameters']:,}"
+    )
+    total = c.sampling.batch_size * c.sampling.batches_per_epoch * s["transitions_per_trajectory"]
+    if total % c.train.batch_size:
+        reporter.warn(f"{total} transitions per epoch do not divide into micro-batches of {c.train.batch_size}; "
+                      "the last one is smaller")
+    if s["micro_batches_per_epoch"] % c.train.gradient_accumulation_steps:
+        reporter.warn(f"{s['micro_batches_per_epoch']} micro-batches per epoch are not a multiple of "
+                      f"gradient_accumulation_steps = {c.train.gradient_accumulation_steps}; "
+                      "the last optimiser step of each epoch accumulates fewer")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

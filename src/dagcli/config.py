@@ -1,0 +1,295 @@
+"""One typed configuration for `dag train`: frozen dataclasses, TOML presets, `--set section.key=value`.
+
+Defaults are the reference values for Stable Diffusion 1.5 unless a comment says otherwise. Unknown keys and
+wrong types are rejected, and every problem is reported at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from dagcli.errors import DagError
+
+ALGORITHMS = ("dag-db", "dag-kl", "ddpo")
+X0_SOURCES = ("sampling", "current")
+X0_GUIDANCE = ("cond", "guided")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = ""  # built-in name, local folder or hub id; "" = the built-in default
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "fp32"  # frozen weights: fp32 | bf16 | fp16 (reference: bf16 on GPU)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 50  # DDIM steps per trajectory
+    eta: float = 1.0  # DDIM η; training needs η > 0 (a stochastic policy)
+    guidance: float = 5.0  # classifier-free guidance weight
+    batch_size: int = 16  # trajectories per sampler call (per process)
+    batches_per_epoch: int = 4  # sampler calls per epoch (per process)
+    prompts: str = "simple_animals"  # prompt file or built-in set
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    spec: str = "aesthetic"  # e.g. "aesthetic", "aesthetic:1.0,clip:0.5", "my_module:make_reward"
+    options: dict = field(default_factory=dict)  # per-component factory options, e.g. {clip = {scale = 1.0}}
+    max_nonfinite: int = 16  # NaN/inf rewards tolerated (dropped, counted) before the run stops with a checkpoint
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 4
+    alpha: float = 4.0
+    init: str = "gaussian"  # peft init_lora_weights: gaussian | true (kaiming A, zero B)
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    algorithm: str = "dag-db"  # dag-db | dag-kl | ddpo
+    epochs: int = 100
+    batch_size: int = 8  # transitions per micro-batch (per process)
+    gradient_accumulation_steps: int = 200  # micro-batches per optimiser step (reference: 4 x 50 timesteps)
+    learning_rate: float = 3e-4  # LoRA
+    flow_learning_rate: float = 3e-4  # flow network
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0  # clipped separately for the LoRA and the flow network
+    timestep_fraction: float = 1.0  # fraction of each trajectory's transitions trained on
+    always_last_step: bool = False  # with timestep_fraction < 1, always include the final transition
+    mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the trainable forward passes)
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False  # needs bitsandbytes
+    allow_tf32: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DagConfig:
+    beta: float = 100.0  # reward exponent: R(x) = exp(β r(x)) (per latent dim under reduction = "mean")
+    beta_ramp_epochs: int = 50  # β grows linearly over this many epochs (reference: half of 100), 0 = no ramp
+    proximity: float = 1.0  # λ: weight of mean (ε̃_θ − ε̃_sampling)²
+    reduction: str = "mean"  # how log-probs reduce over latent dims: mean (reference) | sum (true density)
+    x0_source: str = "sampling"  # forward-looking x̂0: "sampling" (stored, each state once) | "current" (reference)
+    x0_guidance: str = "cond"  # x̂0 from the conditional ε (reference) or the guided ε
+    kl_weight: float = 1.0  # DAG-KL: weight of the REINFORCE term
+    clip_range: float = 1e-4  # DAG-KL / DDPO: PPO clip range
+    adv_clip: float = 5.0  # advantages clipped to ±this
+
+
+@dataclass(frozen=True)
+class DdpoConfig:
+    buffer_size: int = 16  # rewards kept per prompt for per-prompt normalisation
+    min_count: int = 16  # fewer rewards than this for a prompt: normalise with the global batch statistics
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/dag"  # the run directory
+    checkpoint_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
+    keep_last: int = 5  # checkpoints kept
+    sample_every: int = 0  # epochs between sample grids (0 = never)
+    report_to: str = "none"  # none | tensorboard | wandb
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    reward: RewardConfig = RewardConfig()
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    dag: DagConfig = DagConfig()
+    ddpo: DdpoConfig = DdpoConfig()
+    output: OutputConfig = OutputConfig()
+
+
+# --- loading -------------------------------------------------------------------------------------------
+
+def _hints(cls) -> dict[str, object]:
+    return typing.get_type_hints(cls)
+
+
+def _check_type(value, hint) -> object:
+    """Coerce/validate one TOML value against a field type. Raises TypeError with a short reason."""
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError("expected true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError("expected an integer")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError("expected a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError("expected a string")
+    if origin is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise TypeError("expected a list of strings")
+    if hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise TypeError("expected a table")
+    if origin in (typing.Union, types.UnionType):
+        return value
+    return value
+
+
+def config_from_dict(data: dict, errors: list[str] | None = None) -> Config:
+    """Build a `Config` from nested dicts, collecting every problem; raises one DagError listing them all."""
+    own_errors = errors if errors is not None else []
+    sections = {}
+    top = _hints(Config)
+    for name, value in data.items():
+        if name not in top:
+            own_errors.append(f"unknown section [{name}] (valid: {', '.join(top)})")
+            continue
+        if not isinstance(value, dict):
+            own_errors.append(f"[{name}] must be a table")
+            continue
+        cls = top[name]
+        fields = _hints(cls)
+        kwargs = {}
+        for key, v in value.items():
+            if key not in fields:
+                own_errors.append(f"unknown key {name}.{key} (valid: {', '.join(fields)})")
+                continue
+            try:
+                kwargs[key] = _check_type(v, fields[key])
+            except TypeError as e:
+                own_errors.append(f"{name}.{key} = {v!r}: {e}")
+        try:
+            sections[name] = cls(**kwargs)
+        except TypeError as e:
+            own_errors.append(f"[{name}]: {e}")
+    config = Config(**sections)
+    own_errors.extend(validate(config))
+    if errors is None and own_errors:
+        raise DagError("invalid configuration: " + "; ".join(own_errors))
+    return config
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'section.key=value' -> (section, key, TOML-parsed value, or the raw string when it isn't TOML)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise DagError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=10")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A TOML preset (optional) plus `section.key=value` overrides -> a validated `Config`."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise DagError(f"config file {str(path)!r} not found")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise DagError(f"config file {str(path)!r} is not valid TOML ({str(e).splitlines()[0]})") from e
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})
+        if isinstance(data[section], dict):
+            data[section][key] = value
+    return config_from_dict(data)
+
+
+def replace(config: Config, section: str, **changes) -> Config:
+    """A copy of the config with some keys of one section changed."""
+    return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
+
+
+def validate(c: Config) -> list[str]:
+    """Every value-level problem of a config (types are already checked)."""
+    e: list[str] = []
+
+    def one_of(name, value, options):
+        if value not in options:
+            e.append(f"{name} = {value!r}: valid options: {', '.join(options)}")
+
+    def positive(name, value):
+        if value <= 0:
+            e.append(f"{name} = {value!r}: must be positive")
+
+    one_of("train.algorithm", c.train.algorithm, ALGORITHMS)
+    one_of("dag.reduction", c.dag.reduction, ("mean", "sum"))
+    one_of("dag.x0_source", c.dag.x0_source, X0_SOURCES)
+    one_of("dag.x0_guidance", c.dag.x0_guidance, X0_GUIDANCE)
+    one_of("train.mixed_precision", c.train.mixed_precision, MIXED_PRECISION)
+    one_of("model.device", c.model.device, ("auto", "cpu", "cuda"))
+    one_of("model.dtype", c.model.dtype, ("fp32", "bf16", "fp16"))
+    one_of("output.report_to", c.output.report_to, ("none", "tensorboard", "wandb"))
+    one_of("lora.init", c.lora.init, ("gaussian", "true"))
+    for name, value in [
+        ("sampling.steps", c.sampling.steps), ("sampling.batch_size", c.sampling.batch_size),
+        ("sampling.batches_per_epoch", c.sampling.batches_per_epoch), ("train.epochs", c.train.epochs),
+        ("train.batch_size", c.train.batch_size),
+        ("train.gradient_accumulation_steps", c.train.gradient_accumulation_steps),
+        ("train.learning_rate", c.train.learning_rate), ("train.flow_learning_rate", c.train.flow_learning_rate),
+        ("train.max_grad_norm", c.train.max_grad_norm), ("lora.rank", c.lora.rank), ("lora.alpha", c.lora.alpha),
+        ("output.checkpoint_every", c.output.checkpoint_every), ("output.keep_last", c.output.keep_last),
+        ("dag.clip_range", c.dag.clip_range), ("dag.adv_clip", c.dag.adv_clip),
+        ("ddpo.buffer_size", c.ddpo.buffer_size),
+    ]:
+        positive(name, value)
+    if not 0.0 < c.sampling.eta <= 1.0:
+        e.append(f"sampling.eta = {c.sampling.eta}: training needs a stochastic sampler, 0 < eta <= 1")
+    if not 0.0 < c.train.timestep_fraction <= 1.0:
+        e.append(f"train.timestep_fraction = {c.train.timestep_fraction}: must be in (0, 1]")
+    for name, value in [("dag.beta", c.dag.beta), ("dag.proximity", c.dag.proximity),
+                        ("dag.beta_ramp_epochs", c.dag.beta_ramp_epochs), ("output.sample_every", c.output.sample_every),
+                        ("dag.kl_weight", c.dag.kl_weight), ("reward.max_nonfinite", c.reward.max_nonfinite),
+                        ("sampling.guidance", c.sampling.guidance)]:
+        if value < 0:
+            e.append(f"{name} = {value}: must not be negative")
+    if c.train.algorithm == "dag-kl" and c.train.batch_size < 2:
+        e.append("train.batch_size = 1: dag-kl needs at least 2 (its leave-one-out baseline)")
+    if not c.lora.target_modules:
+        e.append("lora.target_modules is empty")
+    return e
+
+
+def to_dict(config: Config) -> dict:
+    """Plain nested dict (tuples as lists) for TOML/JSON."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return list(v)
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, name)).items()}
+            for name in _hints(Config)}
+
+
+def dump_toml(config: Config) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(config))

@@ -1,0 +1,161 @@
+"""`dag train` end to end on a tiny model: metrics, checkpoints, exact resume, diffusers-loadable export."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dagcli.cli import main
+from dagcli.config import load_config
+
+
+def run_cli(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_pipeline_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(f"""
+[model]
+name = "{tiny_pipeline_dir}"
+device = "cpu"
+[sampling]
+steps = 4
+guidance = 3.0
+batch_size = 3
+batches_per_epoch = 1
+prompts = "{prompts}"
+[reward]
+spec = "compressibility"
+[train]
+batch_size = 4
+gradient_accumulation_steps = 2
+learning_rate = 3e-2
+flow_learning_rate = 1e-2
+[dag]
+beta = 1.0
+beta_ramp_epochs = 2
+[output]
+checkpoint_every = 1
+keep_last = 2
+""")
+    return cfg
+
+
+def test_two_epochs_write_metrics_and_checkpoints(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", tiny_config, "--epochs", "2", "-o", run], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert lines[-1]["trajectories_seen"] == 6
+    for key in ("reward_mean", "reward/compressibility_mean", "db_loss", "proximity", "grad_norm_lora",
+                "grad_norm_flow", "approx_kl", "time_sampling", "time_training", "beta", "per_prompt_reward"):
+        assert key in lines[-1]
+    assert lines[0]["beta"] == 0.5 and lines[1]["beta"] == 1.0  # ramp over 2 epochs, first epoch > 0
+    step = run / "checkpoints" / "step-000002"
+    assert {p.name for p in step.iterdir()} >= {"pytorch_lora_weights.safetensors", "flow.safetensors",
+                                                 "optimizer.pt", "meta.json"}
+    meta = json.loads((step / "meta.json").read_text())
+    assert meta["state"]["epoch"] == 2 and meta["config"]["train"]["algorithm"] == "dag-db"
+    assert load_config(run / "config.toml").train.epochs == 2
+
+
+def test_resume_equals_uninterrupted(tiny_config, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(["train", "--config", tiny_config, "--epochs", "4", "-o", a], capsys)[0] == 0
+    assert run_cli(["train", "--config", tiny_config, "--epochs", "2", "-o", b], capsys)[0] == 0
+    assert run_cli(["train", "--config", tiny_config, "--epochs", "4", "-o", b, "--resume"], capsys)[0] == 0
+    for name in ("pytorch_lora_weights.safetensors", "flow.safetensors"):
+        wa = load_file(a / "checkpoints" / "step-000004" / name)
+        wb = load_file(b / "checkpoints" / "step-000004" / name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    # keep_last = 2
+    assert sorted(p.name for p in (a / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+
+
+def test_export_loads_in_plain_diffusers_and_matches_dag_sample(tiny_config, tiny_pipeline_dir, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+
+    run = tmp_path / "run"
+    assert run_cli(["train", "--config", tiny_config, "--epochs", "1", "-o", run], capsys)[0] == 0
+    out = tmp_path / "samples"
+    code, _, err = run_cli(["sample", "--ckpt", run, "-p", "a red circle", "-n", "1", "--eta", "0",
+                            "--steps", "5", "--guidance", "3", "-o", out], capsys)
+    assert code == 0, err
+    ours = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(next(out.glob("000-*.png")))).astype(int)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    base = pipe("a red circle", num_inference_steps=5, guidance_scale=3.0, eta=0.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    pipe.load_lora_weights(run / "checkpoints" / "step-000001")
+    tuned = pipe("a red circle", num_inference_steps=5, guidance_scale=3.0, eta=0.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    tuned = (tuned * 255).round().astype(int)
+    assert np.abs(tuned - ours).max() <= 1
+    assert np.abs((base * 255).round().astype(int) - tuned).max() > 0  # the LoRA changed something
+
+
+@pytest.mark.parametrize("algorithm", ["dag-kl", "ddpo"])
+def test_other_algorithms_run(tiny_config, tmp_path, capsys, algorithm):
+    run = tmp_path / algorithm
+    code, _, err = run_cli(["train", "--config", tiny_config, "--epochs", "1", "--algorithm", algorithm,
+                            "-o", run], capsys)
+    assert code == 0, err
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "policy_loss" in m
+    assert (run / "checkpoints" / "step-000001" / "flow.safetensors").exists() == (algorithm == "dag-kl")
+
+
+def test_gradients_reach_only_lora_and_flow(tiny_config, tmp_path):
+    from dagcli.commands.train import preflight
+    from dagcli.config import replace
+    from dagcli.trainer import Trainer
+
+    cfg = replace(load_config(tiny_config), "output", dir=str(tmp_path / "g"))
+    prompts, _ = preflight(cfg, False, None)
+    trainer = Trainer(cfg, prompts)
+    batch, _ = trainer.collect(0)
+    pairs = trainer.transitions(0, batch.traj.batch_size)[:4]
+    loss, _ = trainer._transition_loss(batch, pairs, beta=1.0)
+    loss.mean().backward()
+    unet = trainer.raw_unet
+    lora = [n for n, p in unet.named_parameters() if p.grad is not None]
+    assert lora and all("lora" in n for n in lora)
+    assert all(p.grad is None for p in trainer.model.pipe.vae.parameters())
+    assert all(p.grad is None for p in trainer.model.pipe.text_encoder.parameters())
+    assert all(p.grad is not None for p in trainer.raw_flow.parameters() if p.requires_grad)
+    assert not batch.rewards.requires_grad and not batch.fl_rewards.requires_grad
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--reward", "nope"], "unknown reward 'nope'"),
+        (["--algorithm", "ppo"], "train.algorithm = 'ppo'"),
+        (["--algorithm", "dag-kl", "--train-batch-size", "1"], "dag-kl needs at least 2"),
+        (["--set", "train.nope=1"], "unknown key train.nope"),
+        (["--prompts", "missing.txt"], "missing.txt"),
+        (["--resume"], "no checkpoints to resume"),
+        (["--steps", "0"], "sampling.steps = 0"),
+    ],
+)
+def test_bad_train_input(tiny_config, tmp_path, capsys, extra, needle):
+    code, _, err = run_cli(["train", "--config", tiny_config, "-o", tmp_path / "bad", *extra], capsys)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
