@@ -7,12 +7,11 @@ wrong types are rejected, and every problem is reported at once.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from dagcli.errors import DagError
 
