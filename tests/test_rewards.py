@@ -149,8 +149,10 @@ def test_aesthetic_is_independent_of_batch_size(clip_dir, mlp_files, images):
     assert torch.allclose(one, five, atol=1e-5)
 
 
-def test_aesthetic_errors_name_the_file(clip_dir, mlp_files, tmp_path):
-    with pytest.raises(DagError, match="mlp_path"):
+def test_aesthetic_errors_name_the_file(clip_dir, mlp_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(DagError, match="ddpo-aesthetic-predictor"):  # the default weights, not cached here
         build_reward("aesthetic", options={"aesthetic": {"model_id": str(clip_dir)}})
     with pytest.raises(DagError, match="nope.pth"):
         build_reward("aesthetic", options={"aesthetic": {"model_id": str(clip_dir), "mlp_path": "nope.pth"}})

@@ -91,14 +91,18 @@ class AestheticScore:
         return single_output(self.name, torch.cat(out))
 
 
+# The same weights as the LAION release, mirrored on the hub next to TRL's DDPO example.
+DEFAULT_MLP = "hf://trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
+
+
 @register_reward(
     "aesthetic",
     description="LAION improved aesthetic predictor (MLP on normalised CLIP ViT-L/14 image embeddings)",
     unit="rating, about 1-10 (SD 1.5 gives ~5-6)",
-    needs=f"{DEFAULT_CLIP} + {MLP_FILENAME} (option mlp_path)",
+    needs=f"{DEFAULT_CLIP} + {MLP_FILENAME} (option mlp_path; default trl-lib/ddpo-aesthetic-predictor)",
 )
 def aesthetic(
-    mlp_path: str | None = None,
+    mlp_path: str | None = DEFAULT_MLP,
     model_id: str = DEFAULT_CLIP,
     batch_size: int = DEFAULT_BATCH_SIZE,
     dtype: str = "fp32",
