@@ -26,6 +26,7 @@ from dagcli.algorithms.flow import FlowConfig, FlowNetwork, flow_config_for
 from dagcli.config import Config, dump_toml, to_dict
 from dagcli.diffusion import Schedule, Trajectory, backward_log_prob, ddim_step, pred_x0_from_eps
 from dagcli.errors import DagError
+from dagcli.faults import fault_point
 from dagcli.progress import NullReporter, Reporter
 from dagcli.sampling import PromptEncoder, decode_latents, guided_denoiser, sample_batch
 
@@ -132,6 +133,7 @@ class Trainer:
         if c.train.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.model.device)
+        self.encoder.warn_truncated(self.prompts, self.reporter.warn)
         self.uncond = self.encoder([""])
         self.schedule = Schedule.from_scheduler(pipe.scheduler, c.sampling.steps)
         self.is_dag = c.train.algorithm in ("dag-db", "dag-kl")
@@ -280,19 +282,20 @@ class Trainer:
         keep = torch.isfinite(rewards)
         if fl is not None:
             keep &= torch.isfinite(fl).all(1)
-        dropped = int((~keep).sum())
+        dropped = _sum_ints(self.accelerator, int((~keep).sum()))  # over all processes: they stop together
         if dropped:
             self.state.nonfinite_rewards += dropped
             self.reporter.warn(f"dropped {dropped} trajectories with NaN/inf rewards "
                                f"({self.state.nonfinite_rewards} so far, limit {self.config.reward.max_nonfinite})")
             if self.state.nonfinite_rewards > self.config.reward.max_nonfinite:
                 raise NonFiniteRewards(self.state.nonfinite_rewards)
+        if not bool(keep.all()):
             traj = _select(traj, keep)
             rewards, components = rewards[keep], {k: v[keep] for k, v in components.items()}
             fl = fl[keep] if fl is not None else None
         adv = None
         if self.config.train.algorithm == "ddpo":
-            all_r = self.accelerator.gather(rewards.to(self.accelerator.device)).cpu()
+            all_r = _gather_floats(self.accelerator, rewards)
             all_p = _gather_strings(self.accelerator, traj.prompts)
             all_adv = self.ddpo_advantages(all_p, all_r)
             start = _rank_offset(self.accelerator, len(traj.prompts))
@@ -346,9 +349,9 @@ class Trainer:
         else:
             fl_t = self._current_x0_reward(x_t, t, embeds, prompts)
             fl_s = self._current_x0_reward(x_s, s.clamp(min=0), embeds, prompts)
-        with self.accelerator.autocast():
-            flow_t = self.flow(x_t, t, embeds)
-            flow_s = self.flow(x_s, s.clamp(min=0), embeds)
+        with self.accelerator.autocast():  # both states in one call (the network is per-sample)
+            flow_t, flow_s = self.flow(torch.cat([x_t, x_s]), torch.cat([t, s.clamp(min=0)]),
+                                       torch.cat([embeds, embeds])).chunk(2)
         log_f_t = losses.forward_looking_flow(flow_t.float(), fl_t, beta)
         terminal_value = beta * batch.rewards[b].to(dev)
         log_f_s = torch.where(terminal, terminal_value, losses.forward_looking_flow(flow_s.float(), fl_s, beta))
@@ -374,6 +377,7 @@ class Trainer:
         c, acc = self.config, self.accelerator
         beta = beta_at(c.dag.beta, c.dag.beta_ramp_epochs, epoch)
         pairs = self.transitions(epoch, batch.traj.batch_size)
+        pairs = pairs[: _min_int(acc, len(pairs))]  # equal step counts on every process (DDP all-reduces)
         micro = [pairs[j : j + c.train.batch_size] for j in range(0, len(pairs), c.train.batch_size)]
         if c.train.algorithm == "dag-kl":
             micro = [m for m in micro if len(m) >= 2]  # the leave-one-out baseline needs two transitions
@@ -395,6 +399,7 @@ class Trainer:
                         loss = loss.mean()
                         if not torch.isfinite(loss):
                             skipped += 1
+                            acc.backward(self._zero_loss())  # keeps DDP's all-reduce in step across processes
                             advance()
                             continue
                         acc.backward(loss / len(group))
@@ -411,6 +416,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.optimizer_steps += 1
+                fault_point("optimizer-step")
         if skipped:
             self.reporter.warn(f"skipped {skipped} micro-batches with a NaN/inf loss")
         out = {name: sums[name] / max(counts[name], 1) for name in sums}
@@ -418,6 +424,12 @@ class Trainer:
         out["beta"] = beta
         out["skipped_micro_batches"] = skipped
         return out
+
+    def _zero_loss(self) -> torch.Tensor:
+        """0 · Σ trainable weights: its backward adds exact zeros to every gradient (a skipped micro-batch)."""
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        params += list(self.flow.parameters()) if self.flow is not None else []
+        return sum((p * 0.0).sum() for p in params)
 
     def _maybe_no_sync(self, sync: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation group."""
@@ -448,9 +460,11 @@ class Trainer:
                 train_logs = self.train_epoch(epoch, batch)
                 timing["time_training"] = time.perf_counter() - t0
                 self.state.epoch += 1
-                self.state.trajectories_seen += batch.traj.batch_size * self.accelerator.num_processes
+                self.state.trajectories_seen += _sum_ints(self.accelerator, batch.traj.batch_size)
                 metrics = self.epoch_metrics(batch, train_logs, timing)
                 self.log(metrics)
+                # a signal may reach one process only: every process saves and stops after the same epoch
+                self._stop_requested = _sum_ints(self.accelerator, int(self._stop_requested)) > 0
                 last = self.state.epoch == c.train.epochs
                 if last or self.state.epoch % c.output.checkpoint_every == 0 or self._stop_requested:
                     self.save()
@@ -465,27 +479,28 @@ class Trainer:
 
     def epoch_metrics(self, batch: EpochBatch, train_logs: dict, timing: dict) -> dict:
         acc = self.accelerator
-        rewards = acc.gather(batch.rewards.to(acc.device)).cpu()
+        rewards = _gather_floats(acc, batch.rewards)  # every process's trajectories
         m = {
             "epoch": self.state.epoch,
             "optimizer_steps": self.state.optimizer_steps,
             "trajectories_seen": self.state.trajectories_seen,
-            "reward_mean": float(rewards.mean()),
+            "reward_mean": float(rewards.mean()) if rewards.numel() else float("nan"),
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "reward_min": float(rewards.min()),
-            "reward_max": float(rewards.max()),
+            "reward_min": float(rewards.min()) if rewards.numel() else float("nan"),
+            "reward_max": float(rewards.max()) if rewards.numel() else float("nan"),
             "nonfinite_rewards": self.state.nonfinite_rewards,
         }
         for name, values in batch.components.items():
-            v = acc.gather(values.to(acc.device)).cpu()
-            m[f"reward/{name}_mean"] = float(v.mean())
+            v = _gather_floats(acc, values)
+            m[f"reward/{name}_mean"] = float(v.mean()) if v.numel() else float("nan")
             m[f"reward/{name}_std"] = float(v.std()) if v.numel() > 1 else 0.0
         per_prompt: dict[str, list[float]] = defaultdict(list)
-        for p, r in zip(batch.traj.prompts, batch.rewards.tolist(), strict=True):
+        for p, r in zip(_gather_strings(acc, batch.traj.prompts), rewards.tolist(), strict=True):
             per_prompt[p].append(r)
         m["per_prompt_reward"] = {p: sum(v) / len(v) for p, v in sorted(per_prompt.items())}
         if batch.fl_rewards is not None:
-            m["fl_reward_mean"] = float(batch.fl_rewards.mean())
+            fl = _gather_floats(acc, batch.fl_rewards.flatten())
+            m["fl_reward_mean"] = float(fl.mean()) if fl.numel() else float("nan")
         m.update(train_logs)
         m.update(timing)
         return m
@@ -599,6 +614,29 @@ def _gather_strings(accelerator, items: list[str]) -> list[str]:
     from accelerate.utils import gather_object
 
     return list(gather_object(list(items)))
+
+
+def _gather_floats(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor concatenated over processes in rank order; lengths may differ (dropped trajectories)."""
+    if accelerator.num_processes == 1:
+        return values.detach().float().cpu()
+    from accelerate.utils import gather_object
+
+    return torch.tensor(gather_object(values.detach().float().cpu().tolist()), dtype=torch.float32)
+
+
+def _sum_ints(accelerator, value: int) -> int:
+    """The sum of an integer over processes (every process gets it)."""
+    if accelerator.num_processes == 1:
+        return int(value)
+    return int(accelerator.gather(torch.tensor([int(value)], device=accelerator.device)).sum().item())
+
+
+def _min_int(accelerator, value: int) -> int:
+    """The minimum of an integer over processes (every process gets it)."""
+    if accelerator.num_processes == 1:
+        return int(value)
+    return int(accelerator.gather(torch.tensor([int(value)], device=accelerator.device)).min().item())
 
 
 def _rank_offset(accelerator, n_local: int) -> int:

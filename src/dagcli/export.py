@@ -1,0 +1,200 @@
+"""Export a trained LoRA for other tools: diffusers folder, kohya single file, or a merged full pipeline.
+
+    diffusers  a folder with `pytorch_lora_weights.safetensors`; `pipe.load_lora_weights(folder)` reads it
+    kohya      one `.safetensors` file with `lora_unet_*.lora_down.weight` / `.lora_up.weight` / `.alpha` keys,
+               the convention of kohya-ss, AUTOMATIC1111 and ComfyUI (SD 1.x/2.x UNets, diffusers module names)
+    merged     the base pipeline with the LoRA fused into its weights (`StableDiffusionPipeline.from_pretrained`)
+
+Every function takes a checkpoint folder (see `dagcli.checkpoint.resolve_checkpoint`) and returns what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from dagcli.checkpoint import LORA_FILE, read_meta, sha256
+from dagcli.errors import DagError
+
+FORMATS = ("diffusers", "kohya", "merged")
+KOHYA_SUFFIX = ".safetensors"
+
+
+@dataclass
+class LoraInfo:
+    """A checkpoint's LoRA weights (diffusers key names, `unet.` prefix) and the settings that scale them."""
+
+    weights: dict  # name -> tensor
+    rank: int
+    alpha: float
+    base_model: str | None
+
+
+# --- reading a checkpoint -----------------------------------------------------------------------------------
+
+
+def read_lora(folder: Path) -> LoraInfo:
+    """Load and check a checkpoint's LoRA file; rank and alpha come from the file, else meta.json."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    file = folder / LORA_FILE
+    if not file.is_file():
+        raise DagError(f"checkpoint {str(folder)!r} has no {LORA_FILE}")
+    meta = read_meta(folder)
+    expected = meta.get("sha256", {}).get(LORA_FILE)
+    if expected is not None and sha256(file) != expected:
+        raise DagError(f"checkpoint file {str(file)!r} does not match its checksum (corrupt or modified)")
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+            file_meta = f.metadata() or {}
+    except Exception as e:
+        raise DagError(f"could not read {str(file)!r} ({type(e).__name__}: {str(e)[:200]})") from e
+    if not weights:
+        raise DagError(f"{str(file)!r} holds no LoRA weights")
+    rank, alpha = _rank_alpha(weights, file_meta, meta.get("lora", {}))
+    return LoraInfo(weights=weights, rank=rank, alpha=alpha, base_model=meta.get("base_model"))
+
+
+def _rank_alpha(weights: dict, file_meta: dict, meta_lora: dict) -> tuple[int, float]:
+    """(rank, alpha): diffusers' adapter metadata in the file, else meta.json, else alpha = rank (scale 1)."""
+    adapter = {}
+    if "lora_adapter_metadata" in file_meta:
+        try:
+            adapter = json.loads(file_meta["lora_adapter_metadata"])
+        except json.JSONDecodeError:
+            adapter = {}
+    down = next((v for k, v in weights.items() if k.endswith(".lora.down.weight") or ".lora_A." in k), None)
+    rank = adapter.get("unet.r", meta_lora.get("rank", down.shape[0] if down is not None else None))
+    if rank is None:
+        raise DagError("cannot tell the LoRA rank: no lora.down weights and no rank in the checkpoint metadata")
+    alpha = adapter.get("unet.lora_alpha", meta_lora.get("alpha", rank))
+    return int(rank), float(alpha)
+
+
+def base_model_for(info: LoraInfo, model: str | None, folder: Path) -> str:
+    """`--model` when given, else the checkpoint's base model; checked before anything is loaded."""
+    from dagcli.models import check_model_name
+
+    name = model or info.base_model
+    if not name:
+        raise DagError(f"checkpoint {str(folder)!r} does not record its base model; pass --model")
+    check_model_name(name)
+    return name
+
+
+# --- output paths -------------------------------------------------------------------------------------------
+
+
+def check_output_dir(path: Path) -> Path:
+    """A folder that exists or can be created, and can be written."""
+    from dagcli.commands.common import check_writable_dir
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DagError(f"--output {str(path)!r} is a file; this format writes a folder")
+    check_writable_dir(path)
+    return path
+
+
+def check_output_file(path: Path) -> Path:
+    """A `.safetensors` file path whose folder can be written."""
+    from dagcli.commands.common import check_writable_dir
+
+    path = Path(path).expanduser()
+    if path.suffix != KOHYA_SUFFIX:
+        raise DagError(f"--output {str(path)!r} must end in {KOHYA_SUFFIX} for --format kohya (a single file)")
+    if path.is_dir():
+        raise DagError(f"--output {str(path)!r} is a folder; --format kohya writes a single {KOHYA_SUFFIX} file")
+    check_writable_dir(path.parent, flag=f"--output {str(path)!r}: its folder")
+    return path
+
+
+# --- the three formats --------------------------------------------------------------------------------------
+
+
+def export_diffusers(folder: Path, output: Path) -> Path:
+    """Copy the checkpoint's LoRA file (diffusers format, alpha in its metadata) into the folder `output`."""
+    read_lora(folder)  # readable and intact before anything is written
+    output = check_output_dir(output)
+    target = output / LORA_FILE
+    shutil.copyfile(Path(folder) / LORA_FILE, target)
+    return target
+
+
+def to_kohya(info: LoraInfo) -> dict:
+    """diffusers-format LoRA -> kohya keys, with each module's real alpha (not diffusers' default alpha = rank)."""
+    import torch
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    unet = {k: v for k, v in info.weights.items() if k.startswith("unet.")}
+    if len(unet) != len(info.weights):
+        other = next(k for k in info.weights if not k.startswith("unet."))
+        raise DagError(f"only UNet LoRAs can be exported to kohya format; found {other!r}")
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(unet))
+    out = {}
+    for key, value in kohya.items():
+        if key.endswith(".alpha"):
+            value = torch.tensor(info.alpha, dtype=torch.float32)
+        out[key] = value.detach().float().contiguous()
+    return out
+
+
+def export_kohya(folder: Path, output: Path, model: str | None = None) -> Path:
+    """Write the LoRA as one kohya-style `.safetensors` file; the base model is recorded in its metadata."""
+    from safetensors.torch import save_file
+
+    info = read_lora(folder)
+    base = base_model_for(info, model, Path(folder))
+    output = check_output_file(output)
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(info.rank),
+        "ss_network_alpha": f"{info.alpha:g}",
+        "ss_sd_model_name": base,
+        "ss_training_comment": f"exported by dagcli from {Path(folder).name}",
+    }
+    try:
+        save_file(to_kohya(info), str(output), metadata=metadata)
+    except OSError as e:
+        raise DagError(f"--output {str(output)!r} cannot be written ({e.strerror or e})") from e
+    return output
+
+
+def export_merged(folder: Path, output: Path, model: str | None = None) -> Path:
+    """Fuse the LoRA into the base pipeline (fp32, CPU) and save the full pipeline folder (safetensors)."""
+    from dagcli.checkpoint import attach_lora
+    from dagcli.models import load_model
+
+    info = read_lora(folder)
+    base = base_model_for(info, model, Path(folder))
+    output = check_output_dir(output)
+    loaded = load_model(base, device="cpu", dtype="fp32")
+    pipe = loaded.pipe
+    attach_lora(pipe, Path(folder))
+    pipe.fuse_lora(components=["unet"], lora_scale=1.0)
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(str(output), safe_serialization=True)
+    if loaded.defaults:  # recommended sampling settings travel with the weights
+        (output / "dagcli.json").write_text(json.dumps(loaded.defaults, indent=1))
+    return output
+
+
+EXPORTERS = {"diffusers": export_diffusers, "kohya": export_kohya, "merged": export_merged}
+
+
+def export(folder: Path, fmt: str, output: Path, model: str | None = None) -> Path:
+    """Dispatch on the format name."""
+    from dagcli.errors import unknown_choice
+
+    if fmt not in EXPORTERS:
+        raise unknown_choice("export format", fmt, FORMATS)
+    if fmt == "diffusers":
+        return export_diffusers(folder, output)
+    return EXPORTERS[fmt](folder, output, model=model)
+
+
+__all__ = ["FORMATS", "export", "export_diffusers", "export_kohya", "export_merged", "read_lora", "to_kohya"]
