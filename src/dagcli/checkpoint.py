@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from dagcli.errors import DagError
+from dagcli.faults import fault_point
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "meta.json"
@@ -78,6 +79,9 @@ def attach_lora(pipe, folder: Path) -> None:
     file = Path(folder) / LORA_FILE
     if not file.is_file():
         raise DagError(f"checkpoint {str(folder)!r} has no {LORA_FILE}")
+    digest = read_meta(folder).get("sha256", {}).get(LORA_FILE)
+    if digest is not None and sha256(file) != digest:
+        raise DagError(f"checkpoint file {str(file)!r} does not match its checksum (corrupt or modified)")
     try:
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
     except Exception as e:
@@ -162,11 +166,12 @@ def save_checkpoint(
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     write_lora(tmp, unet, lora["rank"], lora["alpha"], lora["target_modules"])
+    fault_point("checkpoint-write")
     if flow is not None:
         weights = {k: v.detach().float().cpu().contiguous() for k, v in flow.state_dict().items()}
         save_file(weights, str(tmp / FLOW_FILE), metadata={"config": json.dumps(flow_config)})
@@ -185,6 +190,7 @@ def save_checkpoint(
     }
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     _fsync_dir(tmp)
+    fault_point("checkpoint-rename")
     if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -267,6 +267,13 @@ def validate(c: Config) -> list[str]:
                         ("sampling.guidance", c.sampling.guidance)]:
         if value < 0:
             e.append(f"{name} = {value}: must not be negative")
+    per_traj = max(1, round(c.sampling.steps * c.train.timestep_fraction))
+    total = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
+    if c.train.batch_size > 0 and total > 0 and total % c.train.batch_size:
+        divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
+        e.append(f"train.batch_size = {c.train.batch_size} does not divide the {total} transitions trained per "
+                 f"epoch (sampling.batch_size x batches_per_epoch x {per_traj} steps); valid options: "
+                 + ", ".join(map(str, divisors)))
     if c.train.algorithm == "dag-kl" and c.train.batch_size < 2:
         e.append("train.batch_size = 1: dag-kl needs at least 2 (its leave-one-out baseline)")
     if not c.lora.target_modules:

@@ -53,6 +53,7 @@ def generate(
     reporter = reporter or NullReporter()
     jobs = plan(prompts, settings)
     encoder = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
+    encoder.warn_truncated([item.prompt for item in prompts], reporter.warn)
     out: list[GeneratedImage] = []
     with reporter.task("sampling", total=len(jobs)) as advance:
         for start in range(0, len(jobs), settings.batch_size):

@@ -24,6 +24,15 @@ class PromptEncoder:
         """True when the prompt is longer than the tokenizer's window (its tail is dropped)."""
         return len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length
 
+    def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int:
+        """Warn once about every prompt that will be cut to the text encoder's window; returns how many."""
+        long = sorted({p for p in prompts if self.truncated(p)})
+        if long:
+            example = long[0] if len(long[0]) <= 60 else long[0][:57] + "..."
+            warn(f"{len(long)} prompt(s) exceed the text encoder's {self.tokenizer.model_max_length} tokens and "
+                 f"are truncated, e.g. {example!r}")
+        return len(long)
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
         """[B, L, D] embeddings, in the text encoder's dtype, on its device."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -41,7 +42,7 @@ def check_writable_dir(path: Path, flag: str = "--output") -> None:
     """The folder exists or can be created, and a file can be written in it."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".dag-write-test"
+        probe = path / f".dag-write-test-{os.getpid()}"  # per process: ranks of one run check at once
         probe.write_text("")
         probe.unlink()
     except OSError as e:

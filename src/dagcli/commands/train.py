@@ -49,19 +49,44 @@ def _toml(value) -> str:
 
 
 def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], Path | None]:
-    """Everything that can be checked before loading a model: prompts, reward names, output, checkpoint."""
-    from dagcli.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
-    from dagcli.commands.common import check_writable_dir
+    """Everything that can be checked before loading a model, all problems reported at once: prompts,
+    reward names and plugins, model name, the run directory, and the checkpoint to resume."""
     from dagcli.models import check_model_name, default_model
     from dagcli.prompts import load_prompts
     from dagcli.rewards import validate_spec
 
-    prompts = [p.prompt for p in load_prompts(cfg.sampling.prompts)]
-    validate_spec(cfg.reward.spec)
-    check_model_name(cfg.model.name or default_model())
-    run_dir = Path(cfg.output.dir)
+    problems: list[str] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except DagError as e:
+            problems.append(str(e))
+            return None
+
+    items = check(load_prompts, cfg.sampling.prompts)
+    check(validate_spec, cfg.reward.spec)
+    check(check_model_name, cfg.model.name or default_model())
+    folder = check(_checkpoint_to_resume, cfg, resume, resume_from)
+    if not problems:
+        check(_check_output, Path(cfg.output.dir))
+    if problems:
+        raise DagError("; ".join(problems))
+    return [p.prompt for p in items], folder
+
+
+def _check_output(run_dir: Path) -> None:
+    from dagcli.commands.common import check_writable_dir
+
     check_writable_dir(run_dir)
-    folder = None
+
+
+def _checkpoint_to_resume(cfg, resume: bool, resume_from: Path | None) -> Path | None:
+    """The checkpoint folder to continue from (or None), checked against this run's settings."""
+    from dagcli.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
+    from dagcli.models import default_model
+
+    run_dir = Path(cfg.output.dir)
     if resume_from is not None:
         folder = resolve_checkpoint(resume_from)
     elif resume:
@@ -72,13 +97,26 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], P
     elif list_checkpoints(run_dir):
         raise DagError(f"{str(run_dir)!r} already has checkpoints; pass --resume to continue it, "
                        "or choose another --output")
-    if folder is not None:
-        meta = read_meta(folder)
-        want = cfg.model.name or default_model()
-        if meta.get("base_model") not in (None, want):
-            raise DagError(f"checkpoint {str(folder)!r} was trained on {meta.get('base_model')!r}, "
-                           f"not on {want!r}; pass --model {meta.get('base_model')}")
-    return prompts, folder
+    else:
+        return None
+    meta = read_meta(folder)
+    if not meta:
+        raise DagError(f"{str(folder)!r} is not a training checkpoint (no meta.json); --resume-from needs a "
+                       "checkpoints/step-* folder or a run directory")
+    want = cfg.model.name or default_model()
+    mismatches = []
+    if meta.get("base_model") != want:
+        mismatches.append(f"base model {meta.get('base_model')!r} (this run: {want!r})")
+    lora = meta.get("lora", {})
+    if lora.get("rank") != cfg.lora.rank:
+        mismatches.append(f"LoRA rank {lora.get('rank')} (this run: {cfg.lora.rank})")
+    if list(lora.get("target_modules", [])) != list(cfg.lora.target_modules):
+        mismatches.append(f"LoRA targets {lora.get('target_modules')} (this run: {list(cfg.lora.target_modules)})")
+    if meta.get("algorithm") != cfg.train.algorithm:
+        mismatches.append(f"algorithm {meta.get('algorithm')!r} (this run: {cfg.train.algorithm!r})")
+    if mismatches:
+        raise DagError(f"checkpoint {str(folder)!r} does not match this run: " + "; ".join(mismatches))
+    return folder
 
 
 def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=None):
