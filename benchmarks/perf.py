@@ -1,0 +1,628 @@
+"""Performance of dagcli's sampling and DAG-DB training, as ratios against baselines measured in the same process.
+
+    python benchmarks/perf.py --quick                 # CPU, tiny-random model, a few minutes
+    python benchmarks/perf.py --device cuda --model sd15-random --dtype bf16 --steps 20 --batch 8
+
+Every comparison alternates its variants (A B, B A, ...) and reports medians, so a noisy shared machine
+shifts both sides alike. Results go to JSON (default benchmarks/results/perf-<device>.json), written after
+each section so a run stopped early keeps what it measured, and a text table goes to stdout.
+
+Sections:
+  sampling  our `sample_batch` (recording states, log-probs and ε) vs diffusers' `StableDiffusionPipeline`
+            call with the same model, batch, steps, guidance and η = 1; our per-step time vs one guided UNet
+            forward ([uncond; cond] in one call on the same batch).
+  levers    prompt-embedding cache, guided batch in one call vs two, SDPA vs classic attention, channels-last,
+            bf16 vs fp32 weights (GPU), torch.compile (GPU, optional).
+  training  DAG-DB with x0_source = "sampling" (forward-looking rewards once per state, from the ε recorded
+            while sampling) vs "current" (x̂0 of both states recomputed with the current UNet, decoded and
+            scored per trained transition): loss agreement, full epochs, per-transition cost vs one guided
+            UNet forward+backward, gradient checkpointing, micro-batch sizes, peak memory, MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+if str(HERE.parent / "src") not in sys.path:
+    sys.path.insert(0, str(HERE.parent / "src"))
+
+PROMPTS = ["a photo of a cat", "a painting of a red house", "a blue bird on a tree", "a small white dog",
+           "a landscape with a river", "a yellow flower", "a black horse in a city", "a green mountain"]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.cuda = self.device.type == "cuda"
+        self.t_start = time.perf_counter()
+        self.results: dict = {"machine": machine(self.device), "args": vars(args), "sections": {}}
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def over_budget(self) -> bool:
+        return self.args.time_budget > 0 and time.perf_counter() - self.t_start > self.args.time_budget
+
+    def time(self, fn: Callable[[], object]) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+    def compare(self, variants: dict[str, Callable[[], object]], repeats: int | None = None,
+                warmup: int = 1) -> dict[str, float]:
+        """Median seconds of each variant, run interleaved (order rotated every repeat) after warm-up."""
+        repeats = repeats or self.args.repeats
+        names = list(variants)
+        for _ in range(warmup):
+            for n in names:
+                variants[n]()
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(repeats):
+            order = names[r % len(names):] + names[: r % len(names)]
+            if r % 2:
+                order = order[::-1]
+            for n in order:
+                times[n].append(self.time(variants[n]))
+        return {n: statistics.median(v) for n, v in times.items()}
+
+    def peak_memory(self) -> dict:
+        out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if self.cuda:
+            out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+
+    def section(self, name: str, fn: Callable[[], dict]) -> None:
+        if self.over_budget():
+            self.results["sections"][name] = {"skipped": "time budget"}
+            print(f"[{name}] skipped: time budget", flush=True)
+            return
+        t0 = time.perf_counter()
+        print(f"[{name}] ...", flush=True)
+        try:
+            res = fn()
+        except Exception as e:  # one failing section must not lose the others
+            import traceback
+
+            traceback.print_exc()
+            res = {"error": f"{type(e).__name__}: {e}"}
+        res["section_seconds"] = round(time.perf_counter() - t0, 2)
+        res["memory_after"] = self.peak_memory()
+        self.results["sections"][name] = res
+        self.write()
+        print(json.dumps(res, indent=1, default=str), flush=True)
+
+    def write(self) -> None:
+        out = Path(self.args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(self.results, indent=1, default=str))
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("diffusers", "transformers", "peft", "accelerate"):
+        with contextlib.suppress(Exception):
+            info[mod] = __import__(mod).__version__
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                    sm_count=p.multi_processor_count)
+    return info
+
+
+def load(args):
+    if args.model == "sd15-random":
+        from sd15 import load_sd15_random
+
+        return load_sd15_random(args.device, args.dtype)
+    from dagcli.models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else float("nan")
+
+
+# --- sampling and levers ---------------------------------------------------------------------------------
+
+def guided_inputs(model, encoder, batch: int):
+    pipe = model.pipe
+    cond = encoder(PROMPTS[:batch] * (batch // len(PROMPTS) + 1))[:batch]
+    uncond = encoder([""]).expand(batch, -1, -1)
+    side = model.resolution // pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.latent_channels, side, side, generator=g).to(model.device, model.dtype)
+    t = torch.full((batch,), 500, dtype=torch.long, device=model.device)
+    return x, t, cond, uncond
+
+
+def bench_sampling(b: Bench, model) -> dict:
+    from dagcli.diffusion import Schedule, ddim_step, initial_noise
+    from dagcli.sampling import PromptEncoder, decode_latents, generators_for, guided_denoiser, sample_batch
+
+    a, pipe = b.args, model.pipe
+    prompts = (PROMPTS * (a.batch // len(PROMPTS) + 1))[: a.batch]
+    enc = PromptEncoder(pipe.tokenizer, pipe.text_encoder, model.device)
+    gen = model.device.type == "cuda" and "cuda" or "cpu"
+    kw = dict(num_steps=a.steps, guidance=a.guidance, eta=1.0)
+
+    def ours(encoder=None, decode=True):
+        return sample_batch(model, prompts, generators_for(range(a.batch), gen), encoder=encoder or enc,
+                            decode=decode, **kw)
+
+    def plain():  # the same chain with nothing recorded: how much the recording costs
+        schedule = Schedule.from_scheduler(pipe.scheduler, a.steps)
+        gens = generators_for(range(a.batch), gen)
+        side = model.resolution // pipe.vae_scale_factor
+        x = initial_noise((a.batch, model.latent_channels, side, side), gens, device=model.device)
+        denoise = guided_denoiser(pipe.unet, enc(prompts), enc([""]), a.guidance)
+        for t in schedule.timesteps:
+            t_b = t.reshape(1).expand(a.batch).to(x.device)
+            x = ddim_step(schedule, denoise(x, t_b)[0], t_b, x, 1.0, generator=gens).prev_sample
+        return decode_latents(pipe.vae, x)
+
+    def diffusers_call():
+        return pipe(prompts, num_inference_steps=a.steps, guidance_scale=a.guidance, eta=1.0,
+                    generator=generators_for(range(a.batch), gen), output_type="pt").images
+
+    x, t, cond, uncond = guided_inputs(model, enc, a.batch)
+    both, x2, t2 = torch.cat([uncond, cond]), torch.cat([x, x]), torch.cat([t, t])
+
+    def unet_guided():
+        return pipe.unet(x2, t2, encoder_hidden_states=both, return_dict=False)[0]
+
+    with torch.no_grad():
+        m = b.compare({"ours": ours, "ours_no_recording": plain, "diffusers": diffusers_call,
+                       "ours_no_decode": lambda: ours(decode=False), "unet_guided_forward": unet_guided})
+        m_cache = b.compare({"cache_on": ours, "cache_off": lambda: ours(
+            PromptEncoder(pipe.tokenizer, pipe.text_encoder, model.device))})
+    per_step = m["ours_no_decode"] / a.steps
+    return {
+        "batch": a.batch, "steps": a.steps, "guidance": a.guidance, "eta": 1.0,
+        "resolution": model.resolution, "seconds": m,
+        "images_per_s": {"ours": a.batch / m["ours"], "ours_no_recording": a.batch / m["ours_no_recording"],
+                         "diffusers": a.batch / m["diffusers"]},
+        "ratio_ours_vs_diffusers_images_per_s": ratio(m["diffusers"], m["ours"]),
+        "ratio_recording_overhead": ratio(m["ours"], m["ours_no_recording"]),
+        "per_step_seconds": per_step,
+        "ratio_per_step_vs_guided_unet_forward": ratio(per_step, m["unet_guided_forward"]),
+        "prompt_cache": {"seconds": m_cache, "speedup_cache_on": ratio(m_cache["cache_off"], m_cache["cache_on"])},
+    }
+
+
+def bench_levers(b: Bench, model) -> dict:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from dagcli.sampling import PromptEncoder
+
+    a, unet = b.args, model.pipe.unet
+    enc = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
+    x, t, cond, uncond = guided_inputs(model, enc, a.batch)
+    both, x2, t2 = torch.cat([uncond, cond]), torch.cat([x, x]), torch.cat([t, t])
+    out: dict = {}
+
+    def fwd(xx=x2, tt=t2, hh=both):
+        return unet(xx, tt, encoder_hidden_states=hh, return_dict=False)[0]
+
+    def two_calls():
+        return torch.cat([fwd(x, t, uncond), fwd(x, t, cond)])
+
+    with torch.no_grad():
+        m = b.compare({"one_call": fwd, "two_calls": two_calls})
+        out["guided_one_call_vs_two"] = {"seconds": m, "speedup_one_call": ratio(m["two_calls"], m["one_call"])}
+
+        unet.set_attn_processor(AttnProcessor())
+        classic = b.compare({"classic": fwd})["classic"]
+        unet.set_attn_processor(AttnProcessor2_0())
+        sdpa = b.compare({"sdpa": fwd})["sdpa"]
+        classic2 = None
+        if not b.over_budget():  # second classic run after SDPA: an A B A order
+            unet.set_attn_processor(AttnProcessor())
+            classic2 = b.compare({"classic": fwd})["classic"]
+            unet.set_attn_processor(AttnProcessor2_0())
+        c = statistics.median([classic, classic2]) if classic2 else classic
+        out["attention_sdpa_vs_classic"] = {"seconds": {"sdpa": sdpa, "classic": c},
+                                            "speedup_sdpa": ratio(c, sdpa)}
+
+        unet.to(memory_format=torch.channels_last)
+        cl = b.compare({"channels_last": fwd})["channels_last"]
+        unet.to(memory_format=torch.contiguous_format)
+        cf = b.compare({"contiguous": fwd})["contiguous"]
+        out["channels_last"] = {"seconds": {"channels_last": cl, "contiguous": cf},
+                                "speedup_channels_last": ratio(cf, cl)}
+
+        if b.cuda and model.dtype != torch.float32:
+            low = b.compare({"low": fwd})["low"]
+            dt = model.dtype
+            unet.to(torch.float32)
+            f32 = b.compare({"fp32": lambda: fwd(x2.float(), t2, both.float())})["fp32"]
+            unet.to(dt)
+            out["bf16_vs_fp32_weights"] = {"seconds": {"bf16": low, "fp32_tf32": f32},
+                                           "speedup_bf16": ratio(f32, low)}
+        else:
+            out["bf16_vs_fp32_weights"] = "n/a (CPU, or the model is already fp32 on GPU)"
+
+    out["batch_guided"] = 2 * a.batch
+    return out
+
+
+def bench_compile(b: Bench, model) -> dict:
+    """torch.compile of the UNet (GPU only): compile time and the guided forward's speed-up."""
+    from dagcli.sampling import PromptEncoder
+
+    a = b.args
+    if not b.cuda or not a.compile:
+        return {"torch_compile": "n/a (GPU only)" if not b.cuda else "skipped (--compile not given)"}
+    unet = model.pipe.unet
+    enc = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
+    x, t, cond, uncond = guided_inputs(model, enc, a.batch)
+    both, x2, t2 = torch.cat([uncond, cond]), torch.cat([x, x]), torch.cat([t, t])
+    with torch.no_grad():
+        try:
+            base = b.compare({"eager": lambda: unet(x2, t2, encoder_hidden_states=both, return_dict=False)})
+            t0 = time.perf_counter()
+            compiled = torch.compile(unet)
+            compiled(x2, t2, encoder_hidden_states=both, return_dict=False)
+            b.sync()
+            compile_s = time.perf_counter() - t0
+            comp = b.compare({"compiled": lambda: compiled(x2, t2, encoder_hidden_states=both, return_dict=False)})
+            return {"torch_compile": {"seconds": {"eager": base["eager"], "compiled": comp["compiled"]},
+                                      "compile_seconds": compile_s,
+                                      "speedup_compile": ratio(base["eager"], comp["compiled"])}}
+        except Exception as e:
+            return {"torch_compile": f"failed: {type(e).__name__}: {str(e)[:200]}"}
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def make_trainer(b: Bench, micro_batch: int):
+    from dagcli.config import Config, replace
+    from dagcli.trainer import Trainer
+
+    a = b.args
+    cfg = Config()
+    cfg = replace(cfg, "model", name=a.model, device=a.device, dtype=a.dtype)
+    cfg = replace(cfg, "sampling", steps=a.steps, guidance=a.guidance, eta=1.0, batch_size=a.batch,
+                  batches_per_epoch=1)
+    cfg = replace(cfg, "reward", spec=a.reward)
+    n_micro = -(-a.batch * a.steps // micro_batch)
+    cfg = replace(cfg, "train", batch_size=micro_batch, gradient_accumulation_steps=n_micro,
+                  mixed_precision="bf16" if b.cuda and a.dtype == "bf16" else "no", epochs=1)
+    cfg = replace(cfg, "dag", beta=1.0, beta_ramp_epochs=0, x0_source="sampling", x0_guidance="cond")
+    cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"))
+    if a.model == "sd15-random":  # the trainer loads through dagcli.models.load_model
+        from sd15 import load_sd15_random
+
+        import dagcli.models as models
+
+        models.load_model = lambda name=None, device="auto", dtype="fp32": load_sd15_random(device.split(":")[0], dtype)
+    return Trainer(cfg, PROMPTS), cfg
+
+
+def bench_training(b: Bench) -> dict:
+    from dagcli.config import replace
+
+    a = b.args
+    mb = a.train_batches[0]
+    trainer, cfg = make_trainer(b, mb)
+    cfg_s, cfg_c = cfg, replace(cfg, "dag", x0_source="current")
+    out: dict = {"micro_batch": mb, "trajectories_per_epoch": a.batch, "steps": a.steps,
+                 "transitions_per_epoch": a.batch * a.steps, "reward": a.reward,
+                 "mixed_precision": cfg.train.mixed_precision}
+    b.reset_peak()
+    batch, _ = trainer.collect(0)
+    pairs = trainer.transitions(0, batch.traj.batch_size)
+    idx = pairs[:mb]
+    batch_c = dataclasses.replace(batch, fl_rewards=None)
+
+    # 1. agreement before any optimiser step: both x̂0 sources give the same per-transition losses
+    with torch.no_grad():
+        trainer.config = cfg_s
+        loss_s, _ = trainer._transition_loss(batch, idx, 1.0)
+        trainer.config = cfg_c
+        loss_c, _ = trainer._transition_loss(batch_c, idx, 1.0)
+        trainer.config = cfg_s
+    out["loss_agreement"] = {"max_abs_diff": float((loss_s.float() - loss_c.float()).abs().max()),
+                             "max_abs_loss": float(loss_s.float().abs().max()), "transitions": len(idx),
+                             "target": 1e-5}
+
+    # 2. per trained transition vs one guided UNet forward+backward on the same micro-batch
+    unet, dev = trainer.unet, trainer.model.device
+    traj = batch.traj
+    x_t = traj.latents[idx[:, 0], idx[:, 1]].to(dev)
+    t = traj.timesteps[idx[:, 1]].to(dev)
+    embeds = traj.prompt_embeds[idx[:, 0]].to(dev)
+    both = torch.cat([trainer.uncond.expand(len(idx), -1, -1), embeds])
+    x2, t2 = torch.cat([x_t, x_t]).to(trainer.model.dtype), torch.cat([t, t])
+    params = [p for p in trainer.unet.parameters() if p.requires_grad] + list(trainer.flow.parameters())
+
+    def zero():
+        for p in params:
+            p.grad = None
+
+    def ref():
+        with trainer.accelerator.autocast():
+            y = unet(x2, t2, encoder_hidden_states=both, return_dict=False)[0]
+        y.float().mean().backward()
+        zero()
+
+    def step(bt, c):
+        def run():
+            trainer.config = c
+            loss, _ = trainer._transition_loss(bt, idx, 1.0)
+            loss.mean().backward()
+            zero()
+            trainer.config = cfg_s
+        return run
+
+    trainer.unet.train()
+    trainer.flow.train()
+    m = b.compare({"guided_unet_fwd_bwd": ref, "ours_transition": step(batch, cfg_s),
+                   "current_transition": step(batch_c, cfg_c)})
+    with torch.no_grad():
+        fl = b.compare({"fl_all_states": lambda: trainer.forward_looking_rewards(traj)}, repeats=max(1, a.repeats // 2))
+    n_trained = len(pairs)
+    fl_per_mb = fl["fl_all_states"] * len(idx) / n_trained
+    out["per_transition"] = {
+        "seconds": m, "forward_looking_rewards_all_states_seconds": fl["fl_all_states"],
+        "fl_amortised_per_micro_batch_seconds": fl_per_mb,
+        "ratio_ours_vs_guided_fwd_bwd": ratio(m["ours_transition"] + fl_per_mb, m["guided_unet_fwd_bwd"]),
+        "ratio_ours_vs_guided_fwd_bwd_without_fl": ratio(m["ours_transition"], m["guided_unet_fwd_bwd"]),
+        "ratio_current_vs_guided_fwd_bwd": ratio(m["current_transition"], m["guided_unet_fwd_bwd"]),
+        "accounting": "ours = (loss+backward of the micro-batch) + (time of forward_looking_rewards over all "
+                      f"{traj.batch_size}x{traj.num_steps} states) x micro_batch / transitions trained per epoch "
+                      f"({n_trained})",
+    }
+    if b.over_budget():
+        return out
+
+    # 3. full epochs (collect + train), alternating the two sources
+    def epoch(c):
+        def run():
+            trainer.config = c
+            bt, _ = trainer.collect(0)
+            trainer.train_epoch(0, bt)
+            trainer.config = cfg_s
+        return run
+
+    e = b.compare({"sampling": epoch(cfg_s), "current": epoch(cfg_c)}, repeats=a.epoch_repeats, warmup=0)
+    out["epochs"] = {
+        "seconds": e,
+        "transitions_per_s": {k: n_trained / v for k, v in e.items()},
+        "ratio_sampling_vs_current": ratio(e["current"], e["sampling"]),
+        "target": 2.0,
+    }
+    out["memory"] = b.peak_memory()
+
+    # 4. micro-batch sizes x gradient checkpointing: transitions/s (loss + backward + optimiser step), memory
+    if a.train_sweep:
+        out["sweep"] = train_sweep(b, trainer, batch, pairs)
+    return out
+
+
+def train_sweep(b: Bench, trainer, batch, pairs) -> list[dict]:
+    a, raw = b.args, trainer.raw_unet
+    rows = []
+    for mb in a.train_batches:
+        for gc in (False, True):
+            if b.over_budget():
+                rows.append({"micro_batch": mb, "gradient_checkpointing": gc, "skipped": "time budget"})
+                continue
+            raw.enable_gradient_checkpointing() if gc else raw.disable_gradient_checkpointing()
+            trainer.unet.train()
+            micro = [pairs[j: j + mb] for j in range(0, len(pairs) - mb + 1, mb)]
+            micro = (micro * (a.sweep_micro_batches + 2))[: a.sweep_micro_batches + 1]
+
+            def one(idx):
+                loss, _ = trainer._transition_loss(batch, idx, 1.0)
+                loss.mean().backward()
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad(set_to_none=True)
+
+            one(micro[0])  # warm-up
+            b.reset_peak()
+            secs = b.time(lambda rest=micro[1:]: [one(i) for i in rest])
+            n = mb * (len(micro) - 1)
+            row = {"micro_batch": mb, "gradient_checkpointing": gc, "transitions_per_s": n / secs,
+                   "seconds_per_micro_batch": secs / (len(micro) - 1), **b.peak_memory()}
+            rows.append(row)
+            print(row, flush=True)
+    raw.disable_gradient_checkpointing()
+    return rows
+
+
+# --- FLOPs and MFU --------------------------------------------------------------------------------------
+
+def bench_flops(b: Bench, results: dict, model=None) -> dict:
+    """UNet FLOPs of one forward (batch 1, counted), and MFU of sampling and training from the measured rates."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dagcli.sampling import PromptEncoder
+
+    a = b.args
+    model = model or load(a)
+    enc = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
+    x, t, cond, _ = guided_inputs(model, enc, 1)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.pipe.unet(x, t, encoder_hidden_states=cond, return_dict=False)
+    f1 = fc.get_total_flops()
+    out = {"unet_forward_flops_batch1": f1, "unet_forward_gflops_batch1": f1 / 1e9}
+    gpu = results["machine"].get("gpu", "")
+    peak = a.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    out["peak_tflops"] = peak
+    samp = results["sections"].get("sampling", {})
+    if peak and "images_per_s" in samp:
+        for k, ips in samp["images_per_s"].items():  # 2 UNet evaluations (uncond, cond) per image and step
+            out[f"mfu_sampling_{k}"] = ips * a.steps * 2 * f1 / (peak * 1e12)
+    for row in results["sections"].get("training", {}).get("sweep", []) or []:
+        if peak and "transitions_per_s" in row:  # forward + backward ≈ 3 forwards, on [uncond; cond]
+            row["mfu_approx"] = row["transitions_per_s"] * 2 * 3 * f1 / (peak * 1e12)
+    out["mfu_note"] = ("sampling: images/s x steps x 2 x F1 / peak; training: transitions/s x 2 x 3 x F1 / peak "
+                       "(UNet only; VAE, text encoder, flow network and rewards not counted)")
+    return out
+
+
+# --- table ------------------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    s = results["sections"]
+    rows = [("machine", f"{results['machine'].get('gpu') or results['machine']['cpu']}, "
+                        f"torch {results['machine']['torch']}")]
+
+    def add(name, value, fmt="{:.3f}"):
+        if value is not None:
+            rows.append((name, fmt.format(value) if isinstance(value, (int, float)) else str(value)))
+
+    sp = s.get("sampling", {})
+    if "images_per_s" in sp:
+        for k, v in sp["images_per_s"].items():
+            add(f"sampling images/s: {k}", v)
+        add("ratio ours / diffusers images/s (target >= 1.0)", sp["ratio_ours_vs_diffusers_images_per_s"])
+        add("ratio recording overhead (ours / no recording)", sp["ratio_recording_overhead"])
+        add("ratio per step / guided UNet forward (target <= 1.10)", sp["ratio_per_step_vs_guided_unet_forward"])
+        add("speedup prompt cache on", sp["prompt_cache"]["speedup_cache_on"])
+    lv = {**s.get("levers", {}), **s.get("compile", {})}
+    for key, sub in (("guided_one_call_vs_two", "speedup_one_call"), ("attention_sdpa_vs_classic", "speedup_sdpa"),
+                     ("channels_last", "speedup_channels_last"), ("bf16_vs_fp32_weights", "speedup_bf16"),
+                     ("torch_compile", "speedup_compile")):
+        v = lv.get(key)
+        if v is not None:
+            add(f"lever {key}: {sub}", v[sub] if isinstance(v, dict) else v)
+    tr = s.get("training", {})
+    if "loss_agreement" in tr:
+        add("training: max |loss(sampling) - loss(current)| (target <= 1e-5)",
+            tr["loss_agreement"]["max_abs_diff"], "{:.3g}")
+    if "per_transition" in tr:
+        p = tr["per_transition"]
+        add("ratio ours transition (+FL amortised) / guided fwd+bwd (target <= 1.25)",
+            p["ratio_ours_vs_guided_fwd_bwd"])
+        add("ratio ours transition without FL / guided fwd+bwd", p["ratio_ours_vs_guided_fwd_bwd_without_fl"])
+        add("ratio current transition / guided fwd+bwd", p["ratio_current_vs_guided_fwd_bwd"])
+    if "epochs" in tr:
+        for k, v in tr["epochs"]["transitions_per_s"].items():
+            add(f"epoch transitions/s: x0_source={k}", v)
+        add("ratio epoch sampling / current (target >= 2.0)", tr["epochs"]["ratio_sampling_vs_current"])
+    for row in tr.get("sweep", []) or []:
+        if "transitions_per_s" in row:
+            mem = row.get("peak_cuda_mib", row.get("peak_rss_mib"))
+            mfu = f", MFU {row['mfu_approx']:.3f}" if "mfu_approx" in row else ""
+            add(f"train mb={row['micro_batch']} checkpointing={row['gradient_checkpointing']}",
+                f"{row['transitions_per_s']:.2f} transitions/s, peak {mem:.0f} MiB{mfu}", "{}")
+    fl = s.get("flops", {})
+    if "unet_forward_gflops_batch1" in fl:
+        add("UNet forward GFLOP (batch 1)", fl["unet_forward_gflops_batch1"], "{:.1f}")
+        for k, v in fl.items():
+            if k.startswith("mfu_sampling"):
+                add(k, v)
+    mem = [v.get("memory_after", {}) for v in s.values() if isinstance(v, dict)]
+    if mem:
+        add("peak RSS MiB (process)", max(m.get("peak_rss_mib", 0) for m in mem), "{:.0f}")
+        if any("peak_cuda_mib" in m for m in mem):
+            add("peak CUDA MiB (process)", max(m.get("peak_cuda_mib", 0) for m in mem), "{:.0f}")
+    width = max(len(r[0]) for r in rows)
+    lines = [f"| {'measure'.ljust(width)} | value |", f"| {'-' * width} | --- |"]
+    lines += [f"| {n.ljust(width)} | {v} |" for n, v in rows]
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CPU: a few minutes)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--model", default="tiny-random", help="dagcli model name/folder, or sd15-random")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch", type=int, default=None, help="images per sampler call / trajectories per epoch")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--reward", default="colorfulness", help="a reward spec (a cheap, continuous one by default)")
+    p.add_argument("--train-batches", default=None, help="comma-separated micro-batch sizes, the first is the main")
+    p.add_argument("--train-sweep", action="store_true", help="micro-batch x gradient-checkpointing sweep")
+    p.add_argument("--sweep-micro-batches", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--epoch-repeats", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
+    p.add_argument("--flops", action="store_true", help="count UNet FLOPs and report MFU")
+    p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--sections", default="sampling,levers,training,flops,compile")
+    p.add_argument("--time-budget", type=float, default=0, help="skip remaining sections after this many s")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    a.batch = a.batch or (4 if a.quick else 8)
+    a.steps = a.steps or (8 if a.quick else 20)
+    a.repeats = a.repeats or (3 if a.quick else 7)
+    a.epoch_repeats = a.epoch_repeats or (2 if a.quick else 5)
+    a.train_batches = [int(v) for v in (a.train_batches or ("4" if a.quick else "4,8")).split(",")]
+    a.out = a.out or str(HERE / "results" / f"perf-{a.device}.json")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    b = Bench(a)
+    sections = a.sections.split(",")
+    loaded = {"model": load(a) if {"sampling", "levers", "compile"} & set(sections) else None}
+    if "sampling" in sections:
+        b.section("sampling", lambda: bench_sampling(b, loaded["model"]))
+    if "levers" in sections:
+        b.section("levers", lambda: bench_levers(b, loaded["model"]))
+    if "training" in sections:
+        if b.cuda and "compile" not in sections:
+            loaded["model"] = None
+            torch.cuda.empty_cache()
+        b.section("training", lambda: bench_training(b))
+    if "flops" in sections and (a.flops or b.cuda):
+        b.section("flops", lambda: bench_flops(b, b.results, loaded["model"]))
+    if "compile" in sections:
+        b.section("compile", lambda: bench_compile(b, loaded["model"]))
+    b.results["total_seconds"] = round(time.perf_counter() - b.t_start, 1)
+    b.results["table"] = table(b.results)
+    b.write()
+    print(b.results["table"], flush=True)
+    return b.results
+
+
+if __name__ == "__main__":
+    main()
