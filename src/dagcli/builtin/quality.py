@@ -1,0 +1,310 @@
+"""Measure the built-in tiny models and write the numbers to docs and benchmarks.
+
+    python -m dagcli.builtin.quality [--num-per-prompt 64]
+
+1. Tiny CLIP zero-shot: rendered held-out images are classified among all "a {colour} {shape}" captions
+   (argmax of cosine similarity); colour and shape accuracy are read from the chosen caption.
+2. Tiny diffusion model: `--num-per-prompt` samples for each `shapes-heldout` prompt with the shipped DDIM
+   scheduler (eta 0, fixed seeds), judged by the tiny CLIP (same argmax as above) and by the pixels
+   (`dataset.judge_pixels`: median foreground colour nearest to the palette, and a fill-ratio shape guess).
+   Also: how often the tiny CLIP ranks the sample's own prompt first among the 12 prompts.
+3. A guidance sweep with fewer samples, and a labelled grid of samples (rows = prompts).
+
+Writes `benchmarks/results/builtin_quality.json`, the quality section of `docs/builtin-model.md` and
+`docs/builtin-grid.png` (paths relative to the current directory unless given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from dagcli.builtin import TINY_CLIP_DIR, TINY_SD_DIR
+from dagcli.builtin import dataset as ds
+
+DOC_START, DOC_END = "<!-- quality:start -->", "<!-- quality:end -->"
+LABELS = [f"a {c} {s}".replace("a orange", "an orange") for c, s in itertools.product(ds.COLOURS, ds.SHAPES)]
+SHAPE_LABELS = [f"a {s}" for s in ds.SHAPES]
+
+
+@dataclass(frozen=True)
+class TinyClip:
+    """The tiny CLIP model with its processor, in eval mode."""
+
+    model: torch.nn.Module
+    processor: object
+
+    @torch.no_grad()
+    def image_embeds(self, images: np.ndarray) -> torch.Tensor:
+        """(N, 32, 32, 3) uint8 -> L2-normalised embeddings (N, D)."""
+        out = []
+        for i in range(0, len(images), 512):
+            pix = self.processor(images=list(images[i:i + 512]), return_tensors="pt").pixel_values
+            out.append(self.model.get_image_features(pixel_values=pix))
+        emb = torch.cat([_features(o) for o in out])
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    @torch.no_grad()
+    def text_embeds(self, texts: list[str]) -> torch.Tensor:
+        """Captions -> L2-normalised embeddings (T, D)."""
+        tok = self.processor(text=texts, return_tensors="pt", padding=True)
+        emb = _features(self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask))
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def _features(out: object) -> torch.Tensor:
+    """`get_*_features` returns a tensor in older transformers and an output object (pooler_output) in newer."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def load_clip(path: Path = TINY_CLIP_DIR) -> TinyClip:
+    """Load the tiny CLIP folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    return TinyClip(CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path))
+
+
+def load_pipeline(path: Path = TINY_SD_DIR):
+    """Load the tiny Stable Diffusion pipeline folder (CPU, float32)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_metadata(path: Path = TINY_SD_DIR) -> dict:
+    """The `dagcli.json` next to the pipeline's model_index.json."""
+    return json.loads((Path(path) / "dagcli.json").read_text())
+
+
+def classify(clip: TinyClip, images: np.ndarray) -> tuple[list[str], list[str]]:
+    """Zero-shot colour and shape of each image: argmax over all "a {colour} {shape}" captions."""
+    sims = clip.image_embeds(images) @ clip.text_embeds(LABELS).T  # (N, 21)
+    best = sims.argmax(dim=1).tolist()
+    parsed = [ds.parse_caption(LABELS[b]) for b in best]
+    return [p.colour for p in parsed], [p.shape for p in parsed]
+
+
+def classify_shape(clip: TinyClip, images: np.ndarray) -> list[str]:
+    """Zero-shot shape of each image: argmax over the shape-only captions "a circle", "a square", "a triangle"."""
+    sims = clip.image_embeds(images) @ clip.text_embeds(SHAPE_LABELS).T  # (N, 3)
+    return [ds.SHAPES[i] for i in sims.argmax(dim=1).tolist()]
+
+
+def clip_zero_shot(clip: TinyClip, n: int = 1200, seed: int = 1234, split: str = "heldout") -> dict:
+    """Zero-shot colour / shape accuracy of the tiny CLIP on rendered images of a split.
+
+    colour_acc / shape_acc / both_acc: from the argmax over the 21 "a {colour} {shape}" captions;
+    shape_acc_shape_captions: argmax over "a {shape}"; both_acc_shape_captions combines the two."""
+    specs = ds.sample_specs(n, seed, split=split)
+    images = ds.render_array(specs)
+    colours, shapes = classify(clip, images)
+    c_ok = np.array([c == s.colour for c, s in zip(colours, specs, strict=True)])
+    s_ok = np.array([c == s.shape for c, s in zip(shapes, specs, strict=True)])
+    t_ok = np.array([c == s.shape for c, s in zip(classify_shape(clip, images), specs, strict=True)])
+    return {"images": n, "colour_acc": float(c_ok.mean()), "shape_acc": float(s_ok.mean()),
+            "both_acc": float((c_ok & s_ok).mean()), "shape_acc_shape_captions": float(t_ok.mean()),
+            "both_acc_shape_captions": float((c_ok & t_ok).mean())}
+
+
+def generate(pipe, prompt: str, n: int, guidance: float, steps: int, seed: int, batch: int = 64) -> np.ndarray:
+    """`n` samples of one prompt as uint8 (n, 32, 32, 3); DDIM with eta 0, seeds seed, seed+1, ... per batch."""
+    out = []
+    for b, start in enumerate(range(0, n, batch)):
+        k = min(batch, n - start)
+        gen = torch.Generator().manual_seed(seed + b)
+        imgs = pipe(prompt, num_images_per_prompt=k, num_inference_steps=steps, guidance_scale=guidance,
+                    eta=0.0, generator=gen, output_type="np").images  # (k, 32, 32, 3) float in [0, 1]
+        out.append((np.clip(imgs, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def judge_samples(clip: TinyClip, prompt: str, images: np.ndarray, prompt_embeds: torch.Tensor,
+                  prompt_index: int) -> dict:
+    """Fractions of samples of one prompt whose colour / shape / background match it, per judge."""
+    want = ds.parse_caption(prompt)
+    colours, shapes = classify(clip, images)
+    clip_c = np.array([c == want.colour for c in colours])
+    clip_s = np.array([s == want.shape for s in shapes])
+    clip_t = np.array([s == want.shape for s in classify_shape(clip, images)])
+    pix = [ds.judge_pixels(im) for im in images]
+    pix_c = np.array([p.colour == want.colour for p in pix])
+    pix_s = np.array([p.shape == want.shape for p in pix])
+    pix_b = np.array([p.background == want.background for p in pix])
+    retrieval = (clip.image_embeds(images) @ prompt_embeds.T).argmax(1).numpy() == prompt_index
+    return {
+        "prompt": prompt,
+        "clip_colour": float(clip_c.mean()), "clip_shape": float(clip_s.mean()),
+        "clip_both": float((clip_c & clip_s).mean()),
+        "clip_shape_tmpl": float(clip_t.mean()), "clip_both_tmpl": float((clip_c & clip_t).mean()),
+        "pixel_colour": float(pix_c.mean()), "pixel_shape": float(pix_s.mean()),
+        "pixel_background": float(pix_b.mean()),
+        "clip_both_and_pixel_colour": float((clip_c & clip_s & pix_c).mean()),
+        "prompt_retrieval": float(retrieval.mean()),
+    }
+
+
+METRICS = ("clip_colour", "clip_shape", "clip_both", "clip_shape_tmpl", "clip_both_tmpl", "pixel_colour", "pixel_shape", "pixel_background",
+           "clip_both_and_pixel_colour", "prompt_retrieval")
+
+
+def evaluate_model(pipe, clip: TinyClip, prompts: list[str], n: int, guidance: float, steps: int, seed: int
+                   ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Per-prompt judgements and their means; also returns the samples by prompt."""
+    prompt_embeds = clip.text_embeds(prompts)
+    rows, samples = [], {}
+    for i, prompt in enumerate(prompts):
+        imgs = generate(pipe, prompt, n, guidance, steps, seed + 1000 * i)
+        samples[prompt] = imgs
+        rows.append(judge_samples(clip, prompt, imgs, prompt_embeds, i))
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
+    return {"guidance": guidance, "steps": steps, "num_per_prompt": n, "mean": mean, "per_prompt": rows}, samples
+
+
+def make_grid(samples: dict[str, np.ndarray], path: Path, per_row: int = 8, scale: int = 3) -> None:
+    """Labelled grid: one row per prompt, `per_row` samples, each upscaled `scale`x (nearest)."""
+    cell = ds.RESOLUTION * scale
+    label_w, pad = 300, 2
+    rows = list(samples.items())
+    grid = Image.new("RGB", (label_w + per_row * (cell + pad), len(rows) * (cell + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for r, (prompt, imgs) in enumerate(rows):
+        y = r * (cell + pad)
+        draw.text((6, y + cell // 2 - 6), prompt, fill=(0, 0, 0), font=font)
+        for c, im in enumerate(imgs[:per_row]):
+            tile = Image.fromarray(im).resize((cell, cell), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_w + c * (cell + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def markdown_section(result: dict, command: str) -> str:
+    """The quality part of docs/builtin-model.md, between the markers."""
+    zs, main = result["clip_zero_shot"], result["diffusion"]
+    lines = [
+        DOC_START,
+        f"Measured with `{command}` ({result['seconds']:.0f} s on {result['machine']}).",
+        "",
+        "**Tiny CLIP, zero-shot on rendered images.** Joint: argmax over the 21 captions "
+        "\"a {colour} {shape}\", colour and shape read from the winner. Shape captions: argmax over "
+        "\"a circle\" / \"a square\" / \"a triangle\".",
+        "",
+        "| images | colour acc (joint) | shape acc (joint) | both (joint) | shape acc (shape captions) "
+        "| joint colour + shape-caption shape |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split in ("heldout", "train"):
+        z = zs[split]
+        lines.append(f"| {z['images']} {split} | {_pct(z['colour_acc'])} | {_pct(z['shape_acc'])} | "
+                     f"{_pct(z['both_acc'])} | {_pct(z['shape_acc_shape_captions'])} | "
+                     f"{_pct(z['both_acc_shape_captions'])} |")
+    lines += [
+        "",
+        f"**Tiny diffusion model**, {main['num_per_prompt']} samples per held-out prompt, guidance "
+        f"{main['guidance']}, {main['steps']} DDIM steps (eta 0, seeds fixed). Columns are the fraction of "
+        "samples showing the prompt's attribute, by judge: CLIP = tiny CLIP joint argmax; CLIP tmpl = shape "
+        "from the shape captions (colour still joint); pixel = median foreground "
+        "colour nearest to the palette / bounding-box fill-ratio shape guess / border colour; retrieval = the "
+        "tiny CLIP ranks the sample's own prompt first among the 12 prompts.",
+        "",
+        "| prompt | CLIP colour | CLIP shape | CLIP colour+shape | CLIP tmpl shape | CLIP tmpl colour+shape "
+        "| pixel colour | pixel shape | pixel background | CLIP colour+shape and pixel colour | retrieval |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in [*main["per_prompt"], {"prompt": "**mean**", **main["mean"]}]:
+        lines.append(f"| {row['prompt']} | " + " | ".join(_pct(row[k]) for k in METRICS) + " |")
+    lines += ["", "**Guidance sweep** (same prompts and seeds, "
+              f"{result['sweep'][0]['num_per_prompt'] if result['sweep'] else 0} samples per prompt):", "",
+              "| guidance | CLIP colour+shape | CLIP tmpl colour+shape | pixel colour | pixel shape "
+              "| pixel background | retrieval |",
+              "|---|---|---|---|---|---|---|"]
+    for s in result["sweep"]:
+        m = s["mean"]
+        lines.append(f"| {s['guidance']} | {_pct(m['clip_both'])} | {_pct(m['clip_both_tmpl'])} | "
+                     f"{_pct(m['pixel_colour'])} | "
+                     f"{_pct(m['pixel_shape'])} | {_pct(m['pixel_background'])} | {_pct(m['prompt_retrieval'])} |")
+    lines += ["", "![samples](builtin-grid.png)", "", DOC_END]
+    return "\n".join(lines)
+
+
+def write_doc(path: Path, section: str) -> None:
+    """Replace the marked quality section of the doc (or append it)."""
+    text = path.read_text() if path.exists() else "# The built-in tiny model\n\n"
+    if DOC_START in text and DOC_END in text:
+        text = re.sub(re.escape(DOC_START) + ".*?" + re.escape(DOC_END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(prog="python -m dagcli.builtin.quality", description=__doc__.split("\n")[0])
+    p.add_argument("--num-per-prompt", type=int, default=64)
+    p.add_argument("--guidance", type=float, default=None, help="default: the model's dagcli.json")
+    p.add_argument("--steps", type=int, default=None, help="default: the model's dagcli.json")
+    p.add_argument("--sweep", type=str, default="1,3,6,9", help="guidance values for the sweep ('' for none)")
+    p.add_argument("--sweep-num", type=int, default=16, help="samples per prompt in the sweep")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sd-dir", type=Path, default=TINY_SD_DIR)
+    p.add_argument("--clip-dir", type=Path, default=TINY_CLIP_DIR)
+    p.add_argument("--json", type=Path, default=Path("benchmarks/results/builtin_quality.json"))
+    p.add_argument("--doc", type=Path, default=Path("docs/builtin-model.md"))
+    p.add_argument("--grid", type=Path, default=Path("docs/builtin-grid.png"))
+    p.add_argument("--no-write", action="store_true", help="print the JSON only")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    meta = load_metadata(args.sd_dir)
+    guidance = meta["default_guidance"] if args.guidance is None else args.guidance
+    steps = meta["default_steps"] if args.steps is None else args.steps
+    pipe, clip = load_pipeline(args.sd_dir), load_clip(args.clip_dir)
+    prompts = ds.heldout_captions()
+    zero_shot = {"heldout": clip_zero_shot(clip, split="heldout"), "train": clip_zero_shot(clip, split="train")}
+    print("clip zero-shot", json.dumps(zero_shot), flush=True)
+    main_result, samples = evaluate_model(pipe, clip, prompts, args.num_per_prompt, guidance, steps, args.seed)
+    print("diffusion", json.dumps(main_result["mean"]), flush=True)
+    sweep = []
+    for g in [float(v) for v in args.sweep.split(",") if v.strip()]:
+        res, _ = evaluate_model(pipe, clip, prompts, args.sweep_num, g, steps, args.seed)
+        res.pop("per_prompt")
+        sweep.append(res)
+        print(f"sweep guidance {g}", json.dumps(res["mean"]), flush=True)
+    command = "python -m dagcli.builtin.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {
+        "command": command.strip(), "scheduler": "DDIMScheduler (shipped config), eta 0",
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "clip_zero_shot": zero_shot, "diffusion": main_result, "sweep": sweep,
+        "seconds": round(time.time() - t0, 1),
+    }
+    if not args.no_write:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_doc(args.doc, markdown_section(result, result["command"]))
+        make_grid(samples, args.grid)
+    print(json.dumps({"seconds": result["seconds"], "zero_shot": zero_shot, "mean": main_result["mean"]}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
