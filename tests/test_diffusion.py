@@ -103,3 +103,29 @@ def test_scoring_a_recorded_step_reproduces_its_logprob_exactly(tiny_model):
 def test_reduce_latent_rejects_unknown_reduction():
     with pytest.raises(ValueError, match="valid options: mean, sum"):
         reduce_latent(torch.zeros(2, 3), "max")
+
+
+def test_alpha_one_schedule_keeps_every_step_stochastic():
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+    schedule = Schedule.from_scheduler(scheduler, 10)
+    t = schedule.timesteps[-1]
+    g = torch.Generator().manual_seed(0)
+    x_t, eps, x_s = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    out = ddim_step(schedule, eps, t, x_t, eta=1.0, prev_sample=x_s)
+    assert torch.isfinite(out.log_prob).all() and (out.std > 0).all()
+    assert torch.isfinite(backward_log_prob(schedule, x_t, t, x_s)).all()
+
+
+def test_pipelines_with_another_scheduler_sample_with_ddim(tmp_path):
+    from diffusers import DDIMScheduler as DDIM
+    from diffusers import PNDMScheduler
+
+    from dagcli.models import build_tiny_random_pipeline, load_model
+
+    pipe = build_tiny_random_pipeline()
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), device="cpu")
+    assert isinstance(loaded.pipe.scheduler, DDIM)
+    assert loaded.pipe.scheduler.config.beta_schedule == "scaled_linear"

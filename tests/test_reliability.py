@@ -97,10 +97,10 @@ beta_ramp_epochs = 0
 checkpoint_every = 1
 keep_last = 10
 """)
-    run = d / "run"
-    code = subprocess.run([sys.executable, "-m", "dagcli", "train", "--config", d / "tiny.toml", "--epochs", "1",
-                           "-o", run], capture_output=True, text=True)
-    assert code.returncode == 0, code.stderr
+    try:
+        main(["train", "--config", str(d / "tiny.toml"), "--epochs", "1", "-o", str(d / "run")])
+    except SystemExit as e:
+        assert e.code == 0
     return d
 
 
@@ -223,13 +223,19 @@ def test_nan_rewards_are_dropped_then_stop_with_a_checkpoint(files, tmp_path, ca
     assert (stop / "checkpoints" / "step-000000" / "meta.json").is_file()
 
 
-def _train(config: Path, out: Path, *extra, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("DAGCLI_FAULT", None)
-    if fault:
-        env["DAGCLI_FAULT"] = fault
+def _train_killed(config: Path, out: Path, fault: str) -> subprocess.CompletedProcess:
+    """A training run in a child process that SIGKILLs itself at the named fault point."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DAGCLI_FAULT=fault)
     return subprocess.run([sys.executable, "-m", "dagcli", "train", "--config", config, "--epochs", "3",
-                           "-o", out, *extra], capture_output=True, text=True, env=env, timeout=600)
+                           "-o", out], capture_output=True, text=True, env=env, timeout=600)
+
+
+def _train_here(config: Path, out: Path, *extra, capsys=None) -> None:
+    """A training run in this process (no fault points armed)."""
+    try:
+        main(["train", "--config", str(config), "--epochs", "3", "-o", str(out), *map(str, extra)])
+    except SystemExit as e:
+        assert e.code == 0, capsys.readouterr().err if capsys else e.code
 
 
 def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
@@ -237,21 +243,21 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
     return {**load_file(folder / "pytorch_lora_weights.safetensors"), **load_file(folder / "flow.safetensors")}
 
 
-def test_sigkill_at_any_point_then_resume_equals_uninterrupted(files, tmp_path):
+def test_sigkill_at_any_point_then_resume_equals_uninterrupted(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DAGCLI_FAULT", raising=False)
     config = files / "tiny.toml"
     clean = tmp_path / "clean"
-    assert _train(config, clean).returncode == 0
+    _train_here(config, clean, capsys=capsys)
     reference = _weights(clean, 3)
     for fault in ("optimizer-step:2", "checkpoint-write:2", "checkpoint-rename:3"):
         run = tmp_path / fault.replace(":", "-")
-        killed = _train(config, run, fault=fault)
+        killed = _train_killed(config, run, fault)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         steps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
         for name in steps:  # every checkpoint left behind is complete and verifiable
             meta = json.loads((run / "checkpoints" / name / "meta.json").read_text())
             assert set(meta["sha256"]) >= {"pytorch_lora_weights.safetensors", "flow.safetensors"}
-        resumed = _train(config, run, "--resume")
-        assert resumed.returncode == 0, resumed.stderr
+        _train_here(config, run, "--resume", capsys=capsys)
         final = _weights(run, 3)
         assert final.keys() == reference.keys()
         for k in reference:

@@ -43,14 +43,20 @@ class Schedule:
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int) -> Schedule:
-        """Read a diffusers `DDIMScheduler` (its config and `set_timesteps(num_steps)`)."""
+        """Read a diffusers `DDIMScheduler` (its config and `set_timesteps(num_steps)`).
+
+        With `set_alpha_to_one` the last step would end at ᾱ = 1: zero variance, no density for P_F or P_B.
+        The chain then ends at ᾱ_0 instead (as the original DAG code does), so every step is a Gaussian.
+        """
         scheduler.set_timesteps(num_steps)
         cfg = scheduler.config
         if cfg.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+        alphas = scheduler.alphas_cumprod.detach().to("cpu", torch.float64)
+        final = float(scheduler.final_alpha_cumprod)
         return cls(
-            alphas_cumprod=scheduler.alphas_cumprod.detach().to("cpu", torch.float64),
-            final_alpha_cumprod=float(scheduler.final_alpha_cumprod),
+            alphas_cumprod=alphas,
+            final_alpha_cumprod=float(alphas[0]) if final >= 1.0 else final,
             timesteps=scheduler.timesteps.detach().to("cpu", torch.long),
             step_ratio=cfg.num_train_timesteps // num_steps,
             prediction_type=cfg.prediction_type,

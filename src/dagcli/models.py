@@ -105,6 +105,7 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
         pipe = _from_pretrained(str(folder), dt)
         is_tiny = Path(folder).resolve() == TINY_SD_DIR.resolve()
     pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = ddim_scheduler(pipe.scheduler)
     pipe.to(dev)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
@@ -112,6 +113,15 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
     return LoadedModel(
         pipe=pipe, name=model, device=dev, dtype=dt, is_builtin_tiny=is_tiny, defaults=_read_defaults(model)
     )
+
+
+def ddim_scheduler(scheduler):
+    """The sampler is DDIM whatever scheduler a pipeline ships with (SD 1.5 ships PNDM): same β schedule."""
+    from diffusers import DDIMScheduler
+
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config)
 
 
 def _read_defaults(model: str) -> dict:
