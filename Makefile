@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The main job on the built-in tiny model: train (DAG-DB, compressibility), then compare base vs trained.
 demo: $(STAMP)
-	$(BIN)/dag sample --prompts examples/prompts/shapes.txt --num-per-prompt 4 --output runs/demo/samples
+	rm -rf runs/demo
+	$(BIN)/dag train --config examples/demo-compressibility.toml --output runs/demo
+	$(BIN)/dag eval --prompts examples/prompts/demo.txt --ckpt runs/demo --reward compressibility,clip \
+		--num-per-prompt 8 --steps 10 --guidance 3 --output runs/demo/eval
+	@echo "report: runs/demo/eval/report.html · samples during training: runs/demo/samples/"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
