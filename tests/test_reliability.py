@@ -144,6 +144,7 @@ def bad_cases(d: Path, model: str) -> list[tuple[list, str]]:
         (["train", *tiny, "--set", "lora.rank=0"], "lora.rank = 0: must be positive"),
         (["train", *tiny, "--set", "garbage"], "expected section.key=value"),
         (["train", *tiny, "--prompts", d / "empty.txt"], "no prompts"),
+        (["train", *tiny, "--report-to", "mlflow"], "output.report_to = 'mlflow'"),
         # dag train: resuming
         (["train", *tiny, "--resume"], "no checkpoints to resume"),
         (["train", *tiny, "--resume-from", d / "nope"], "not found"),

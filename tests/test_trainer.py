@@ -159,3 +159,25 @@ def test_bad_train_input(tiny_config, tmp_path, capsys, extra, needle):
     code, _, err = run_cli(["train", "--config", tiny_config, "-o", tmp_path / "bad", *extra], capsys)
     assert code == 2, err
     assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_to_sends_numeric_scalars_per_epoch(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from dagcli import trainer as trainer_module
+    from dagcli.config import Config, replace
+
+    calls = []
+
+    class Recorder:
+        def add_scalar(self, name, value, step):
+            calls.append((name, value, step))
+
+        def flush(self):
+            calls.append("flush")
+
+    monkeypatch.setattr(trainer_module, "_open_tracker", lambda kind, run_dir, config: Recorder())
+    fake = SimpleNamespace(config=replace(Config(), "output", report_to="tensorboard"), run_dir=tmp_path)
+    trainer_module.Trainer._tracker_log(fake, {"epoch": 3, "reward_mean": -1.5, "per_prompt_reward": {"a": 1.0},
+                                               "beta": 2})
+    assert calls == [("reward_mean", -1.5, 3), ("beta", 2.0, 3), "flush"]

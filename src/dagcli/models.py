@@ -147,7 +147,7 @@ def _quiet_loading() -> None:
 def _from_pretrained(name: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True, torch_dtype=dtype)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True, dtype=dtype)
     if Path(name).exists():
         return _load_or_explain(lambda: StableDiffusionPipeline.from_pretrained(name, **kwargs), name)
     try:  # the local cache first: no network round-trip when the model is already there

@@ -510,6 +510,7 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self._tracker_log(metrics)
         self.reporter.info(
             f"epoch {metrics['epoch']:>4}  reward {metrics['reward_mean']:+.4f} ± {metrics['reward_std']:.4f}  "
             f"loss {metrics.get('loss', float('nan')):.4g}  β {metrics['beta']:.3g}  "
@@ -517,6 +518,22 @@ class Trainer:
             f"({metrics['time_sampling']:.1f}s sample, {metrics['time_reward']:.1f}s reward, "
             f"{metrics['time_training']:.1f}s train)"
         )
+
+    def _tracker_log(self, metrics: dict) -> None:
+        """Scalars to TensorBoard or Weights & Biases (`output.report_to`), opened on first use."""
+        kind = self.config.output.report_to
+        if kind == "none":
+            return
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch"}
+        step = int(metrics["epoch"])
+        if getattr(self, "_tracker", None) is None:
+            self._tracker = _open_tracker(kind, self.run_dir, to_dict(self.config))
+        if kind == "tensorboard":
+            for name, value in scalars.items():
+                self._tracker.add_scalar(name, value, step)
+            self._tracker.flush()
+        else:
+            self._tracker.log(scalars, step=step)
 
     def sample_grid(self) -> None:
         """A grid of samples from fixed prompts and seeds, so epochs can be compared by eye."""
@@ -590,6 +607,20 @@ class Trainer:
     def _restore_signal_handlers(self) -> None:
         for sig, prev in getattr(self, "_previous", {}).items():
             signal.signal(sig, prev)
+
+
+def _open_tracker(kind: str, run_dir: Path, config: dict):
+    """A TensorBoard SummaryWriter or a wandb run; a missing package is a one-line error with the fix."""
+    try:
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        import wandb
+
+        return wandb.init(project="dagcli", name=run_dir.name, dir=str(run_dir), config=config)
+    except ImportError as e:
+        raise DagError(f"output.report_to = {kind!r} needs the {kind} package: pip install 'dagcli[{kind}]'") from e
 
 
 class NonFiniteRewards(Exception):

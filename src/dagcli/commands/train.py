@@ -23,6 +23,7 @@ def train(
     output: Path = typer.Option(None, "--output", "-o", help="Run directory (default runs/dag)."),
     model: str = typer.Option(None, "--model", "-m", help="Base model (built-in name, folder or hub id)."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
+    report_to: str = typer.Option(None, "--report-to", help="none | tensorboard | wandb (optional extras)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of --output."),
     resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
 ) -> None:
@@ -34,7 +35,7 @@ def train(
         "train.algorithm": algorithm, "reward.spec": reward, "sampling.prompts": prompts, "train.epochs": epochs,
         "sampling.batch_size": batch_size, "train.batch_size": train_batch_size, "sampling.steps": steps,
         "train.seed": seed, "output.dir": str(output) if output is not None else None, "model.name": model,
-        "model.device": device,
+        "model.device": device, "output.report_to": report_to,
     }
     overrides = list(set_ or []) + [f"{k}={_toml(v)}" for k, v in flags.items() if v is not None]
     cfg = load_config(config, overrides)
@@ -68,11 +69,20 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], P
     check(validate_spec, cfg.reward.spec)
     check(check_model_name, cfg.model.name or default_model())
     folder = check(_checkpoint_to_resume, cfg, resume, resume_from)
+    check(_check_tracker, cfg.output.report_to)
     if not problems:
         check(_check_output, Path(cfg.output.dir))
     if problems:
         raise DagError("; ".join(problems))
     return [p.prompt for p in items], folder
+
+
+def _check_tracker(kind: str) -> None:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(kind)
+    if module and importlib.util.find_spec(module) is None:
+        raise DagError(f"--report-to {kind} needs the {kind} package: pip install 'dagcli[{kind}]'")
 
 
 def _check_output(run_dir: Path) -> None:
