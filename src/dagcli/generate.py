@@ -1,7 +1,7 @@
 """Generate images for prompts and write them out: the engine of `dag sample` (and of `dag eval`).
 
 Image j of prompt i always gets seed `seed + i * num_per_prompt + j` and its own generator, so an image
-depends only on its prompt and seed, never on the batch size.
+depends only on its prompt and seed, not on the batch it falls in (up to float rounding).
 """
 
 from __future__ import annotations
