@@ -6,17 +6,7 @@ import json
 
 import pytest
 
-from dagcli.cli import main
-
-
-def run_cli(args, capsys):
-    try:
-        main(args)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from cli_helpers import run_cli
 
 
 def test_sample_writes_images_grid_and_manifest(tiny_pipeline_dir, tmp_path, capsys):

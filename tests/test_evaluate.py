@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_helpers import run_cli
 from dagcli.cli import main
 from dagcli.evaluate import (
     EvalInputs,
@@ -29,17 +30,6 @@ from dagcli.evaluate import (
 from dagcli.report import render_html, render_markdown
 from eval_helpers import make_lora_run
 from rewards_helpers import make_tiny_clip
-
-
-def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
 
 # --- metrics ------------------------------------------------------------------------------------------
 

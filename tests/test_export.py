@@ -8,21 +8,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dagcli.cli import main
+from cli_helpers import run_cli
 
 PROMPT = "a red circle"
 KOHYA_TO_PEFT = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B"}
 ALPHA = 2.0  # not the rank: the exports must carry the LoRA scale alpha / rank = 0.5
 
 
-def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def render(pipe) -> np.ndarray:

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import run_cli
 from dagcli.cli import main
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dagcli"
@@ -52,14 +53,6 @@ def factory_raises():
 '''
 
 
-def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dagcli.cli import main
+from cli_helpers import run_cli
 from dagcli.config import load_config
-
-
-def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture
