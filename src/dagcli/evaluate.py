@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dagcli.errors import DagError
+from dagcli.generate import read_manifest
 
 REPORT_VERSION = 1
 DEFAULT_HACK_THRESHOLD = (
@@ -295,26 +296,6 @@ def _written_files(folder: Path) -> list[str]:
 
     lines = (folder / "samples.jsonl").read_text().splitlines()
     return [json.loads(line)["file"] for line in lines if line.strip()]
-
-
-def read_manifest(directory: Path) -> dict[str, dict]:
-    """file name -> record of a folder's `samples.jsonl`, in file order (empty when there is none)."""
-    import json
-
-    records: dict[str, dict] = {}
-    manifest = Path(directory) / "samples.jsonl"
-    if not manifest.is_file():
-        return records
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DagError(f"{manifest}: line {n} is not JSON ({e.msg})") from e
-        if isinstance(record, dict) and "file" in record:
-            records[Path(str(record["file"])).name] = record
-    return records
 
 
 def folder_model(directory: Path) -> str | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dagcli.errors import DagError
 from dagcli.images import make_grid
 from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import PromptItem
@@ -103,3 +104,21 @@ def write_samples(images: list[GeneratedImage], settings: SampleSettings, output
     manifest = output / "samples.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest
+
+
+def read_manifest(directory: Path) -> dict[str, dict]:
+    """file name -> record of a folder's `samples.jsonl`, in file order (empty when there is none)."""
+    records: dict[str, dict] = {}
+    manifest = Path(directory) / "samples.jsonl"
+    if not manifest.is_file():
+        return records
+    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DagError(f"{manifest}: line {n} is not JSON ({e.msg})") from e
+        if isinstance(record, dict) and "file" in record:
+            records[Path(str(record["file"])).name] = record
+    return records

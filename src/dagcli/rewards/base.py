@@ -6,7 +6,6 @@ converts them itself and returns a `RewardOutput` whose tensors are float32 `[B]
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,20 +101,9 @@ def images_from_pil(images: Sequence[Image.Image]) -> torch.Tensor:
 
 def _read_prompts(folder: Path) -> dict[str, str]:
     """file name -> prompt, from `samples.jsonl` in the folder (empty when there is none)."""
-    manifest = folder / "samples.jsonl"
-    if not manifest.is_file():
-        return {}
-    prompts: dict[str, str] = {}
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DagError(f"{manifest}: line {n} is not JSON ({e.msg})") from e
-        if isinstance(record, dict) and "file" in record:
-            prompts[Path(str(record["file"])).name] = str(record.get("prompt", ""))
-    return prompts
+    from dagcli.generate import read_manifest
+
+    return {name: str(record.get("prompt", "")) for name, record in read_manifest(folder).items()}
 
 
 def load_image_folder(directory: str | Path) -> tuple[torch.Tensor, list[str]]:
