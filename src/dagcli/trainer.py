@@ -197,7 +197,7 @@ class Trainer:
         return max(1, round(self.config.sampling.steps * t.timestep_fraction))
 
     # --- one epoch -------------------------------------------------------------------------------------
-    def sample_epoch(self, epoch: int) -> tuple[Trajectory, dict]:
+    def sample_epoch(self, epoch: int) -> Trajectory:
         """Sample this process's trajectories for the epoch (no gradients)."""
         c, acc = self.config, self.accelerator
         rank = acc.process_index
@@ -218,7 +218,7 @@ class Trainer:
                                  unet=unet)
                 )
                 advance()
-        return concat_trajectories(parts), {}
+        return concat_trajectories(parts)
 
     def score(self, images: torch.Tensor, prompts: list[str]):
         out = self.reward(images, prompts, None)
@@ -272,7 +272,7 @@ class Trainer:
     def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
         """Sampling and rewards for one epoch, with timings."""
         t0 = time.perf_counter()
-        traj, _ = self.sample_epoch(epoch)
+        traj = self.sample_epoch(epoch)
         t1 = time.perf_counter()
         rewards, components = self.score(traj.images, traj.prompts)
         fl = None
