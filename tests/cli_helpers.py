@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dagcli.cli import main
 
 
@@ -14,3 +16,29 @@ def run_cli(args, capsys) -> tuple[int, str, str]:
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def write_tiny_config(folder, model_dir, prompts: list[str], **sections) -> Path:
+    """A training preset for a tiny model: 3 trajectories of 4 steps per epoch, micro-batches of 4.
+
+    `sections` override or add keys per section, e.g. `train={"epochs": 2}`, `lora={"alpha": 2.0}`.
+    Writes `prompts.txt` and `tiny.toml` into `folder` and returns the TOML path.
+    """
+    import tomli_w
+
+    folder = Path(folder)
+    prompt_file = folder / "prompts.txt"
+    prompt_file.write_text("\n".join(prompts) + "\n")
+    config = {
+        "model": {"name": str(model_dir), "device": "cpu"},
+        "sampling": {"steps": 4, "guidance": 3.0, "batch_size": 3, "batches_per_epoch": 1,
+                     "prompts": str(prompt_file)},
+        "reward": {"spec": "compressibility"},
+        "train": {"batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 3e-2,
+                  "flow_learning_rate": 1e-2},
+    }
+    for name, keys in sections.items():
+        config.setdefault(name, {}).update(keys)
+    path = folder / "tiny.toml"
+    path.write_text(tomli_w.dumps(config))
+    return path

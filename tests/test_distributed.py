@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import write_tiny_config
+
 HERE = Path(__file__).parent
 
 
@@ -22,30 +24,8 @@ HERE = Path(__file__).parent
 def two_ranks(tmp_path_factory, tiny_pipeline_dir):
     """Train 2 epochs with 2 processes -> (run dir, [rank 0 dump, rank 1 dump])."""
     root = tmp_path_factory.mktemp("dist")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\na green triangle\n")
-    cfg = root / "tiny.toml"
-    cfg.write_text(f"""
-[model]
-name = "{tiny_pipeline_dir}"
-device = "cpu"
-[sampling]
-steps = 4
-guidance = 3.0
-batch_size = 3
-batches_per_epoch = 1
-prompts = "{prompts}"
-[reward]
-spec = "compressibility"
-[train]
-epochs = 2
-batch_size = 4
-gradient_accumulation_steps = 2
-learning_rate = 3e-2
-flow_learning_rate = 1e-2
-[output]
-dir = "{root / 'run'}"
-""")
+    cfg = write_tiny_config(root, tiny_pipeline_dir, ["a red circle", "a blue square", "a green triangle"],
+                            train={"epochs": 2}, output={"dir": str(root / "run")})
     dumps = root / "dumps"
     dumps.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, write_tiny_config
 
 PROMPT = "a red circle"
 KOHYA_TO_PEFT = {"lora_down.weight": "lora_A", "lora_up.weight": "lora_B"}
@@ -50,32 +50,9 @@ def trained(tmp_path_factory, tiny_pipeline_dir):
     from dagcli.config import load_config
 
     root = tmp_path_factory.mktemp("export-run")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\n")
-    cfg = root / "tiny.toml"
-    cfg.write_text(f"""
-[model]
-name = "{tiny_pipeline_dir}"
-device = "cpu"
-[sampling]
-steps = 4
-guidance = 3.0
-batch_size = 3
-batches_per_epoch = 1
-prompts = "{prompts}"
-[reward]
-spec = "compressibility"
-[train]
-epochs = 1
-batch_size = 4
-learning_rate = 5e-2
-flow_learning_rate = 1e-2
-[lora]
-rank = 4
-alpha = {ALPHA}
-[output]
-dir = "{root / 'run'}"
-""")
+    cfg = write_tiny_config(root, tiny_pipeline_dir, ["a red circle", "a blue square"],
+                            train={"epochs": 1, "learning_rate": 5e-2, "gradient_accumulation_steps": 200},
+                            lora={"rank": 4, "alpha": ALPHA}, output={"dir": str(root / "run")})
     run(load_config(cfg))
     return root / "run"
 

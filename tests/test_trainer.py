@@ -9,40 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, write_tiny_config
 from dagcli.config import load_config
 
 
 @pytest.fixture
 def tiny_config(tmp_path, tiny_pipeline_dir):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\n")
-    cfg = tmp_path / "tiny.toml"
-    cfg.write_text(f"""
-[model]
-name = "{tiny_pipeline_dir}"
-device = "cpu"
-[sampling]
-steps = 4
-guidance = 3.0
-batch_size = 3
-batches_per_epoch = 1
-prompts = "{prompts}"
-[reward]
-spec = "compressibility"
-[train]
-batch_size = 4
-gradient_accumulation_steps = 2
-learning_rate = 3e-2
-flow_learning_rate = 1e-2
-[dag]
-beta = 1.0
-beta_ramp_epochs = 2
-[output]
-checkpoint_every = 1
-keep_last = 2
-""")
-    return cfg
+    return write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square"],
+                             dag={"beta": 1.0, "beta_ramp_epochs": 2},
+                             output={"checkpoint_every": 1, "keep_last": 2})
 
 
 def test_two_epochs_write_metrics_and_checkpoints(tiny_config, tmp_path, capsys):
