@@ -52,6 +52,7 @@ def _toml(value) -> str:
 def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], Path | None]:
     """Everything that can be checked before loading a model, all problems reported at once: prompts,
     reward names and plugins, model name, the run directory, and the checkpoint to resume."""
+    from dagcli.commands.common import check_writable_dir
     from dagcli.models import check_model_name, default_model
     from dagcli.prompts import load_prompts
     from dagcli.rewards import validate_spec
@@ -71,7 +72,7 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], P
     folder = check(_checkpoint_to_resume, cfg, resume, resume_from)
     check(_check_tracker, cfg.output.report_to)
     if not problems:
-        check(_check_output, Path(cfg.output.dir))
+        check(check_writable_dir, Path(cfg.output.dir))
     if problems:
         raise DagError("; ".join(problems))
     return [p.prompt for p in items], folder
@@ -83,12 +84,6 @@ def _check_tracker(kind: str) -> None:
     module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(kind)
     if module and importlib.util.find_spec(module) is None:
         raise DagError(f"--report-to {kind} needs the {kind} package: pip install 'dagcli[{kind}]'")
-
-
-def _check_output(run_dir: Path) -> None:
-    from dagcli.commands.common import check_writable_dir
-
-    check_writable_dir(run_dir)
 
 
 def _checkpoint_to_resume(cfg, resume: bool, resume_from: Path | None) -> Path | None:
