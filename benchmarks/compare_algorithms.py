@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,25 +37,42 @@ PRESETS = {"compressibility": "examples/demo-compressibility.toml", "clip": "exa
 
 
 def run_one(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path, eval_per_prompt: int,
-            overrides: list[str]) -> dict:
-    """Train one configuration and evaluate it; returns its curve and final metrics."""
+            overrides: list[str], eval_every: int = 0, threads: int | None = None) -> dict:
+    """Train one configuration, evaluating it every `eval_every` epochs (and before training and at the end);
+    returns its reward curve, its evaluation points and the final metrics."""
     from dagcli.commands.train import preflight
     from dagcli.trainer import Trainer
 
+    if threads:
+        torch.set_num_threads(threads)
     cfg = load_config(preset, [f"train.algorithm=\"{algorithm}\"", f"train.seed={seed}", f"train.epochs={epochs}",
-                               "output.checkpoint_every=100000", *overrides])
+                               "output.checkpoint_every=100000", "output.sample_every=0", *overrides])
     cfg = replace(cfg, "output", dir=str(out_dir / f"{algorithm}-s{seed}"))
     if algorithm == "dag-kl" and cfg.train.batch_size < 2:
         cfg = replace(cfg, "train", batch_size=2)
     prompts, _ = preflight(cfg, resume=False, resume_from=None)
+    prompts_eval = sorted(set(prompts))
     trainer = Trainer(cfg, prompts)
-    t0 = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - t0
+    stops = sorted({*range(eval_every, epochs, eval_every), epochs}) if eval_every else [epochs]
+    points = [{"epoch": 0, "trajectories": 0, **evaluate(trainer, prompts_eval, eval_per_prompt, seed)}] \
+        if eval_every else []
+    seconds = 0.0
+    for stop in stops:
+        trainer.config = replace(cfg, "train", epochs=stop)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds += time.perf_counter() - t0
+        points.append({"epoch": stop, "trajectories": trainer.state.trajectories_seen,
+                       **evaluate(trainer, prompts_eval, eval_per_prompt, seed)})
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [{"trajectories": m["trajectories_seen"], "reward": m["reward_mean"]} for m in lines]
-    final = evaluate(trainer, sorted(set(prompts)), eval_per_prompt, seed)
-    return {"algorithm": algorithm, "seed": seed, "curve": curve, "train_seconds": seconds, **final}
+    return {"algorithm": algorithm, "seed": seed, "overrides": overrides, "curve": curve, "evals": points,
+            "train_seconds": seconds, **points[-1]}
+
+
+def _run_task(task: dict) -> dict:
+    """Process-pool entry point: one run, its configuration passed as keyword arguments."""
+    return run_one(**task)
 
 
 @torch.no_grad()
@@ -95,6 +115,18 @@ def trajectories_to_reach(curve: list[dict], level: float) -> int | None:
     return None
 
 
+def diversity_at(evals: list[dict], level: float) -> float | None:
+    """Diversity where the evaluation reward first reaches `level`, interpolated linearly between the two
+    evaluation points around it (None if it never does)."""
+    for a, b in zip(evals, evals[1:], strict=False):
+        if a["eval_reward"] >= level:
+            return a["diversity"]
+        if b["eval_reward"] >= level:
+            w = (level - a["eval_reward"]) / (b["eval_reward"] - a["eval_reward"])
+            return a["diversity"] + w * (b["diversity"] - a["diversity"])
+    return None
+
+
 def mean_std(values: list[float]) -> dict:
     vals = [v for v in values if v is not None and not math.isnan(v)]
     if not vals:
@@ -111,7 +143,9 @@ def summarize(runs: list[dict]) -> dict:
 
     ddpo = [final_reward(r) for r in runs if r["algorithm"] == "ddpo"]
     level = sum(ddpo) / len(ddpo) if ddpo else None
-    out = {"level": level, "algorithms": {}}
+    ddpo_eval = [r["eval_reward"] for r in runs if r["algorithm"] == "ddpo"]
+    eval_level = sum(ddpo_eval) / len(ddpo_eval) if ddpo_eval else None
+    out = {"level": level, "eval_level": eval_level, "algorithms": {}}
     for algo in ALGORITHMS:
         mine = [r for r in runs if r["algorithm"] == algo]
         if not mine:
@@ -123,6 +157,9 @@ def summarize(runs: list[dict]) -> dict:
             "diversity": mean_std([r["diversity"] for r in mine]),
             "fidelity": mean_std([r["fidelity"] for r in mine]),
             "trajectories_to_ddpo_level": mean_std([x for x in reach if x is not None]),
+            "diversity_at_ddpo_eval_level": mean_std(
+                [diversity_at(r.get("evals", []), eval_level) for r in mine] if eval_level is not None else []),
+            "train_seconds": mean_std([r["train_seconds"] for r in mine]),
             "runs_reaching_level": sum(x is not None for x in reach),
             "runs": len(mine),
             "initial_reward": mean_std([r["curve"][0]["reward"] for r in mine]),
@@ -152,11 +189,21 @@ def plot(runs: list[dict], summary: dict, reward: str, path: Path) -> None:
     ax.set_ylabel(f"mean {reward} reward")
     ax.set_title("reward vs sampling budget (mean ± std over seeds)")
     ax.legend()
-    algos = list(summary["algorithms"])
-    div = [summary["algorithms"][a]["diversity"]["mean"] or 0 for a in algos]
-    err = [summary["algorithms"][a]["diversity"]["std"] or 0 for a in algos]
-    bx.bar(algos, div, yerr=err, color=[colours[a] for a in algos])
-    bx.set_title("diversity after training (pairwise CLIP distance)")
+    for algo in ALGORITHMS:
+        evals = [r["evals"] for r in runs if r["algorithm"] == algo and r.get("evals")]
+        if not evals:
+            continue
+        k = min(len(e) for e in evals)
+        rew = [sum(e[i]["eval_reward"] for e in evals) / len(evals) for i in range(k)]
+        div = [sum(e[i]["diversity"] for e in evals) / len(evals) for i in range(k)]
+        bx.plot(rew, div, marker="o", label=algo, color=colours[algo])
+        bx.annotate(f"ep {evals[0][k - 1]['epoch']}", (rew[-1], div[-1]), fontsize=7)
+    if summary.get("eval_level") is not None:
+        bx.axvline(summary["eval_level"], ls="--", color="grey", lw=1, label="DDPO final")
+    bx.set_xlabel(f"eval {reward} reward (fresh seeds)")
+    bx.set_ylabel("diversity (pairwise CLIP distance)")
+    bx.set_title("diversity vs reward along training (mean over seeds)")
+    bx.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -166,13 +213,16 @@ def table(summary: dict) -> str:
         return "–" if d["mean"] is None else f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
     lines = ["| algorithm | initial reward | final reward | trajectories to DDPO's final level | eval reward | "
-             "diversity | fidelity |", "|---|---|---|---|---|---|---|"]
+             "diversity | diversity at DDPO's eval reward | fidelity | train s/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for algo, s in summary["algorithms"].items():
         reach = s["trajectories_to_ddpo_level"]
         reach_txt = "never" if reach["mean"] is None else f"{reach['mean']:.0f} ± {reach['std']:.0f}"
         reach_txt += f" ({s['runs_reaching_level']}/{s['runs']} runs)"
         lines.append(f"| {algo} | {fmt(s['initial_reward'])} | {fmt(s['final_reward'])} | {reach_txt} | "
-                     f"{fmt(s['eval_reward'])} | {fmt(s['diversity'])} | {fmt(s['fidelity'])} |")
+                     f"{fmt(s['eval_reward'])} | {fmt(s['diversity'])} | "
+                     f"{fmt(s.get('diversity_at_ddpo_eval_level', {'mean': None}))} | {fmt(s['fidelity'])} | "
+                     f"{fmt(s.get('train_seconds', {'mean': None}), 0)} |")
     return "\n".join(lines)
 
 
@@ -183,40 +233,58 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's)")
     p.add_argument("--eval-per-prompt", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs (0: at the end only)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for all runs")
+    p.add_argument("--algo-set", action="append", default=[], metavar="ALGO:section.key=value",
+                   help="an override for one algorithm only, e.g. ddpo:train.learning_rate=3e-4")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel, one process each (default: the number of CPU cores, at most 2)")
     p.add_argument("--quick", action="store_true", help="compressibility only, fewer epochs: < 10 min on 2 cores")
+    p.add_argument("--name", default="", help="suffix of the result files, e.g. 'ddpo-lr3e-4'")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--runs-dir", type=Path, default=Path("/tmp/dagcli-compare"))
     args = p.parse_args()
     rewards = args.reward or (["compressibility"] if args.quick else ["compressibility", "clip"])
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    per_algo: dict[str, list[str]] = {a: [] for a in ALGORITHMS}
+    for item in args.algo_set:
+        algo, _, override = item.partition(":")
+        if algo not in per_algo or "=" not in override:
+            p.error(f"--algo-set {item!r}: expected ALGO:section.key=value with ALGO one of {', '.join(ALGORITHMS)}")
+        per_algo[algo].append(override)
+    cores = os.cpu_count() or 1
+    jobs = max(1, args.jobs or min(2, cores))
+    threads = max(1, cores // jobs)
     args.output.mkdir(parents=True, exist_ok=True)
     for reward in rewards:
         preset = ROOT / PRESETS[reward]
         epochs = args.epochs or (load_config(preset).train.epochs // (2 if args.quick else 1))
-        runs = []
+        stamp = int(time.time())
+        tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs,
+                      out_dir=args.runs_dir / reward / f"{stamp}", eval_per_prompt=args.eval_per_prompt,
+                      overrides=[*args.overrides, *per_algo[algo]], eval_every=args.eval_every, threads=threads)
+                 for seed in args.seeds for algo in args.algorithms]
         started = time.perf_counter()
-        for seed in args.seeds:
-            for algo in args.algorithms:
-                out_dir = args.runs_dir / reward / f"{int(time.time())}"
-                run = run_one(preset, algo, seed, epochs, out_dir, args.eval_per_prompt, args.overrides)
+        runs = []
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for run in pool.map(_run_task, tasks):
                 runs.append(run)
-                print(f"{reward} {algo} seed {seed}: reward {run['curve'][0]['reward']:.4f} -> "
+                print(f"{reward} {run['algorithm']} seed {run['seed']}: reward {run['curve'][0]['reward']:.4f} -> "
                       f"{run['curve'][-1]['reward']:.4f}, diversity {run['diversity']:.4f}, "
                       f"fidelity {run['fidelity']}, {run['train_seconds']:.0f}s", flush=True)
         summary = summarize(runs)
         result = {
             "reward": reward, "preset": PRESETS[reward], "epochs": epochs, "seeds": args.seeds,
-            "overrides": args.overrides, "quick": args.quick, "wall_seconds": time.perf_counter() - started,
+            "overrides": args.overrides, "algo_overrides": per_algo, "quick": args.quick,
+            "jobs": jobs, "threads_per_job": threads, "wall_seconds": time.perf_counter() - started,
+            "command": "python benchmarks/compare_algorithms.py " + " ".join(sys.argv[1:]),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "torch": torch.__version__, "threads": torch.get_num_threads()},
+                        "torch": torch.__version__, "cpu_count": cores},
             "summary": summary, "runs": runs,
         }
-        suffix = "-quick" if args.quick else ""
-        (args.output / f"compare-{reward}{suffix}.json").write_text(json.dumps(result, indent=1))
+        suffix = ("-quick" if args.quick else "") + (f"-{args.name}" if args.name else "")
+        (args.output / f"compare-{reward}{suffix}.json").write_text(json.dumps(result, indent=1, default=str))
         plot(runs, summary, reward, args.output / f"compare-{reward}{suffix}.png")
         print(f"\n{reward}: {len(runs)} runs in {result['wall_seconds']:.0f}s\n{table(summary)}\n")
-
 
 if __name__ == "__main__":
     main()

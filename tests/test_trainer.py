@@ -146,3 +146,26 @@ def test_report_to_sends_numeric_scalars_per_epoch(monkeypatch, tmp_path):
     trainer_module.Trainer._tracker_log(fake, {"epoch": 3, "reward_mean": -1.5, "per_prompt_reward": {"a": 1.0},
                                                "beta": 2})
     assert calls == [("reward_mean", -1.5, 3), ("beta", 2.0, 3), "flush"]
+
+
+def test_overlapped_rewards_equal_sequential(tiny_config, tmp_path):
+    """Scoring each sampler call in a worker thread gives the same rewards, forward-looking rewards and first
+    training step as scoring the whole epoch after sampling."""
+    from dagcli.config import replace
+    from dagcli.trainer import Trainer
+
+    base = replace(load_config(tiny_config), "sampling", batches_per_epoch=3)
+    out = {}
+    for overlap in (False, True):
+        cfg = replace(replace(base, "sampling", overlap_rewards=overlap), "output", dir=str(tmp_path / str(overlap)))
+        trainer = Trainer(cfg, ["a red circle", "a blue square"])
+        batch, timing = trainer.collect(0)
+        assert timing["time_reward"] >= 0 and timing["time_sampling"] > 0
+        logs = trainer.train_epoch(0, batch)
+        out[overlap] = (batch, logs)
+    (a, la), (b, lb) = out[False], out[True]
+    assert a.traj.prompts == b.traj.prompts and a.rewards.shape == (9,)
+    torch.testing.assert_close(a.rewards, b.rewards, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.fl_rewards, b.fl_rewards, rtol=0, atol=1e-6)
+    assert a.components.keys() == b.components.keys()
+    assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)

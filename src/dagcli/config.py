@@ -36,6 +36,7 @@ class SamplingConfig:
     batch_size: int = 16  # trajectories per sampler call (per process)
     batches_per_epoch: int = 4  # sampler calls per epoch (per process)
     prompts: str = "simple_animals"  # prompt file or built-in set
+    overlap_rewards: bool = False  # score each sampler call's images in a worker thread while the next one samples
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import math
 import signal
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,8 +199,9 @@ class Trainer:
         return max(1, round(self.config.sampling.steps * t.timestep_fraction))
 
     # --- one epoch -------------------------------------------------------------------------------------
-    def sample_epoch(self, epoch: int) -> Trajectory:
-        """Sample this process's trajectories for the epoch (no gradients)."""
+    def sample_epoch(self, epoch: int, on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
+        """Sample this process's trajectories for the epoch (no gradients); `on_batch` sees each sampler call's
+        trajectories as soon as they exist."""
         c, acc = self.config, self.accelerator
         rank = acc.process_index
         g = torch.Generator().manual_seed(epoch_seed(c.train.seed, epoch, rank, stream=1))
@@ -217,8 +220,48 @@ class Trainer:
                                  guidance=c.sampling.guidance, eta=c.sampling.eta, reduction=c.dag.reduction,
                                  unet=unet)
                 )
+                if on_batch is not None:
+                    on_batch(parts[-1])
                 advance()
         return concat_trajectories(parts)
+
+    def _needs_fl(self) -> bool:
+        return self.is_dag and self.config.dag.x0_source == "sampling"
+
+    def _score_trajectories(self, traj: Trajectory) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """Terminal rewards, their components and (DAG with stored x̂0) the forward-looking rewards of `traj`."""
+        with torch.no_grad():
+            rewards, components = self.score(traj.images, traj.prompts)
+            fl = self.forward_looking_rewards(traj) if self._needs_fl() else None
+        return rewards, components, fl
+
+    def _sample_and_score(self, epoch: int) -> tuple[Trajectory, torch.Tensor, dict, torch.Tensor | None, dict]:
+        """Sample the epoch and score it; with `sampling.overlap_rewards`, each sampler call's images are scored
+        in a worker thread (on its own CUDA stream) while the next call samples. Returns the trajectories,
+        rewards, components, forward-looking rewards and timings (time_reward: scoring time not hidden behind
+        sampling)."""
+        t0 = time.perf_counter()
+        if not self.config.sampling.overlap_rewards:
+            traj = self.sample_epoch(epoch)
+            t1 = time.perf_counter()
+            rewards, components, fl = self._score_trajectories(traj)
+            return traj, rewards, components, fl, {"time_sampling": t1 - t0,
+                                                   "time_reward": time.perf_counter() - t1}
+        stream = torch.cuda.Stream(self.model.device) if self.model.device.type == "cuda" else None
+
+        def work(part: Trajectory):
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                return self._score_trajectories(part)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagcli-reward") as pool:
+            futures = []
+            traj = self.sample_epoch(epoch, on_batch=lambda part: futures.append(pool.submit(work, part)))
+            t1 = time.perf_counter()
+            results = [f.result() for f in futures]
+        rewards = torch.cat([r for r, _, _ in results])
+        components = {k: torch.cat([c[k] for _, c, _ in results]) for k in results[0][1]}
+        fl = torch.cat([f for _, _, f in results]) if results[0][2] is not None else None
+        return traj, rewards, components, fl, {"time_sampling": t1 - t0, "time_reward": time.perf_counter() - t1}
 
     def score(self, images: torch.Tensor, prompts: list[str]):
         out = self.reward(images, prompts, None)
@@ -271,14 +314,7 @@ class Trainer:
 
     def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
         """Sampling and rewards for one epoch, with timings."""
-        t0 = time.perf_counter()
-        traj = self.sample_epoch(epoch)
-        t1 = time.perf_counter()
-        rewards, components = self.score(traj.images, traj.prompts)
-        fl = None
-        if self.is_dag and self.config.dag.x0_source == "sampling":
-            fl = self.forward_looking_rewards(traj)
-        t2 = time.perf_counter()
+        traj, rewards, components, fl, timing = self._sample_and_score(epoch)
         keep = torch.isfinite(rewards)
         if fl is not None:
             keep &= torch.isfinite(fl).all(1)
@@ -301,7 +337,7 @@ class Trainer:
             start = _rank_offset(self.accelerator, len(traj.prompts))
             adv = all_adv[start : start + len(traj.prompts)]
         batch = EpochBatch(traj=traj, rewards=rewards, components=components, fl_rewards=fl, advantages=adv)
-        return batch, {"time_sampling": t1 - t0, "time_reward": t2 - t1}
+        return batch, timing
 
     def transitions(self, epoch: int, n: int) -> torch.Tensor:
         """[M, 2] (trajectory, step) pairs to train on this epoch, shuffled."""
