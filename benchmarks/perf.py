@@ -148,10 +148,17 @@ def load(args):
     if args.model == "sd15-random":
         from sd15 import load_sd15_random
 
-        return load_sd15_random(args.device, args.dtype)
+        return at_resolution(load_sd15_random(args.device, args.dtype), args.resolution)
     from dagcli.models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype)
+    return at_resolution(load_model(args.model, device=args.device, dtype=args.dtype), args.resolution)
+
+
+def at_resolution(model, resolution: int | None):
+    """Make `resolution` (pixels) the model's native size: the UNet's `sample_size` is what every caller reads."""
+    if resolution:
+        model.pipe.unet.register_to_config(sample_size=resolution // model.pipe.vae_scale_factor)
+    return model
 
 
 def ratio(a: float, b: float) -> float:
@@ -330,7 +337,13 @@ def make_trainer(b: Bench, micro_batch: int):
 
         import dagcli.models as models
 
-        models.load_model = lambda name=None, device="auto", dtype="fp32": load_sd15_random(device.split(":")[0], dtype)
+        models.load_model = lambda name=None, device="auto", dtype="fp32": at_resolution(
+            load_sd15_random(device.split(":")[0], dtype), a.resolution)
+    elif a.resolution:
+        import dagcli.models as models
+
+        plain = models.load_model
+        models.load_model = lambda *args, **kw: at_resolution(plain(*args, **kw), a.resolution)
     return Trainer(cfg, PROMPTS), cfg
 
 
@@ -357,9 +370,9 @@ def bench_training(b: Bench) -> dict:
         trainer.config = cfg_c
         loss_c, _ = trainer._transition_loss(batch_c, idx, 1.0)
         trainer.config = cfg_s
-    out["loss_agreement"] = {"max_abs_diff": float((loss_s.float() - loss_c.float()).abs().max()),
-                             "max_abs_loss": float(loss_s.float().abs().max()), "transitions": len(idx),
-                             "target": 1e-5}
+    diff, scale = float((loss_s.float() - loss_c.float()).abs().max()), float(loss_s.float().abs().max())
+    out["loss_agreement"] = {"max_abs_diff": diff, "max_abs_loss": scale, "max_rel_diff": diff / max(scale, 1e-30),
+                             "transitions": len(idx), "target": 1e-5}
 
     # 2. per trained transition vs one guided UNet forward+backward on the same micro-batch
     unet, dev = trainer.unet, trainer.model.device
@@ -429,7 +442,26 @@ def bench_training(b: Bench) -> dict:
     }
     out["memory"] = b.peak_memory()
 
-    # 4. micro-batch sizes x gradient checkpointing: transitions/s (loss + backward + optimiser step), memory
+    # 4. rewards overlapped with sampling: the epoch's trajectories in two sampler calls, the first one scored
+    #    (terminal and forward-looking rewards) while the second samples
+    if not b.over_budget():
+        half = max(1, a.batch // 2)
+        seq = replace(replace(cfg_s, "sampling", batch_size=half, batches_per_epoch=2), "sampling",
+                      overlap_rewards=False)
+        ovl = replace(seq, "sampling", overlap_rewards=True)
+
+        def collect(c):
+            def run():
+                trainer.config = c
+                trainer.collect(0)
+                trainer.config = cfg_s
+            return run
+
+        o = b.compare({"sequential": collect(seq), "overlapped": collect(ovl)}, repeats=a.epoch_repeats)
+        out["overlap_rewards"] = {"seconds": o, "speedup_overlap": ratio(o["sequential"], o["overlapped"]),
+                                  "sampler_calls": 2, "batch_per_call": half}
+
+    # 5. micro-batch sizes x gradient checkpointing: transitions/s (loss + backward + optimiser step), memory
     if a.train_sweep:
         out["sweep"] = train_sweep(b, trainer, batch, pairs)
     return out
@@ -527,6 +559,8 @@ def table(results: dict) -> str:
     if "loss_agreement" in tr:
         add("training: max |loss(sampling) - loss(current)| (target <= 1e-5)",
             tr["loss_agreement"]["max_abs_diff"], "{:.3g}")
+        if "max_rel_diff" in tr["loss_agreement"]:
+            add("training: same, relative to max |loss|", tr["loss_agreement"]["max_rel_diff"], "{:.3g}")
     if "per_transition" in tr:
         p = tr["per_transition"]
         add("ratio ours transition (+FL amortised) / guided fwd+bwd (target <= 1.25)",
@@ -537,6 +571,8 @@ def table(results: dict) -> str:
         for k, v in tr["epochs"]["transitions_per_s"].items():
             add(f"epoch transitions/s: x0_source={k}", v)
         add("ratio epoch sampling / current (target >= 2.0)", tr["epochs"]["ratio_sampling_vs_current"])
+    if "overlap_rewards" in tr:
+        add("lever overlap_rewards: speedup of an epoch's sampling + scoring", tr["overlap_rewards"]["speedup_overlap"])
     for row in tr.get("sweep", []) or []:
         if "transitions_per_s" in row:
             mem = row.get("peak_cuda_mib", row.get("peak_rss_mib"))
@@ -568,6 +604,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--model", default="tiny-random", help="dagcli model name/folder, or sd15-random")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size in pixels (default: the model's own; e.g. 128 runs SD 1.5's shapes on a CPU)")
     p.add_argument("--batch", type=int, default=None, help="images per sampler call / trajectories per epoch")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=5.0)
