@@ -107,3 +107,20 @@ def test_training_script_end_to_end(tmp_path) -> None:
     assert pipe("a blue square", num_inference_steps=2).images[0].size == (32, 32)
     clip = load_clip(tmp_path / "tiny-clip")
     assert clip.text_embeds(["a red circle"]).shape[0] == 1
+
+
+def test_background_pool_shows_no_heldout_combination() -> None:
+    from dagcli.builtin import train
+    from dagcli.builtin.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(ds.VOCABULARY, model_max_length=train.MAX_TOKENS)
+    table = train.build_caption_table(ds.sample_specs(2000, seed=0), tokenizer)
+    pool = train.render_background_pool(60, seed=0, table=table)
+    assert pool.images.shape == (60, 3, 32, 32)
+    palette_bg = np.asarray(list(ds.BACKGROUNDS.values()), dtype=np.float64)
+    for image, cap, attrs in zip(pool.images, pool.captions.tolist(), pool.attrs.tolist(), strict=True):
+        parsed = ds.parse_caption(table.captions[cap])
+        assert parsed.background is None and attrs[3] == -2
+        assert (list(ds.COLOURS).index(parsed.colour), ds.SHAPES.index(parsed.shape)) == tuple(attrs[:2])
+        corner = ((image[:, 0, 0] + 1) * 127.5).double().numpy()  # shapes keep a 1 px margin: a background pixel
+        assert np.sqrt(((palette_bg - corner) ** 2).sum(1)).min() >= 59

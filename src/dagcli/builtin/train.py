@@ -70,13 +70,14 @@ class TrainConfig:
     clip_steps: int = 2000
     clip_batch: int = 96
     clip_lr: float = 2e-3
-    clip_shape_fraction: float = 0.5  # share of each CLIP batch from random-colour, shape-only-caption images
+    clip_shape_fraction: float = 0.25  # share of each CLIP batch from random-colour, shape-only-caption images
+    clip_background_fraction: float = 0.25  # share from palette shapes on random (non-palette) backgrounds
     # UNet + text encoder
     unet_channels: tuple[int, ...] = (48, 96)
     unet_heads: int = 4
     unet_cross_attn: tuple[bool, ...] = (True, True)  # cross-attention in each resolution level
     unet_groups: int = 16  # group-norm groups (must divide every channel count)
-    unet_steps: int = 1200
+    unet_steps: int = 1600
     unet_batch: int = 96
     unet_lr: float = 1e-3
     text_lr: float = 3e-4
@@ -338,6 +339,33 @@ def render_shape_pool(n: int, seed: int, table: CaptionTable) -> ShapePool:
     return ShapePool(images, captions, attrs)
 
 
+def render_background_pool(n: int, seed: int, table: CaptionTable) -> ShapePool:
+    """`n` training-split shapes in their palette colour on a random, non-palette background, captioned by
+    colour and shape only ("a red triangle", half the time with the size).
+
+    Without them, every red shape on gray the CLIP sees is a circle or a square (the red triangle on gray is a
+    held-out combination), and it learns "red on gray" as a cue against triangles. A background at least 60
+    away from every palette background (and 100 from the shape's colour) never forms a held-out combination.
+    attrs: (n, 4) with background -2 (matches no background word)."""
+    specs = ds.sample_specs(n, seed + 3, split="train")
+    rng = np.random.default_rng(seed + 4)
+    backgrounds = np.asarray(list(ds.BACKGROUNDS.values()), dtype=np.float64)
+    arr = ds.render_array(specs)  # (n, 32, 32, 3) on the palette backgrounds
+    captions = []
+    for i, s in enumerate(specs):
+        fill = np.asarray(ds.COLOURS[s.colour], dtype=np.float64)
+        bg = rng.integers(0, 256, size=3)
+        while np.sqrt(((backgrounds - bg) ** 2).sum(1)).min() < 60 or np.sqrt(((bg - fill) ** 2).sum()) < 100:
+            bg = rng.integers(0, 256, size=3)
+        old = np.asarray(ds.BACKGROUNDS[s.background], dtype=np.float64)
+        alpha = _coverage(arr[i], old, fill)
+        arr[i] = (alpha[..., None] * fill + (1 - alpha[..., None]) * bg).round().astype(np.uint8)
+        captions.append(table.captions.index(ds.caption(s, bool(rng.random() < 0.5), False)))
+    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    attrs = torch.tensor([[*_attr_index((s.colour, s.shape, s.size, None))[:3], -2] for s in specs])
+    return ShapePool(images, torch.tensor(captions), attrs)
+
+
 def _coverage(img: np.ndarray, background: np.ndarray, fill: np.ndarray) -> np.ndarray:
     """Per-pixel shape coverage of an anti-aliased two-colour image: projection onto background -> fill."""
     d = fill.astype(np.float64) - background
@@ -363,28 +391,38 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_clip(
     cfg: TrainConfig, images: torch.Tensor, recons: torch.Tensor, table: CaptionTable, shapes: ShapePool,
-    vocab_size: int, gen: torch.Generator, t0: float,
+    backgrounds: ShapePool, vocab_size: int, t0: float,
 ) -> CLIPModel:
     """Contrastive training with multi-positive targets: caption j matches image i if every attribute it
-    mentions is the image's."""
+    mentions is the image's. Each batch mixes data-set images, random-colour shapes (`shapes`) and palette
+    shapes on random backgrounds (`backgrounds`).
+
+    The stage draws from its own seed (`cfg.seed + 1`), so its result does not depend on the VAE stage's use of
+    random numbers: the CLIP can be retrained alone and comes out the same."""
     dev = images.device
-    clip = build_clip(cfg, vocab_size).to(dev)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        clip = build_clip(cfg, vocab_size).to(dev)
     opt, sched = _optimizer([{"params": clip.parameters(), "lr": cfg.clip_lr}], cfg.clip_steps)
-    n_shape = int(round(cfg.clip_batch * cfg.clip_shape_fraction))
+    extra = [(pool, int(round(cfg.clip_batch * frac))) for pool, frac in
+             ((shapes, cfg.clip_shape_fraction), (backgrounds, cfg.clip_background_fraction))]
+    n_data = cfg.clip_batch - sum(k for _, k in extra)
     for step in range(cfg.clip_steps):
-        idx = torch.randint(len(images), (cfg.clip_batch - n_shape,), generator=gen)
-        sidx = torch.randint(len(shapes.images), (n_shape,), generator=gen)
-        x = images[idx.to(dev)]  # (B, 3, 32, 32)
+        idx = torch.randint(len(images), (n_data,), generator=gen)
+        picks = [(pool, torch.randint(len(pool.images), (k,), generator=gen)) for pool, k in extra]
+        x = images[idx.to(dev)]  # (n_data, 3, 32, 32)
         use_recon = (idx < len(recons)) & (torch.rand(len(idx), generator=gen) < 0.5)
         if use_recon.any():
             x = x.clone()
             x[use_recon.to(dev)] = recons[idx[use_recon].to(dev)]
-        x = _augment(torch.cat([x, shapes.images[sidx.to(dev)]]), gen)  # (B, 3, 32, 32)
+        x = _augment(torch.cat([x, *(pool.images[i.to(dev)] for pool, i in picks)]), gen)  # (B, 3, 32, 32)
         variant = torch.randint(4, (len(idx),), generator=gen)
-        cap = torch.cat([table.variants[idx, variant], shapes.captions[sidx]])  # (B,) caption indices
+        cap = torch.cat([table.variants[idx, variant], *(pool.captions[i] for pool, i in picks)])  # (B,)
+        img_attrs = torch.cat([table.image_attrs[idx], *(pool.attrs[i] for pool, i in picks)])  # (B, 4)
         out = clip(input_ids=table.ids[cap].to(dev), pixel_values=x)
         # match[i, j]: caption j is true of image i. (B, B)
-        cap_attrs, img_attrs = table.attrs[cap], torch.cat([table.image_attrs[idx], shapes.attrs[sidx]])
+        cap_attrs = table.attrs[cap]
         match = ((cap_attrs[None] == -1) | (cap_attrs[None] == img_attrs[:, None])).all(-1).float().to(dev)
         logits = out.logits_per_image  # (B, B)
         loss_i = -(match / match.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
@@ -520,7 +558,9 @@ def train_all(cfg: TrainConfig, output: Path, threads: int | None = 1, device: s
 
     shapes = render_shape_pool(max(1, cfg.pool_size // 4), cfg.seed, table)
     shapes = replace(shapes, images=shapes.images.to(device))
-    clip = train_clip(cfg, images, recons, table, shapes, vocab_size, gen, t0)
+    backgrounds = render_background_pool(max(1, cfg.pool_size // 4), cfg.seed, table)
+    backgrounds = replace(backgrounds, images=backgrounds.images.to(device))
+    clip = train_clip(cfg, images, recons, table, shapes, backgrounds, vocab_size, t0)
     lap("clip")
     unet, text = train_unet(cfg, latents, table, clip, gen, t0)
     lap("unet")
