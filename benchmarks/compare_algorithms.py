@@ -1,14 +1,16 @@
 """DAG-DB vs DAG-KL vs DDPO on the same model, reward, prompts and sampling budget, over several seeds.
 
     python benchmarks/compare_algorithms.py --quick                 # < 10 minutes on 2 CPU cores
-    python benchmarks/compare_algorithms.py --reward clip --seeds 0 1 2 --epochs 30
+    python benchmarks/compare_algorithms.py                         # both rewards, 16 epochs, 3 seeds
+    python benchmarks/compare_algorithms.py --reward clip --algo-set ddpo:train.learning_rate=3e-3
 
-For every (reward, algorithm, seed) it trains in this process and records the reward of each epoch against
-the trajectories seen so far; at the end it samples held-out seeds for the training prompts and measures
-reward, diversity (mean pairwise cosine distance of CLIP image embeddings within a prompt) and prompt
-fidelity (the image's best-matching caption among the prompts is its own), with `dag eval`'s metrics.
-Writes `benchmarks/results/compare-<reward>.json`, a PNG plot beside it, and prints a summary table.
-"""
+For every (reward, algorithm, seed) it trains in a worker process (`--jobs` at a time, one thread each on a
+2-core machine) and records the reward of each epoch against the trajectories seen so far. Before training,
+every `--eval-every` epochs and at the end it samples fixed held-out seeds for the training prompts and
+measures reward, diversity (mean pairwise cosine distance of CLIP image embeddings within a prompt) and
+prompt fidelity (the image's best-matching caption among the prompts is its own), with `dag eval`'s metrics,
+so diversity can be compared at equal reward. Writes `benchmarks/results/compare-<reward>[-quick][-NAME].json`,
+a PNG plot beside it, and prints a summary table."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from dagcli.evaluate import fidelity, pairwise_cosine_distance  # noqa: E402
 from dagcli.sampling import generators_for, sample_batch  # noqa: E402
 
 ALGORITHMS = ("dag-db", "dag-kl", "ddpo")
+QUICK_EPOCHS = 6
 PRESETS = {"compressibility": "examples/demo-compressibility.toml", "clip": "examples/demo-clip.toml"}
 
 
@@ -107,9 +110,22 @@ def evaluate(trainer, prompts: list[str], per_prompt: int, seed: int) -> dict:
     }
 
 
+SMOOTH = 3  # epochs: the final reward and the reward curve used for "trajectories to reach" are 3-epoch means
+
+
+def smoothed(curve: list[dict], window: int = SMOOTH) -> list[dict]:
+    """The curve with each reward replaced by the mean of the last `window` epochs' rewards (fewer at the start)."""
+    out = []
+    for i, point in enumerate(curve):
+        tail = curve[max(0, i - window + 1) : i + 1]
+        out.append({**point, "reward": sum(p["reward"] for p in tail) / len(tail)})
+    return out
+
+
 def trajectories_to_reach(curve: list[dict], level: float) -> int | None:
-    """Trajectories seen when the reward first reaches `level` (None if never)."""
-    for point in curve:
+    """Trajectories seen when the `SMOOTH`-epoch mean reward first reaches `level` (None if never): the same
+    smoothing as the final reward, so one lucky epoch of 32 trajectories does not count as reaching it."""
+    for point in smoothed(curve):
         if point["reward"] >= level:
             return point["trajectories"]
     return None
@@ -138,7 +154,7 @@ def mean_std(values: list[float]) -> dict:
 def summarize(runs: list[dict]) -> dict:
     """Per algorithm, mean ± std over seeds; the reward level is DDPO's final mean reward (last 3 epochs)."""
     def final_reward(run):
-        tail = run["curve"][-3:]
+        tail = run["curve"][-SMOOTH:]
         return sum(p["reward"] for p in tail) / len(tail)
 
     ddpo = [final_reward(r) for r in runs if r["algorithm"] == "ddpo"]
@@ -212,6 +228,10 @@ def table(summary: dict) -> str:
     def fmt(d, digits=3):
         return "–" if d["mean"] is None else f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
+    def at_level(s):
+        d = s.get("diversity_at_ddpo_eval_level", {"mean": None, "n": 0})
+        return "never reached" if d["mean"] is None else f"{fmt(d)} ({d['n']}/{s['runs']} runs)"
+
     lines = ["| algorithm | initial reward | final reward | trajectories to DDPO's final level | eval reward | "
              "diversity | diversity at DDPO's eval reward | fidelity | train s/run |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -221,9 +241,28 @@ def table(summary: dict) -> str:
         reach_txt += f" ({s['runs_reaching_level']}/{s['runs']} runs)"
         lines.append(f"| {algo} | {fmt(s['initial_reward'])} | {fmt(s['final_reward'])} | {reach_txt} | "
                      f"{fmt(s['eval_reward'])} | {fmt(s['diversity'])} | "
-                     f"{fmt(s.get('diversity_at_ddpo_eval_level', {'mean': None}))} | {fmt(s['fidelity'])} | "
+                     f"{at_level(s)} | {fmt(s['fidelity'])} | "
                      f"{fmt(s.get('train_seconds', {'mean': None}), 0)} |")
     return "\n".join(lines)
+
+
+def merge(files: list[Path], output: Path, name: str) -> dict:
+    """Summarise the runs of several result files (one reward) as one comparison; writes JSON and PNG."""
+    results = [json.loads(f.read_text()) for f in files]
+    rewards = {r["reward"] for r in results}
+    if len(rewards) != 1:
+        raise SystemExit(f"--merge: the files hold different rewards ({', '.join(sorted(rewards))}); merge one reward")
+    reward = rewards.pop()
+    runs = [run for r in results for run in r["runs"]]
+    summary = summarize(runs)
+    result = {**results[0], "merged_from": [str(f) for f in files], "summary": summary, "runs": runs,
+              "wall_seconds": sum(r["wall_seconds"] for r in results)}
+    # one file and no name: its summary and plot are rewritten in place (after a change to the summary)
+    path = files[0] if len(files) == 1 and not name else output / f"compare-{reward}-{name or 'merged'}.json"
+    path.write_text(json.dumps(result, indent=1, default=str))
+    plot(runs, summary, reward, path.with_suffix(".png"))
+    print(f"{reward}: {len(runs)} runs from {len(files)} files\n{table(summary)}")
+    return result
 
 
 def main() -> None:
@@ -233,14 +272,19 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's)")
     p.add_argument("--eval-per-prompt", type=int, default=8)
-    p.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs (0: at the end only)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluate every N epochs (0: at the end only; default 4, 3 with --quick)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for all runs")
     p.add_argument("--algo-set", action="append", default=[], metavar="ALGO:section.key=value",
                    help="an override for one algorithm only, e.g. ddpo:train.learning_rate=3e-4")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs in parallel, one process each (default: the number of CPU cores, at most 2)")
-    p.add_argument("--quick", action="store_true", help="compressibility only, fewer epochs: < 10 min on 2 cores")
+    p.add_argument("--quick", action="store_true",
+                   help=f"compressibility only, {QUICK_EPOCHS} epochs, 2 runs at a time: < 10 min on 2 cores")
     p.add_argument("--name", default="", help="suffix of the result files, e.g. 'ddpo-lr3e-4'")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="no training: summarise the runs of earlier result files of one reward together (one file and no "
+                        "--name: rewrite its summary in place)")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--runs-dir", type=Path, default=Path("/tmp/dagcli-compare"))
     args = p.parse_args()
@@ -255,13 +299,17 @@ def main() -> None:
     jobs = max(1, args.jobs or min(2, cores))
     threads = max(1, cores // jobs)
     args.output.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge(args.merge, args.output, args.name)
+        return
     for reward in rewards:
         preset = ROOT / PRESETS[reward]
-        epochs = args.epochs or (load_config(preset).train.epochs // (2 if args.quick else 1))
+        epochs = args.epochs or (QUICK_EPOCHS if args.quick else load_config(preset).train.epochs)
+        eval_every = args.eval_every if args.eval_every is not None else (3 if args.quick else 4)
         stamp = int(time.time())
         tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs,
                       out_dir=args.runs_dir / reward / f"{stamp}", eval_per_prompt=args.eval_per_prompt,
-                      overrides=[*args.overrides, *per_algo[algo]], eval_every=args.eval_every, threads=threads)
+                      overrides=[*args.overrides, *per_algo[algo]], eval_every=eval_every, threads=threads)
                  for seed in args.seeds for algo in args.algorithms]
         started = time.perf_counter()
         runs = []

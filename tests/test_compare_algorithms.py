@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -42,10 +43,32 @@ def test_summary_level_and_trajectories(compare) -> None:
     s = compare.summarize(runs)
     assert s["level"] == pytest.approx(-0.8) and s["eval_level"] == pytest.approx(-0.8)
     db = s["algorithms"]["dag-db"]
-    assert db["trajectories_to_ddpo_level"]["mean"] == 20  # first epoch at or above -0.8
+    # 3-epoch means: dag-db -1.0, -0.85, -0.767 (reached at 30); ddpo -1.0, -0.95, -0.9, -0.833, -0.8 (at 50)
+    assert db["trajectories_to_ddpo_level"]["mean"] == 30
     assert db["diversity_at_ddpo_eval_level"]["mean"] == pytest.approx(0.18)
-    assert s["algorithms"]["ddpo"]["trajectories_to_ddpo_level"]["mean"] == 30
-    assert "| dag-db |" in compare.table(s)
+    assert s["algorithms"]["ddpo"]["trajectories_to_ddpo_level"]["mean"] == 50
+    assert "| dag-db |" in compare.table(s) and "(1/1 runs)" in compare.table(s)
+
+
+def test_merge_summarises_runs_of_several_files(compare, tmp_path) -> None:
+    def result(algo, final):
+        curve = [{"trajectories": 32 * (i + 1), "reward": -1.0 + (final + 1.0) * i / 3} for i in range(4)]
+        evals = [{"epoch": 0, "trajectories": 0, "eval_reward": -1.0, "diversity": 0.1},
+                 {"epoch": 4, "trajectories": 128, "eval_reward": final, "diversity": 0.08}]
+        run = {"algorithm": algo, "seed": 0, "curve": curve, "evals": evals, "eval_reward": final,
+               "diversity": 0.08, "fidelity": 1.0, "train_seconds": 2.0}
+        return {"reward": "compressibility", "wall_seconds": 2.0, "runs": [run]}
+
+    files = []
+    for algo, final in (("dag-db", -0.9), ("ddpo", -0.95)):
+        files.append(tmp_path / f"{algo}.json")
+        files[-1].write_text(json.dumps(result(algo, final)))
+    merged = compare.merge(files, tmp_path, "both")
+    assert (tmp_path / "compare-compressibility-both.png").stat().st_size > 0
+    assert [r["algorithm"] for r in merged["runs"]] == ["dag-db", "ddpo"]
+    level = merged["summary"]["level"]  # DDPO's last-3-epoch mean
+    assert level == pytest.approx((-1.0 + 0.05 / 3 - 1.0 + 0.1 / 3 - 0.95) / 3)
+    assert merged["summary"]["algorithms"]["dag-db"]["runs_reaching_level"] == 1
 
 
 def test_run_one_evaluates_along_training(compare, tmp_path) -> None:
