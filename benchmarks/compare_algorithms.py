@@ -43,11 +43,20 @@ def run_one(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path,
             overrides: list[str], eval_every: int = 0, threads: int | None = None) -> dict:
     """Train one configuration, evaluating it every `eval_every` epochs (and before training and at the end);
     returns its reward curve, its evaluation points and the final metrics."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train_and_evaluate(preset, algorithm, seed, epochs, out_dir, eval_per_prompt, overrides, eval_every)
+    finally:
+        torch.set_num_threads(before)  # an in-process caller keeps its own thread count
+
+
+def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path, eval_per_prompt: int,
+                        overrides: list[str], eval_every: int) -> dict:
     from dagcli.commands.train import preflight
     from dagcli.trainer import Trainer
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = load_config(preset, [f"train.algorithm=\"{algorithm}\"", f"train.seed={seed}", f"train.epochs={epochs}",
                                "output.checkpoint_every=100000", "output.sample_every=0", *overrides])
     cfg = replace(cfg, "output", dir=str(out_dir / f"{algorithm}-s{seed}"))

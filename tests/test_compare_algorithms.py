@@ -77,8 +77,10 @@ def test_run_one_evaluates_along_training(compare, tmp_path) -> None:
     prompts.write_text("a red circle\na blue square\n")
     overrides = ["sampling.batch_size=2", "sampling.batches_per_epoch=1", "sampling.steps=2", "train.batch_size=2",
                  f'sampling.prompts="{prompts}"', 'reward.spec="colorfulness"']
+    before = torch.get_num_threads()
     run = compare.run_one(ROOT / compare.PRESETS["compressibility"], "ddpo", 0, 2, tmp_path, 2, overrides,
                           eval_every=1, threads=1)
+    assert torch.get_num_threads() == before  # the caller's thread count is restored
     assert [p["epoch"] for p in run["evals"]] == [0, 1, 2]
     assert [p["trajectories"] for p in run["evals"]] == [0, 2, 4]
     assert [p["trajectories"] for p in run["curve"]] == [2, 4]
