@@ -169,3 +169,26 @@ def test_overlapped_rewards_equal_sequential(tiny_config, tmp_path):
     torch.testing.assert_close(a.fl_rewards, b.fl_rewards, rtol=0, atol=1e-6)
     assert a.components.keys() == b.components.keys()
     assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
+
+
+def test_flow_warmup_leaves_lora_untouched_then_trains_it(tiny_config, tmp_path):
+    from dagcli.config import replace
+    from dagcli.trainer import Trainer
+
+    cfg = replace(replace(load_config(tiny_config), "dag", flow_warmup_epochs=1), "output", dir=str(tmp_path / "w"))
+    trainer = Trainer(cfg, ["a red circle", "a blue square"])
+
+    def snapshot(module):
+        return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    lora0, flow0 = snapshot(trainer.unet), snapshot(trainer.flow)
+    batch, _ = trainer.collect(0)
+    logs = trainer.train_epoch(0, batch)
+    lora1, flow1 = snapshot(trainer.unet), snapshot(trainer.flow)
+    assert logs["flow_warmup"] == 1 and "grad_norm_lora" not in logs
+    assert all(torch.equal(lora0[n], lora1[n]) for n in lora0)
+    assert any(not torch.equal(flow0[n], flow1[n]) for n in flow0)
+    batch, _ = trainer.collect(1)
+    logs = trainer.train_epoch(1, batch)
+    assert logs["flow_warmup"] == 0
+    assert any(not torch.equal(lora1[n], p) for n, p in snapshot(trainer.unet).items())

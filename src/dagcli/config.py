@@ -80,6 +80,7 @@ class TrainConfig:
 class DagConfig:
     beta: float = 100.0  # reward exponent: R(x) = exp(β r(x)) (per latent dim under reduction = "mean")
     beta_ramp_epochs: int = 50  # β grows linearly over this many epochs (reference: half of 100), 0 = no ramp
+    flow_warmup_epochs: int = 0  # first epochs train only the flow network (the LoRA waits for a fitted F̃)
     proximity: float = 1.0  # λ: weight of mean (ε̃_θ − ε̃_sampling)²
     reduction: str = "mean"  # how log-probs reduce over latent dims: mean (reference) | sum (true density)
     x0_source: str = "sampling"  # forward-looking x̂0: "sampling" (stored, each state once) | "current" (reference)
@@ -264,6 +265,7 @@ def validate(c: Config) -> list[str]:
         e.append(f"train.timestep_fraction = {c.train.timestep_fraction}: must be in (0, 1]")
     for name, value in [("dag.beta", c.dag.beta), ("dag.proximity", c.dag.proximity),
                         ("dag.beta_ramp_epochs", c.dag.beta_ramp_epochs), ("output.sample_every", c.output.sample_every),
+                        ("dag.flow_warmup_epochs", c.dag.flow_warmup_epochs),
                         ("dag.kl_weight", c.dag.kl_weight), ("reward.max_nonfinite", c.reward.max_nonfinite),
                         ("sampling.guidance", c.sampling.guidance)]:
         if value < 0:

@@ -418,6 +418,7 @@ class Trainer:
         if c.train.algorithm == "dag-kl":
             micro = [m for m in micro if len(m) >= 2]  # the leave-one-out baseline needs two transitions
         accum = c.train.gradient_accumulation_steps
+        warmup = self.flow is not None and epoch < c.dag.flow_warmup_epochs
         self.unet.train()
         if self.flow is not None:
             self.flow.train()
@@ -445,8 +446,12 @@ class Trainer:
                         sums[name] += float(v)
                         counts[name] += 1
                     advance()
-                grad_norms["lora"].append(float(acc.clip_grad_norm_(
-                    [p for p in self.unet.parameters() if p.requires_grad], c.train.max_grad_norm)))
+                if warmup:  # the flow network fits first: the LoRA gets no update (AdamW skips grad None)
+                    for p in self.unet.parameters():
+                        p.grad = None
+                else:
+                    grad_norms["lora"].append(float(acc.clip_grad_norm_(
+                        [p for p in self.unet.parameters() if p.requires_grad], c.train.max_grad_norm)))
                 if self.flow is not None:
                     grad_norms["flow"].append(float(acc.clip_grad_norm_(self.flow.parameters(), c.train.max_grad_norm)))
                 self.optimizer.step()
@@ -458,6 +463,7 @@ class Trainer:
         out = {name: sums[name] / max(counts[name], 1) for name in sums}
         out.update({f"grad_norm_{k}": sum(v) / len(v) for k, v in grad_norms.items() if v})
         out["beta"] = beta
+        out["flow_warmup"] = int(warmup)
         out["skipped_micro_batches"] = skipped
         return out
 
