@@ -267,7 +267,7 @@ def generate_sets(
         folder = output / "images" / safe_label(label)
         extra = {"model": model.name, **({"ckpt": str(ref.folder)} if ref else {})}
         write_samples(generated, settings, folder, extra)
-        files = _written_files(folder)
+        files = list(read_manifest(folder))  # file names in the order `generate` returned the images
         source = (
             {"kind": "base"}
             if ref is None
@@ -288,14 +288,6 @@ def generate_sets(
             )
         )
     return sets
-
-
-def _written_files(folder: Path) -> list[str]:
-    """File names in `samples.jsonl` order (the order `generate` returned the images in)."""
-    import json
-
-    lines = (folder / "samples.jsonl").read_text().splitlines()
-    return [json.loads(line)["file"] for line in lines if line.strip()]
 
 
 def folder_model(directory: Path) -> str | None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from dagcli.errors import DagError
 from dagcli.images import make_grid
+from dagcli.jsonl import json_lines
 from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import PromptItem
 from dagcli.sampling import PromptEncoder, generators_for, sample_batch, to_pil
@@ -112,13 +112,8 @@ def read_manifest(directory: Path) -> dict[str, dict]:
     manifest = Path(directory) / "samples.jsonl"
     if not manifest.is_file():
         return records
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DagError(f"{manifest}: line {n} is not JSON ({e.msg})") from e
+    text = manifest.read_text(encoding="utf-8")
+    for _, record in json_lines(text, lambda n, why: f"{manifest}: line {n} is not JSON ({why})"):
         if isinstance(record, dict) and "file" in record:
             records[Path(str(record["file"])).name] = record
     return records

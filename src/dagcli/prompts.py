@@ -7,12 +7,12 @@ built-in set by name (`simple_animals`, or `builtin:simple_animals`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagcli.errors import DagError
+from dagcli.jsonl import json_lines
 
 # The 45 animals used as prompts by the DDPO and DAG papers for the aesthetic reward.
 SIMPLE_ANIMALS = (
@@ -89,13 +89,7 @@ def _parse_text(text: str) -> list[PromptItem]:
 
 def _parse_jsonl(text: str, path: Path) -> list[PromptItem]:
     items = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DagError(f"prompt file {str(path)!r} line {number}: invalid JSON ({e.msg})") from e
+    for number, record in json_lines(text, lambda n, why: f"prompt file {str(path)!r} line {n}: invalid JSON ({why})"):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
             raise DagError(f"prompt file {str(path)!r} line {number}: expected an object with a non-empty 'prompt' string")
         meta = {k: v for k, v in record.items() if k != "prompt"}
