@@ -146,9 +146,7 @@ class Ema:
 def render_pool(n: int, seed: int) -> tuple[list[ds.ShapeSpec], torch.Tensor]:
     """Training specs and their images as a float tensor (n, 3, 32, 32) in [-1, 1]."""
     specs = ds.sample_specs(n, seed, split="train")
-    arr = ds.render_array(specs)  # (n, 32, 32, 3) uint8
-    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return specs, images
+    return specs, _to_tensor(ds.render_array(specs))
 
 
 @dataclass(frozen=True)
@@ -330,10 +328,8 @@ def render_shape_pool(n: int, seed: int, table: CaptionTable) -> ShapePool:
         bg = rng.integers(0, 256, size=3)
         while np.sqrt(((bg - fills[i]) ** 2).sum()) < 100:
             bg = rng.integers(0, 256, size=3)
-        old = np.asarray(ds.BACKGROUNDS[specs[i].background], dtype=np.float64)
-        alpha = _coverage(arr[i], old, fills[i])  # (32, 32) shape coverage in [0, 1]
-        arr[i] = (alpha[..., None] * fills[i] + (1 - alpha[..., None]) * bg).round().astype(np.uint8)
-    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        arr[i] = _on_background(arr[i], specs[i], fills[i], bg)
+    images = _to_tensor(arr)
     captions = torch.tensor([table.captions.index(shape_caption(s.shape)) for s in specs])
     attrs = torch.tensor([[-2, *_attr_index((s.shape, s.size, s.background))] for s in specs])
     return ShapePool(images, captions, attrs)
@@ -357,13 +353,24 @@ def render_background_pool(n: int, seed: int, table: CaptionTable) -> ShapePool:
         bg = rng.integers(0, 256, size=3)
         while np.sqrt(((backgrounds - bg) ** 2).sum(1)).min() < 60 or np.sqrt(((bg - fill) ** 2).sum()) < 100:
             bg = rng.integers(0, 256, size=3)
-        old = np.asarray(ds.BACKGROUNDS[s.background], dtype=np.float64)
-        alpha = _coverage(arr[i], old, fill)
-        arr[i] = (alpha[..., None] * fill + (1 - alpha[..., None]) * bg).round().astype(np.uint8)
+        arr[i] = _on_background(arr[i], s, fill, bg)
         captions.append(table.captions.index(ds.caption(s, bool(rng.random() < 0.5), False)))
-    images = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    images = _to_tensor(arr)
     attrs = torch.tensor([[*_attr_index((s.colour, s.shape, s.size, None))[:3], -2] for s in specs])
     return ShapePool(images, torch.tensor(captions), attrs)
+
+
+def _on_background(img: np.ndarray, spec: ds.ShapeSpec, fill: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """A rendered (32, 32, 3) uint8 image of `spec` in colour `fill`, its palette background replaced by
+    `background`, anti-aliased edges kept (blended by the shape's per-pixel coverage)."""
+    old = np.asarray(ds.BACKGROUNDS[spec.background], dtype=np.float64)
+    alpha = _coverage(img, old, fill)[..., None]  # (32, 32, 1) shape coverage in [0, 1]
+    return (alpha * fill + (1 - alpha) * background).round().astype(np.uint8)
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 -> (N, 3, 32, 32) float in [-1, 1]."""
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _coverage(img: np.ndarray, background: np.ndarray, fill: np.ndarray) -> np.ndarray:
