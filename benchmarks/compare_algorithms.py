@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from dagcli.config import load_config, replace  # noqa: E402
-from dagcli.evaluate import fidelity, pairwise_cosine_distance  # noqa: E402
+from dagcli.evaluate import default_embed_model, fidelity, pairwise_cosine_distance  # noqa: E402
+from dagcli.rewards.clip import load_clip  # noqa: E402
 from dagcli.sampling import generators_for, sample_batch  # noqa: E402
 
 ALGORITHMS = ("dag-db", "dag-kl", "ddpo")
@@ -65,17 +66,21 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
     prompts, _ = preflight(cfg, resume=False, resume_from=None)
     prompts_eval = sorted(set(prompts))
     trainer = Trainer(cfg, prompts)
+    embedder = load_clip(default_embed_model(trainer.model.name), device=trainer.model.device)  # once per run
+
+    def evaluation(epoch: int) -> dict:
+        return {"epoch": epoch, "trajectories": trainer.state.trajectories_seen,
+                **evaluate(trainer, embedder, prompts_eval, eval_per_prompt, seed)}
+
     stops = sorted({*range(eval_every, epochs, eval_every), epochs}) if eval_every else [epochs]
-    points = [{"epoch": 0, "trajectories": 0, **evaluate(trainer, prompts_eval, eval_per_prompt, seed)}] \
-        if eval_every else []
+    points = [evaluation(0)] if eval_every else []
     seconds = 0.0
     for stop in stops:
         trainer.config = replace(cfg, "train", epochs=stop)
         t0 = time.perf_counter()
         trainer.train()
         seconds += time.perf_counter() - t0
-        points.append({"epoch": stop, "trajectories": trainer.state.trajectories_seen,
-                       **evaluate(trainer, prompts_eval, eval_per_prompt, seed)})
+        points.append(evaluation(stop))
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [{"trajectories": m["trajectories_seen"], "reward": m["reward_mean"]} for m in lines]
     return {"algorithm": algorithm, "seed": seed, "overrides": overrides, "curve": curve, "evals": points,
@@ -88,11 +93,9 @@ def _run_task(task: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(trainer, prompts: list[str], per_prompt: int, seed: int) -> dict:
-    """Reward, diversity and fidelity of fresh samples (seeds disjoint from training) of the trained LoRA."""
-    from dagcli.evaluate import default_embed_model
-    from dagcli.rewards.clip import load_clip
-
+def evaluate(trainer, encoder, prompts: list[str], per_prompt: int, seed: int) -> dict:
+    """Reward, diversity and fidelity of fresh samples (seeds disjoint from training) of the trained LoRA;
+    `encoder` embeds images and prompts (a `dagcli.rewards.clip.ClipEncoder`)."""
     c = trainer.config
     unet = trainer.raw_unet
     unet.eval()
@@ -106,7 +109,6 @@ def evaluate(trainer, prompts: list[str], per_prompt: int, seed: int) -> dict:
         images.append(traj.images)
         rewards.append(trainer.score(traj.images, traj.prompts)[0])
     images_t, rewards_t = torch.cat(images), torch.cat(rewards)
-    encoder = load_clip(default_embed_model(trainer.model.name), device=trainer.model.device)
     emb = encoder.embed_images(images_t).double().cpu()
     text = encoder.embed_texts(prompts).double().cpu()
     targets = [prompts.index(p) for p in rows]
@@ -163,8 +165,7 @@ def mean_std(values: list[float]) -> dict:
 def summarize(runs: list[dict]) -> dict:
     """Per algorithm, mean ± std over seeds; the reward level is DDPO's final mean reward (last 3 epochs)."""
     def final_reward(run):
-        tail = run["curve"][-SMOOTH:]
-        return sum(p["reward"] for p in tail) / len(tail)
+        return smoothed(run["curve"])[-1]["reward"]
 
     ddpo = [final_reward(r) for r in runs if r["algorithm"] == "ddpo"]
     level = sum(ddpo) / len(ddpo) if ddpo else None

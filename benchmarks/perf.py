@@ -145,13 +145,21 @@ def machine(device: torch.device) -> dict:
 
 
 def load(args):
-    if args.model == "sd15-random":
+    return load_model_at(args.model, args.device, args.dtype, args.resolution)
+
+
+def load_model_at(name: str, device: str, dtype: str, resolution: int | None, plain=None):
+    """dagcli's `load_model` (or `plain`), or the SD 1.5-shaped random pipeline for "sd15-random", at
+    `resolution` pixels (None: the model's own)."""
+    if name == "sd15-random":
         from sd15 import load_sd15_random
 
-        return at_resolution(load_sd15_random(args.device, args.dtype), args.resolution)
-    from dagcli.models import load_model
-
-    return at_resolution(load_model(args.model, device=args.device, dtype=args.dtype), args.resolution)
+        model = load_sd15_random(device.split(":")[0], dtype)
+    else:
+        if plain is None:
+            from dagcli.models import load_model as plain
+        model = plain(name, device=device, dtype=dtype)
+    return at_resolution(model, resolution)
 
 
 def at_resolution(model, resolution: int | None):
@@ -332,18 +340,12 @@ def make_trainer(b: Bench, micro_batch: int):
                   mixed_precision="bf16" if b.cuda and a.dtype == "bf16" else "no", epochs=1)
     cfg = replace(cfg, "dag", beta=1.0, beta_ramp_epochs=0, x0_source="sampling", x0_guidance="cond")
     cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"))
-    if a.model == "sd15-random":  # the trainer loads through dagcli.models.load_model
-        from sd15 import load_sd15_random
-
-        import dagcli.models as models
-
-        models.load_model = lambda name=None, device="auto", dtype="fp32": at_resolution(
-            load_sd15_random(device.split(":")[0], dtype), a.resolution)
-    elif a.resolution:
+    if a.model == "sd15-random" or a.resolution:  # the trainer loads through dagcli.models.load_model
         import dagcli.models as models
 
         plain = models.load_model
-        models.load_model = lambda *args, **kw: at_resolution(plain(*args, **kw), a.resolution)
+        models.load_model = lambda name=None, device="auto", dtype="fp32": load_model_at(
+            name, device, dtype, a.resolution, plain)
     return Trainer(cfg, PROMPTS), cfg
 
 
@@ -446,8 +448,7 @@ def bench_training(b: Bench) -> dict:
     #    (terminal and forward-looking rewards) while the second samples
     if not b.over_budget():
         half = max(1, a.batch // 2)
-        seq = replace(replace(cfg_s, "sampling", batch_size=half, batches_per_epoch=2), "sampling",
-                      overlap_rewards=False)
+        seq = replace(cfg_s, "sampling", batch_size=half, batches_per_epoch=2, overlap_rewards=False)
         ovl = replace(seq, "sampling", overlap_rewards=True)
 
         def collect(c):
