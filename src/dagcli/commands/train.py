@@ -81,8 +81,7 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], P
 def _check_tracker(kind: str) -> None:
     import importlib.util
 
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(kind)
-    if module and importlib.util.find_spec(module) is None:
+    if kind in ("tensorboard", "wandb") and importlib.util.find_spec(kind) is None:
         raise DagError(f"--report-to {kind} needs the {kind} package: pip install 'dagcli[{kind}]'")
 
 
