@@ -261,7 +261,7 @@ def merge(files: list[Path], output: Path, name: str) -> dict:
     results = [json.loads(f.read_text()) for f in files]
     rewards = {r["reward"] for r in results}
     if len(rewards) != 1:
-        raise SystemExit(f"--merge: the files hold different rewards ({', '.join(sorted(rewards))}); merge one reward")
+        raise ValueError(f"the files hold different rewards ({', '.join(sorted(rewards))}); merge one reward")
     reward = rewards.pop()
     runs = [run for r in results for run in r["runs"]]
     summary = summarize(runs)
@@ -310,7 +310,11 @@ def main() -> None:
     threads = max(1, cores // jobs)
     args.output.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        merge(args.merge, args.output, args.name)
+        try:
+            merge(args.merge, args.output, args.name)
+        except (OSError, ValueError, KeyError) as e:  # unreadable, not JSON, or not a comparison result
+            print(f"--merge: {type(e).__name__}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         return
     for reward in rewards:
         preset = ROOT / PRESETS[reward]

@@ -86,3 +86,13 @@ def test_run_one_evaluates_along_training(compare, tmp_path) -> None:
     assert [p["trajectories"] for p in run["curve"]] == [2, 4]
     assert all(math.isfinite(p["eval_reward"]) and p["diversity"] >= 0 for p in run["evals"])
     assert run["eval_reward"] == run["evals"][-1]["eval_reward"]
+
+
+def test_merge_refuses_files_of_different_rewards(compare, tmp_path) -> None:
+    files = []
+    for reward in ("clip", "compressibility"):
+        files.append(tmp_path / f"{reward}.json")
+        files[-1].write_text(json.dumps({"reward": reward, "wall_seconds": 1.0, "runs": []}))
+    with pytest.raises(ValueError, match="different rewards"):
+        compare.merge(files, tmp_path, "x")
+    assert not list(tmp_path.glob("compare-*"))  # nothing written
