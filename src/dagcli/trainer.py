@@ -15,7 +15,7 @@ import json
 import math
 import signal
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dagcli.algorithms import losses
+from dagcli.algorithms.ddpo import per_prompt_advantages
 from dagcli.algorithms.flow import FlowConfig, FlowNetwork, flow_config_for
 from dagcli.config import Config, dump_toml, to_dict
 from dagcli.diffusion import Schedule, Trajectory, backward_log_prob, ddim_step, pred_x0_from_eps
@@ -297,20 +298,8 @@ class Trainer:
     def ddpo_advantages(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
         """Per-prompt normalisation over a buffer of recent rewards; global statistics for rare prompts."""
         d = self.config.ddpo
-        buffers = self.state.ddpo_buffers
-        for p, r in zip(prompts, rewards.tolist(), strict=True):
-            buf = deque(buffers.get(p, []), maxlen=d.buffer_size)
-            buf.append(r)
-            buffers[p] = list(buf)
-        g_mean, g_std = rewards.mean(), rewards.std() if rewards.numel() > 1 else torch.tensor(1.0)
-        adv = torch.empty_like(rewards)
-        for i, (p, r) in enumerate(zip(prompts, rewards, strict=True)):
-            buf = torch.tensor(buffers[p])
-            if len(buf) >= min(d.min_count, d.buffer_size):
-                adv[i] = (r - buf.mean()) / (buf.std() + 1e-6)
-            else:
-                adv[i] = (r - g_mean) / (g_std + 1e-6)
-        return adv.clamp(-self.config.dag.adv_clip, self.config.dag.adv_clip)
+        return per_prompt_advantages(prompts, rewards, self.state.ddpo_buffers, d.buffer_size, d.min_count,
+                                     self.config.dag.adv_clip)
 
     def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
         """Sampling and rewards for one epoch, with timings."""
