@@ -63,7 +63,7 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
     cfg = replace(cfg, "output", dir=str(out_dir / f"{algorithm}-s{seed}"))
     if algorithm == "dag-kl" and cfg.train.batch_size < 2:
         cfg = replace(cfg, "train", batch_size=2)
-    prompts, _ = preflight(cfg, resume=False, resume_from=None)
+    cfg, prompts, _ = preflight(cfg, resume=False, resume_from=None)
     prompts_eval = sorted(set(prompts))
     trainer = Trainer(cfg, prompts)
     embedder = load_clip(default_embed_model(trainer.model.name), device=trainer.model.device)  # once per run

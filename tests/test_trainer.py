@@ -93,7 +93,7 @@ def test_gradients_reach_only_lora_and_flow(tiny_config, tmp_path):
     from dagcli.trainer import Trainer
 
     cfg = replace(load_config(tiny_config), "output", dir=str(tmp_path / "g"))
-    prompts, _ = preflight(cfg, False, None)
+    cfg, prompts, _ = preflight(cfg, False, None)
     trainer = Trainer(cfg, prompts)
     batch, _ = trainer.collect(0)
     pairs = trainer.transitions(0, batch.traj.batch_size)[:4]

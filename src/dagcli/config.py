@@ -30,12 +30,15 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    steps: int = 50  # DDIM steps per trajectory
+    # steps, guidance, prompts and resolution left unset take the model's defaults (`models.model_defaults`:
+    # the built-in models carry their own; Stable Diffusion: 50 steps, guidance 5, simple_animals, native size)
+    steps: int | None = None  # sampler steps per trajectory
     eta: float = 1.0  # DDIM η; training needs η > 0 (a stochastic policy)
-    guidance: float = 5.0  # classifier-free guidance weight
+    guidance: float | None = None  # classifier-free guidance weight
     batch_size: int = 16  # trajectories per sampler call (per process)
     batches_per_epoch: int = 4  # sampler calls per epoch (per process)
-    prompts: str = "simple_animals"  # prompt file or built-in set
+    prompts: str | None = None  # prompt file or built-in set
+    resolution: int | None = None  # image height and width in pixels
     overlap_rewards: bool = False  # score each sampler call's images in a worker thread while the next one samples
 
 
@@ -100,6 +103,7 @@ class DdpoConfig:
 class OutputConfig:
     dir: str = "runs/dag"  # the run directory
     checkpoint_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
+    checkpoint_minutes: float = 30.0  # also save when this many minutes passed since the last save (0 = off)
     keep_last: int = 5  # checkpoints kept
     sample_every: int = 0  # epochs between sample grids (0 = never)
     report_to: str = "none"  # none | tensorboard | wandb
@@ -151,7 +155,8 @@ def _check_type(value, hint) -> object:
             return value
         raise TypeError("expected a table")
     if origin in (typing.Union, types.UnionType):
-        return value
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return value if len(inner) != 1 else _check_type(value, inner[0])
     return value
 
 
@@ -202,8 +207,9 @@ def parse_override(text: str) -> tuple[str, str, object]:
     return section, key, value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """A TOML preset (optional) plus `section.key=value` overrides -> a validated `Config`."""
+def read_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+    """What the user gave: a TOML preset (optional) plus `section.key=value` overrides, as nested dicts
+    (not yet validated; keys the user did not give are absent)."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -218,7 +224,53 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data.setdefault(section, {})
         if isinstance(data[section], dict):
             data[section][key] = value
-    return config_from_dict(data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """A TOML preset (optional) plus `section.key=value` overrides -> a validated `Config`."""
+    return config_from_dict(read_settings(path, overrides))
+
+
+# Keys a resumed run may change: they extend the run or change how it is watched, not what is trained.
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "output.dir", "output.checkpoint_every", "output.checkpoint_minutes", "output.keep_last",
+    "output.sample_every", "output.report_to", "model.device", "sampling.overlap_rewards", "reward.max_nonfinite",
+    "train.gradient_checkpointing",
+})
+
+
+def differences(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    """(section.key, value in a, value in b) for every key whose value differs."""
+    da, db = to_dict(a), to_dict(b)
+    return [(f"{section}.{key}", da[section].get(key), db[section].get(key))
+            for section in da for key in sorted(set(da[section]) | set(db[section]))
+            if da[section].get(key) != db[section].get(key)]
+
+
+def resume_config(saved: dict, given: dict) -> tuple[Config, list[tuple[str, object, object]]]:
+    """A resumed run's config: its saved settings, with the given keys that only extend or watch it.
+
+    Returns the config and the accepted changes; a given key that changes what is trained is refused with a
+    `DagError` naming the key, the saved value and the new one.
+    """
+    saved_config = config_from_dict(saved)
+    merged = {name: dict(section) for name, section in saved.items()}
+    for name, section in given.items():
+        if isinstance(section, dict) and isinstance(merged.get(name, {}), dict):
+            merged.setdefault(name, {}).update(section)
+        else:
+            merged[name] = section
+    config = config_from_dict(merged)
+    changes = differences(saved_config, config)
+    refused = [(k, old, new) for k, old, new in changes if k not in RESUMABLE_KEYS]
+    if refused:
+        raise DagError(
+            "a resumed run keeps its own settings: "
+            + "; ".join(f"{k} = {new!r} differs from the run's {old!r}" for k, old, new in refused)
+            + " (drop the flag, or start a new run with another --output)"
+        )
+    return config, [c for c in changes if c[0] != "output.dir"]
 
 
 def replace(config: Config, section: str, **changes) -> Config:
@@ -248,7 +300,8 @@ def validate(c: Config) -> list[str]:
     one_of("output.report_to", c.output.report_to, ("none", "tensorboard", "wandb"))
     one_of("lora.init", c.lora.init, ("gaussian", "true"))
     for name, value in [
-        ("sampling.steps", c.sampling.steps), ("sampling.batch_size", c.sampling.batch_size),
+        ("sampling.steps", _unset_ok(c.sampling.steps)), ("sampling.resolution", _unset_ok(c.sampling.resolution)),
+        ("sampling.batch_size", c.sampling.batch_size),
         ("sampling.batches_per_epoch", c.sampling.batches_per_epoch), ("train.epochs", c.train.epochs),
         ("train.batch_size", c.train.batch_size),
         ("train.gradient_accumulation_steps", c.train.gradient_accumulation_steps),
@@ -267,21 +320,54 @@ def validate(c: Config) -> list[str]:
                         ("dag.beta_ramp_epochs", c.dag.beta_ramp_epochs), ("output.sample_every", c.output.sample_every),
                         ("dag.flow_warmup_epochs", c.dag.flow_warmup_epochs),
                         ("dag.kl_weight", c.dag.kl_weight), ("reward.max_nonfinite", c.reward.max_nonfinite),
-                        ("sampling.guidance", c.sampling.guidance)]:
+                        ("sampling.guidance", _unset_ok(c.sampling.guidance)),
+                        ("output.checkpoint_minutes", c.output.checkpoint_minutes)]:
         if value < 0:
             e.append(f"{name} = {value}: must not be negative")
-    per_traj = max(1, round(c.sampling.steps * c.train.timestep_fraction))
-    total = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
-    if c.train.batch_size > 0 and total > 0 and total % c.train.batch_size:
-        divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
-        e.append(f"train.batch_size = {c.train.batch_size} does not divide the {total} transitions trained per "
-                 f"epoch (sampling.batch_size x batches_per_epoch x {per_traj} steps); valid options: "
-                 + ", ".join(map(str, divisors)))
+    if c.sampling.steps is not None:  # else checked once the model's default is known
+        e.extend(_check_micro_batches(c))
     if c.train.algorithm == "dag-kl" and c.train.batch_size < 2:
         e.append("train.batch_size = 1: dag-kl needs at least 2 (its leave-one-out baseline)")
     if not c.lora.target_modules:
         e.append("lora.target_modules is empty")
     return e
+
+
+def _unset_ok(value: int | float | None) -> int | float:
+    """An unset value (the model's default, filled in later) passes the range checks."""
+    return 1 if value is None else value
+
+
+def _check_micro_batches(c: Config) -> list[str]:
+    per_traj = max(1, round(c.sampling.steps * c.train.timestep_fraction))
+    total = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
+    if c.train.batch_size > 0 and total > 0 and total % c.train.batch_size:
+        divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
+        return [f"train.batch_size = {c.train.batch_size} does not divide the {total} transitions trained per "
+                f"epoch (sampling.batch_size x batches_per_epoch x {per_traj} steps); valid options: "
+                + ", ".join(map(str, divisors))]
+    return []
+
+
+def fill_model_defaults(config: Config) -> tuple[Config, str]:
+    """The config with the model named and the sampler settings it leaves unset taken from the model
+    (`models.model_defaults`, read without loading weights); also a line saying what was filled in ("" when
+    nothing was). Checks what could only be checked once the settings are known."""
+    from dagcli.models import default_model, model_defaults
+
+    name = config.model.name or default_model()
+    d = model_defaults(name)
+    s = config.sampling
+    filled = {k: v for k, v in [("prompts", d.prompts), ("steps", d.steps), ("guidance", d.guidance),
+                                ("resolution", d.resolution)] if getattr(s, k) is None and v is not None}
+    config = replace(replace(config, "model", name=name), "sampling", **filled)
+    problems = _check_micro_batches(config)
+    if problems:
+        raise DagError("invalid configuration: " + "; ".join(problems))
+    if not filled:
+        return config, ""
+    said = ", ".join(f"{k} {v!r}" if k == "prompts" else f"{k} {v:g}" for k, v in filled.items())
+    return config, f"settings not given, from the defaults of {d.source}: {said}"
 
 
 def to_dict(config: Config) -> dict:
@@ -299,6 +385,8 @@ def to_dict(config: Config) -> dict:
 
 
 def dump_toml(config: Config) -> str:
+    """TOML of the config; unset keys (None: the model's default, not yet filled in) are left out."""
     import tomli_w
 
-    return tomli_w.dumps(to_dict(config))
+    data = {name: {k: v for k, v in section.items() if v is not None} for name, section in to_dict(config).items()}
+    return tomli_w.dumps(data)

@@ -124,6 +124,37 @@ def ddim_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config)
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Sampling settings that suit a model, used where the user gives none."""
+
+    steps: int
+    guidance: float
+    prompts: str  # training prompt set or file
+    eval_prompts: str
+    resolution: int | None  # pixels; None = the model's native size
+    source: str  # where they come from, for the run's messages
+
+
+def model_defaults(model: str | None) -> ModelDefaults:
+    """The `dagcli.json` beside a pipeline (the built-in models carry one), read without loading weights;
+    else Stable Diffusion's reference settings (50 DDIM steps, guidance 5, the 45 simple animals)."""
+    model = model or default_model()
+    saved = _read_defaults(model)
+    if not saved:
+        return ModelDefaults(steps=50, guidance=5.0, prompts="simple_animals", eval_prompts="simple_animals",
+                             resolution=None, source="Stable Diffusion reference")
+    eval_prompts = saved.get("prompt_set", "simple_animals")
+    return ModelDefaults(
+        steps=int(saved.get("default_steps", 50)),
+        guidance=float(saved.get("default_guidance", 5.0)),
+        prompts=saved.get("train_prompt_set", eval_prompts),
+        eval_prompts=eval_prompts,
+        resolution=saved.get("resolution"),
+        source=f"model {model!r}",
+    )
+
+
 def _read_defaults(model: str) -> dict:
     """Recommended settings stored beside a pipeline in `dagcli.json` (the built-in model has one)."""
     folder = TINY_SD_DIR if model == TINY_NAME else Path(model)

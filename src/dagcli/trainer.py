@@ -93,7 +93,9 @@ class Trainer:
     def __init__(self, config: Config, prompts: list[str], reporter: Reporter | None = None):
         from accelerate import Accelerator
 
-        self.config = config
+        from dagcli.config import fill_model_defaults
+
+        self.config = config = fill_model_defaults(config)[0]  # a no-op for a config that went through preflight
         self.prompts = prompts
         c = config
         cpu = c.model.device == "cpu" or (c.model.device == "auto" and not torch.cuda.is_available())
@@ -139,11 +141,15 @@ class Trainer:
         self.encoder.warn_truncated(self.prompts, self.reporter.warn)
         self.uncond = self.encoder([""])
         self.schedule = Schedule.from_scheduler(pipe.scheduler, c.sampling.steps)
+        self.resolution = c.sampling.resolution or self.model.resolution
+        if self.resolution % pipe.vae_scale_factor:
+            raise DagError(f"sampling.resolution = {self.resolution} must be a multiple of {pipe.vae_scale_factor} "
+                           "for this model")
         self.is_dag = c.train.algorithm in ("dag-db", "dag-kl")
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": c.train.learning_rate}]
         self.flow = None
         if self.is_dag:
-            latent = self.model.resolution // pipe.vae_scale_factor
+            latent = self.resolution // pipe.vae_scale_factor
             self.flow_config = flow_config_for(unet.config, pipe.text_encoder.config.hidden_size, latent)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(c.train.seed)
@@ -219,7 +225,7 @@ class Trainer:
                 parts.append(
                     sample_batch(self.model, prompts, gens, encoder=self.encoder, num_steps=c.sampling.steps,
                                  guidance=c.sampling.guidance, eta=c.sampling.eta, reduction=c.dag.reduction,
-                                 unet=unet)
+                                 unet=unet, height=self.resolution, width=self.resolution)
                 )
                 if on_batch is not None:
                     on_batch(parts[-1])
@@ -474,6 +480,7 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         c = self.config
+        self._last_save = time.monotonic()
         self._install_signal_handlers()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -497,7 +504,8 @@ class Trainer:
                 # a signal may reach one process only: every process saves and stops after the same epoch
                 self._stop_requested = _sum_ints(self.accelerator, int(self._stop_requested)) > 0
                 last = self.state.epoch == c.train.epochs
-                if last or self.state.epoch % c.output.checkpoint_every == 0 or self._stop_requested:
+                if last or self.state.epoch % c.output.checkpoint_every == 0 or self._stop_requested \
+                        or self._checkpoint_due():
                     self.save()
                 if c.output.sample_every and (self.state.epoch % c.output.sample_every == 0 or last):
                     self.sample_grid()
@@ -507,6 +515,12 @@ class Trainer:
         finally:
             self._restore_signal_handlers()
         return self.state
+
+    def _checkpoint_due(self) -> bool:
+        """`output.checkpoint_minutes` passed since the last save (or the start); every process agrees."""
+        minutes = self.config.output.checkpoint_minutes
+        due = minutes > 0 and time.monotonic() - self._last_save >= 60 * minutes
+        return _sum_ints(self.accelerator, int(due)) > 0
 
     def epoch_metrics(self, batch: EpochBatch, train_logs: dict, timing: dict) -> dict:
         acc = self.accelerator
@@ -580,7 +594,8 @@ class Trainer:
         with torch.no_grad():
             traj = sample_batch(self.model, rows, generators_for(range(len(rows))), encoder=self.encoder,
                                 num_steps=self.config.sampling.steps, guidance=self.config.sampling.guidance,
-                                eta=self.config.sampling.eta, unet=unet)
+                                eta=self.config.sampling.eta, unet=unet, height=self.resolution,
+                                width=self.resolution)
         images = to_pil(traj.images)
         out = self.run_dir / "samples"
         out.mkdir(exist_ok=True)
@@ -591,6 +606,7 @@ class Trainer:
         from dagcli.checkpoint import save_checkpoint
 
         self.accelerator.wait_for_everyone()
+        self._last_save = time.monotonic()
         if not self.is_main:
             return None
         folder = save_checkpoint(

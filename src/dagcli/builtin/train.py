@@ -514,6 +514,7 @@ def save_pipeline(
         "resolution": ds.RESOLUTION,
         "clip_reward_model": clip_dir_name,
         "prompt_set": "shapes-heldout",
+        "train_prompt_set": "shapes",
         "train_config": asdict(cfg),
         **extra,
     }

@@ -28,7 +28,7 @@ def train(
     resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
 ) -> None:
     """Fine-tune a LoRA so that high-reward images become likely (DAG-DB with the forward-looking flow)."""
-    from dagcli.config import load_config
+    from dagcli.config import read_settings
     from dagcli.progress import default_reporter
 
     flags = {
@@ -38,9 +38,51 @@ def train(
         "model.device": device, "output.report_to": report_to,
     }
     overrides = list(set_ or []) + [f"{k}={_toml(v)}" for k, v in flags.items() if v is not None]
-    cfg = load_config(config, overrides)
+    given = read_settings(config, overrides)
     reporter = default_reporter()
+    cfg = resumed_config(given, resume_from) if (resume or resume_from) else config_from_given(given)
     run(cfg, resume=resume, resume_from=resume_from, reporter=reporter)
+
+
+def config_from_given(given: dict):
+    from dagcli.config import config_from_dict
+
+    return config_from_dict(given)
+
+
+def resumed_config(given: dict, resume_from: Path | None):
+    """A resumed run's settings come from the run itself (`RUN/config.toml`, else the checkpoint's metadata);
+    the given flags may only extend or watch it (`config.RESUMABLE_KEYS`), anything else is refused."""
+    import tomllib
+
+    from dagcli.checkpoint import read_meta, resolve_checkpoint
+    from dagcli.config import OutputConfig, resume_config
+
+    run_dir = Path(given.get("output", {}).get("dir", OutputConfig.dir))
+    saved, source = None, None
+    if resume_from is not None:
+        folder = resolve_checkpoint(resume_from)
+        saved, source = read_meta(folder).get("config"), str(folder)
+        if "dir" not in given.get("output", {}):
+            run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else run_dir
+    elif (run_dir / "config.toml").is_file():
+        try:
+            saved = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise DagError(f"{str(run_dir / 'config.toml')!r} is not valid TOML ({str(e).splitlines()[0]})") from e
+        source = str(run_dir / "config.toml")
+    if saved is None:
+        if resume_from is not None:
+            raise DagError(f"{source!r} records no settings (no config in meta.json); it cannot be resumed")
+        raise DagError(f"--resume: {str(run_dir)!r} has no config.toml and no checkpoints to resume; "
+                       "start without --resume, or pass the run's folder with --output")
+    given = {**given, "output": {**given.get("output", {}), "dir": str(run_dir)}}
+    cfg, changes = resume_config(saved, given)
+    if changes:
+        from dagcli.progress import default_reporter
+
+        default_reporter().info("resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+    return cfg
 
 
 def _toml(value) -> str:
@@ -49,15 +91,20 @@ def _toml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], Path | None]:
-    """Everything that can be checked before loading a model, all problems reported at once: prompts,
-    reward names and plugins, model name, the run directory, and the checkpoint to resume."""
+def preflight(cfg, resume: bool, resume_from: Path | None, reporter=None) -> tuple[object, list[str], Path | None]:
+    """Everything that can be checked before loading a model, all problems reported at once: the model's
+    defaults for what is unset, prompts, reward names and plugins, model name, the run directory, and the
+    checkpoint to resume. Returns the completed config, the prompts and the checkpoint folder (or None)."""
     from dagcli.commands.common import check_writable_dir
+    from dagcli.config import fill_model_defaults
     from dagcli.models import check_model_name, default_model
     from dagcli.prompts import load_prompts
     from dagcli.rewards import validate_spec
 
     problems: list[str] = []
+    cfg, used = fill_model_defaults(cfg)
+    if used and reporter is not None:
+        reporter.info(used)
 
     def check(fn, *args):
         try:
@@ -75,7 +122,7 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[list[str], P
         check(check_writable_dir, Path(cfg.output.dir))
     if problems:
         raise DagError("; ".join(problems))
-    return [p.prompt for p in items], folder
+    return cfg, [p.prompt for p in items], folder
 
 
 def _check_tracker(kind: str) -> None:
@@ -127,7 +174,7 @@ def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=Non
     """Validate, build the trainer, print the banner, train. Returns the trainer (for tests and scripts)."""
     from dagcli.trainer import Trainer
 
-    prompts, folder = preflight(cfg, resume, resume_from)
+    cfg, prompts, folder = preflight(cfg, resume, resume_from, reporter)
     trainer = Trainer(cfg, prompts, reporter=reporter)
     if folder is not None:
         trainer.resume(folder)

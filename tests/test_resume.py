@@ -1,0 +1,97 @@
+"""A resumed run keeps its own settings; the model supplies the defaults a user leaves out; time-based checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import run_cli, write_tiny_config
+from dagcli.config import fill_model_defaults, load_config
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_pipeline_dir):
+    return write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square"],
+                             dag={"beta": 1.0, "beta_ramp_epochs": 2}, output={"checkpoint_every": 1})
+
+
+def test_resume_takes_the_runs_own_settings(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", "--config", tiny_config, "--epochs", "1", "-o", run], capsys)[0] == 0
+    saved = (run / "config.toml").read_text()
+    # no --config: the run's reward, model and prompts, not the global defaults (aesthetic, a hub model)
+    code, _, err = run_cli(["train", "-o", run, "--resume", "--epochs", "2"], capsys)
+    assert code == 0, err
+    assert "train.epochs 1 -> 2" in " ".join(err.split())
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    assert "reward/compressibility_mean" in lines[-1]
+    resumed = load_config(run / "config.toml")
+    assert resumed.train.epochs == 2 and resumed.reward.spec == "compressibility"
+    assert saved.replace("epochs = 1", "epochs = 2") == (run / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("flag, key, old, new", [
+    (["--reward", "colorfulness"], "reward.spec", "'compressibility'", "'colorfulness'"),
+    (["--set", "train.learning_rate=1e-4"], "train.learning_rate", "0.03", "0.0001"),
+    (["--set", "lora.rank=8"], "lora.rank", "4", "8"),
+    (["--algorithm", "ddpo"], "train.algorithm", "'dag-db'", "'ddpo'"),
+])
+def test_resume_refuses_changes_to_what_is_trained(tiny_config, tmp_path, capsys, flag, key, old, new):
+    run = tmp_path / "run"
+    assert run_cli(["train", "--config", tiny_config, "--epochs", "1", "-o", run], capsys)[0] == 0
+    before = (run / "config.toml").read_bytes()
+    code, _, err = run_cli(["train", "-o", run, "--resume", "--epochs", "2", *flag], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{key} = {new} differs from the run's {old}" in err
+    assert (run / "config.toml").read_bytes() == before  # never silently rewritten
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_resume_accepts_the_same_preset_and_watching_flags(tiny_config, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_cli(["train", "--config", tiny_config, "--epochs", "1", "-o", run], capsys)[0] == 0
+    code, _, err = run_cli(["train", "--config", tiny_config, "-o", run, "--resume", "--epochs", "2",
+                            "--set", "output.keep_last=1", "--set", "output.checkpoint_minutes=5"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+
+
+def test_model_defaults_fill_what_is_unset(tiny_pipeline_dir):
+    tiny, _ = fill_model_defaults(load_config(None, ['model.name="tiny"']))
+    assert (tiny.sampling.prompts, tiny.sampling.steps, tiny.sampling.guidance, tiny.sampling.resolution) == \
+        ("shapes", 25, 3.0, 32)
+    sd, said = fill_model_defaults(load_config(None, [f'model.name="{tiny_pipeline_dir}"']))
+    assert (sd.sampling.prompts, sd.sampling.steps, sd.sampling.guidance, sd.sampling.resolution) == \
+        ("simple_animals", 50, 5.0, None)
+    assert "Stable Diffusion reference" in said
+    given, said = fill_model_defaults(load_config(None, ['model.name="tiny"', "sampling.steps=7",
+                                                         'sampling.prompts="x.txt"']))
+    assert (given.sampling.steps, given.sampling.prompts, given.sampling.guidance) == (7, "x.txt", 3.0)
+    assert "steps" not in said and "guidance 3" in said
+    assert fill_model_defaults(load_config(None, []))[0].model.name == "tiny"  # the built-in default model
+
+
+def test_train_on_the_builtin_model_says_which_defaults_it_used(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--reward", "compressibility", "--epochs", "1", "--batch-size", "2",
+                            "--set", "sampling.batches_per_epoch=1", "--train-batch-size", "10",
+                            "--set", "train.gradient_accumulation_steps=1", "--set", "sampling.steps=5",
+                            "--device", "cpu", "-o", run], capsys)
+    assert code == 0, err
+    said = " ".join(err.split())  # however the terminal wraps it
+    assert "from the defaults of model 'tiny': prompts 'shapes', guidance 3, resolution 32" in said
+    cfg = load_config(run / "config.toml")
+    assert (cfg.sampling.prompts, cfg.sampling.steps, cfg.model.name) == ("shapes", 5, "tiny")
+
+
+def test_checkpoints_by_time_as_well_as_by_epoch(tiny_config, tmp_path, capsys):
+    every_epoch, only_last = tmp_path / "a", tmp_path / "b"
+    common = ["train", "--config", tiny_config, "--epochs", "3", "--set", "output.checkpoint_every=100"]
+    assert run_cli([*common, "--set", "output.checkpoint_minutes=1e-9", "-o", every_epoch], capsys)[0] == 0
+    assert run_cli([*common, "--set", "output.checkpoint_minutes=0", "-o", only_last], capsys)[0] == 0
+    names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
+    assert names(every_epoch) == ["step-000001", "step-000002", "step-000003"]
+    assert names(only_last) == ["step-000003"]
