@@ -59,7 +59,7 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
     from dagcli.trainer import Trainer
 
     cfg = load_config(preset, [f"train.algorithm=\"{algorithm}\"", f"train.seed={seed}", f"train.epochs={epochs}",
-                               "output.checkpoint_every=100000", "output.sample_every=0", *overrides])
+                               "output.checkpoint_every=100000", "output.checkpoint_minutes=0", "output.sample_every=0", *overrides])
     cfg = replace(cfg, "output", dir=str(out_dir / f"{algorithm}-s{seed}"))
     if algorithm == "dag-kl" and cfg.train.batch_size < 2:
         cfg = replace(cfg, "train", batch_size=2)
@@ -76,9 +76,8 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
     points = [evaluation(0)] if eval_every else []
     seconds = 0.0
     for stop in stops:
-        trainer.config = replace(cfg, "train", epochs=stop)
         t0 = time.perf_counter()
-        trainer.train()
+        trainer.train(until_epoch=stop)
         seconds += time.perf_counter() - t0
         points.append(evaluation(stop))
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -97,17 +96,18 @@ def evaluate(trainer, encoder, prompts: list[str], per_prompt: int, seed: int) -
     """Reward, diversity and fidelity of fresh samples (seeds disjoint from training) of the trained LoRA;
     `encoder` embeds images and prompts (a `dagcli.rewards.clip.ClipEncoder`)."""
     c = trainer.config
-    unet = trainer.raw_unet
-    unet.eval()
+    denoiser = trainer.raw_denoiser
+    denoiser.eval()
     rows = [p for p in prompts for _ in range(per_prompt)]
     seeds = [10_000_000 + 1000 * seed + i for i in range(len(rows))]
     images, rewards = [], []
     for i in range(0, len(rows), c.sampling.batch_size):
         traj = sample_batch(trainer.model, rows[i : i + c.sampling.batch_size],
-                            generators_for(seeds[i : i + c.sampling.batch_size]), encoder=trainer.encoder,
-                            num_steps=c.sampling.steps, guidance=c.sampling.guidance, eta=c.sampling.eta, unet=unet)
+                            generators_for(seeds[i : i + c.sampling.batch_size]), steps=c.sampling.steps,
+                            guidance=c.sampling.guidance, eta=c.sampling.eta, denoiser=denoiser,
+                            height=trainer.resolution, width=trainer.resolution)
         images.append(traj.images)
-        rewards.append(trainer.score(traj.images, traj.prompts)[0])
+        rewards.append(trainer.rollout.score(traj.images, traj.prompts)[0])
     images_t, rewards_t = torch.cat(images), torch.cat(rewards)
     emb = encoder.embed_images(images_t).double().cpu()
     text = encoder.embed_texts(prompts).double().cpu()

@@ -148,17 +148,17 @@ def load(args):
     return load_model_at(args.model, args.device, args.dtype, args.resolution)
 
 
-def load_model_at(name: str, device: str, dtype: str, resolution: int | None, plain=None):
-    """dagcli's `load_model` (or `plain`), or the SD 1.5-shaped random pipeline for "sd15-random", at
-    `resolution` pixels (None: the model's own)."""
+def load_model_at(name: str, device: str, dtype: str, resolution: int | None):
+    """dagcli's `load_model`, or the SD 1.5-shaped random pipeline for "sd15-random", at `resolution` pixels
+    (None: the model's own)."""
     if name == "sd15-random":
         from sd15 import load_sd15_random
 
         model = load_sd15_random(device.split(":")[0], dtype)
     else:
-        if plain is None:
-            from dagcli.models import load_model as plain
-        model = plain(name, device=device, dtype=dtype)
+        from dagcli.models import load_model
+
+        model = load_model(name, device=device, dtype=dtype)
     return at_resolution(model, resolution)
 
 
@@ -181,31 +181,38 @@ def guided_inputs(model, encoder, batch: int):
     uncond = encoder([""]).expand(batch, -1, -1)
     side = model.resolution // pipe.vae_scale_factor
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, model.latent_channels, side, side, generator=g).to(model.device, model.dtype)
+    x = torch.randn(batch, model.family.latent_channels, side, side, generator=g).to(model.device, model.dtype)
     t = torch.full((batch,), 500, dtype=torch.long, device=model.device)
     return x, t, cond, uncond
 
 
 def bench_sampling(b: Bench, model) -> dict:
-    from dagcli.diffusion import Schedule, ddim_step, initial_noise
-    from dagcli.sampling import PromptEncoder, decode_latents, generators_for, guided_denoiser, sample_batch
+    from dagcli.families.base import decode_latents
+    from dagcli.families.sd import PromptEncoder, guided_unet
+    from dagcli.kernels.ddim import Schedule, ddim_step
+    from dagcli.kernels.gaussian import initial_noise
+    from dagcli.sampling import generators_for, sample_batch
 
     a, pipe = b.args, model.pipe
     prompts = (PROMPTS * (a.batch // len(PROMPTS) + 1))[: a.batch]
-    enc = PromptEncoder(pipe.tokenizer, pipe.text_encoder, model.device)
+    enc = model.family.encoder  # the family's cached prompt encoder
     gen = model.device.type == "cuda" and "cuda" or "cpu"
-    kw = dict(num_steps=a.steps, guidance=a.guidance, eta=1.0)
+    kw = dict(steps=a.steps, guidance=a.guidance, eta=1.0)
 
-    def ours(encoder=None, decode=True):
-        return sample_batch(model, prompts, generators_for(range(a.batch), gen), encoder=encoder or enc,
-                            decode=decode, **kw)
+    def ours(fresh_cache=False, decode=True):
+        if fresh_cache:  # a new encoder: every prompt is encoded again
+            model.family.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, model.device)
+        try:
+            return sample_batch(model, prompts, generators_for(range(a.batch), gen), decode=decode, **kw)
+        finally:
+            model.family.encoder = enc
 
     def plain():  # the same chain with nothing recorded: how much the recording costs
         schedule = Schedule.from_scheduler(pipe.scheduler, a.steps)
         gens = generators_for(range(a.batch), gen)
         side = model.resolution // pipe.vae_scale_factor
-        x = initial_noise((a.batch, model.latent_channels, side, side), gens, device=model.device)
-        denoise = guided_denoiser(pipe.unet, enc(prompts), enc([""]), a.guidance)
+        x = initial_noise((a.batch, model.family.latent_channels, side, side), gens, device=model.device)
+        denoise = guided_unet(pipe.unet, enc(prompts), enc([""]), a.guidance)
         for t in schedule.timesteps:
             t_b = t.reshape(1).expand(a.batch).to(x.device)
             x = ddim_step(schedule, denoise(x, t_b)[0], t_b, x, 1.0, generator=gens).prev_sample
@@ -224,8 +231,7 @@ def bench_sampling(b: Bench, model) -> dict:
     with torch.no_grad():
         m = b.compare({"ours": ours, "ours_no_recording": plain, "diffusers": diffusers_call,
                        "ours_no_decode": lambda: ours(decode=False), "unet_guided_forward": unet_guided})
-        m_cache = b.compare({"cache_on": ours, "cache_off": lambda: ours(
-            PromptEncoder(pipe.tokenizer, pipe.text_encoder, model.device))})
+        m_cache = b.compare({"cache_on": ours, "cache_off": lambda: ours(fresh_cache=True)})
     per_step = m["ours_no_decode"] / a.steps
     return {
         "batch": a.batch, "steps": a.steps, "guidance": a.guidance, "eta": 1.0,
@@ -243,10 +249,8 @@ def bench_sampling(b: Bench, model) -> dict:
 def bench_levers(b: Bench, model) -> dict:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from dagcli.sampling import PromptEncoder
-
     a, unet = b.args, model.pipe.unet
-    enc = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
+    enc = model.family.encoder
     x, t, cond, uncond = guided_inputs(model, enc, a.batch)
     both, x2, t2 = torch.cat([uncond, cond]), torch.cat([x, x]), torch.cat([t, t])
     out: dict = {}
@@ -298,13 +302,11 @@ def bench_levers(b: Bench, model) -> dict:
 
 def bench_compile(b: Bench, model) -> dict:
     """torch.compile of the UNet (GPU only): compile time and the guided forward's speed-up."""
-    from dagcli.sampling import PromptEncoder
-
     a = b.args
     if not b.cuda or not a.compile:
         return {"torch_compile": "n/a (GPU only)" if not b.cuda else "skipped (--compile not given)"}
     unet = model.pipe.unet
-    enc = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
+    enc = model.family.encoder
     x, t, cond, uncond = guided_inputs(model, enc, a.batch)
     both, x2, t2 = torch.cat([uncond, cond]), torch.cat([x, x]), torch.cat([t, t])
     with torch.no_grad():
@@ -333,58 +335,97 @@ def make_trainer(b: Bench, micro_batch: int):
     cfg = Config()
     cfg = replace(cfg, "model", name=a.model, device=a.device, dtype=a.dtype)
     cfg = replace(cfg, "sampling", steps=a.steps, guidance=a.guidance, eta=1.0, batch_size=a.batch,
-                  batches_per_epoch=1)
+                  batches_per_epoch=1, prompts="simple_animals")
     cfg = replace(cfg, "reward", spec=a.reward)
     n_micro = -(-a.batch * a.steps // micro_batch)
     cfg = replace(cfg, "train", batch_size=micro_batch, gradient_accumulation_steps=n_micro,
                   mixed_precision="bf16" if b.cuda and a.dtype == "bf16" else "no", epochs=1)
     cfg = replace(cfg, "dag", beta=1.0, beta_ramp_epochs=0, x0_source="sampling", x0_guidance="cond")
-    cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"))
-    if a.model == "sd15-random" or a.resolution:  # the trainer loads through dagcli.models.load_model
-        import dagcli.models as models
+    cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"), checkpoint_minutes=0.0)
+    model = load_model_at(a.model, a.device, a.dtype, a.resolution)
+    return Trainer(cfg, PROMPTS, model=model), cfg
 
-        plain = models.load_model
-        models.load_model = lambda name=None, device="auto", dtype="fp32": load_model_at(
-            name, device, dtype, a.resolution, plain)
-    return Trainer(cfg, PROMPTS), cfg
+
+class AlgorithmVariants:
+    """The run's DAG algorithm (x̂0 rewards stored while sampling) and the reference variant (x̂0 of both states
+    from the current model), sharing one flow network; `use(name, fn)` runs fn with one of them."""
+
+    def __init__(self, trainer, cfg):
+        from dagcli.algorithms import build_algorithm
+        from dagcli.config import replace
+
+        self.trainer = trainer
+        current = build_algorithm(cfg.train.algorithm, replace(cfg, "dag", x0_source="current"), trainer.context)
+        current.modules = trainer.algorithm.modules
+        self.variants = {"sampling": trainer.algorithm, "current": current}
+
+    def use(self, name: str, fn):
+        def run():
+            self.trainer.algorithm = self.variants[name]
+            try:
+                return fn()
+            finally:
+                self.trainer.algorithm = self.variants["sampling"]
+        return run
 
 
 def bench_training(b: Bench) -> dict:
-    from dagcli.config import replace
+    from dagcli.rollout import select_transitions
 
     a = b.args
     mb = a.train_batches[0]
     trainer, cfg = make_trainer(b, mb)
-    cfg_s, cfg_c = cfg, replace(cfg, "dag", x0_source="current")
+    variants = AlgorithmVariants(trainer, cfg)
     out: dict = {"micro_batch": mb, "trajectories_per_epoch": a.batch, "steps": a.steps,
                  "transitions_per_epoch": a.batch * a.steps, "reward": a.reward,
                  "mixed_precision": cfg.train.mixed_precision}
     b.reset_peak()
     batch, _ = trainer.collect(0)
-    pairs = trainer.transitions(0, batch.traj.batch_size)
+    pairs = select_transitions(cfg.train.seed, 0, 0, batch.traj.batch_size, a.steps, a.steps, False)
     idx = pairs[:mb]
     batch_c = dataclasses.replace(batch, fl_rewards=None)
 
     # 1. agreement before any optimiser step: both x̂0 sources give the same per-transition losses
     with torch.no_grad():
-        trainer.config = cfg_s
-        loss_s, _ = trainer._transition_loss(batch, idx, 1.0)
-        trainer.config = cfg_c
-        loss_c, _ = trainer._transition_loss(batch_c, idx, 1.0)
-        trainer.config = cfg_s
+        loss_s, _ = trainer.micro_batch_loss(batch, idx, 0)
+        loss_c, _ = variants.use("current", lambda: trainer.micro_batch_loss(batch_c, idx, 0))()
     diff, scale = float((loss_s.float() - loss_c.float()).abs().max()), float(loss_s.float().abs().max())
     out["loss_agreement"] = {"max_abs_diff": diff, "max_abs_loss": scale, "max_rel_diff": diff / max(scale, 1e-30),
                              "transitions": len(idx), "target": 1e-5}
+    out["per_transition"] = per_transition(b, trainer, variants, batch, batch_c, idx, len(pairs))
+    if b.over_budget():
+        return out
 
-    # 2. per trained transition vs one guided UNet forward+backward on the same micro-batch
-    unet, dev = trainer.unet, trainer.model.device
-    traj = batch.traj
-    x_t = traj.latents[idx[:, 0], idx[:, 1]].to(dev)
-    t = traj.timesteps[idx[:, 1]].to(dev)
-    embeds = traj.prompt_embeds[idx[:, 0]].to(dev)
-    both = torch.cat([trainer.uncond.expand(len(idx), -1, -1), embeds])
+    # 3. full epochs (collect + train), alternating the two sources
+    def epoch():
+        trainer.train_epoch(0, trainer.collect(0)[0])
+
+    e = b.compare({"sampling": epoch, "current": variants.use("current", epoch)}, repeats=a.epoch_repeats, warmup=0)
+    out["epochs"] = {
+        "seconds": e,
+        "transitions_per_s": {k: len(pairs) / v for k, v in e.items()},
+        "ratio_sampling_vs_current": ratio(e["current"], e["sampling"]),
+        "target": 2.0,
+    }
+    out["memory"] = b.peak_memory()
+    if not b.over_budget():
+        out["overlap_rewards"] = overlap_rewards(b, trainer, cfg)
+    # 5. micro-batch sizes x gradient checkpointing: transitions/s (loss + backward + optimiser step), memory
+    if a.train_sweep:
+        out["sweep"] = train_sweep(b, trainer, batch, pairs)
+    return out
+
+
+def per_transition(b: Bench, trainer, variants, batch, batch_c, idx, n_trained: int) -> dict:
+    """2. One trained transition (loss + backward) against one guided UNet forward + backward on the same
+    micro-batch, with the forward-looking decode of every state amortised over the transitions trained."""
+    a, traj, family = b.args, batch.traj, trainer.family
+    x_t = traj.latents[idx[:, 0], idx[:, 1]].to(trainer.model.device)
+    t = family.timestep(trainer.rollout.schedule, idx[:, 1]).to(trainer.model.device)
+    embeds = traj.cond[idx[:, 0]].tensors["embeds"].to(trainer.model.device)
+    both = torch.cat([family.encoder([""]).expand(len(idx), -1, -1), embeds])
     x2, t2 = torch.cat([x_t, x_t]).to(trainer.model.dtype), torch.cat([t, t])
-    params = [p for p in trainer.unet.parameters() if p.requires_grad] + list(trainer.flow.parameters())
+    params = trainer.trainable()
 
     def zero():
         for p in params:
@@ -392,28 +433,26 @@ def bench_training(b: Bench) -> dict:
 
     def ref():
         with trainer.accelerator.autocast():
-            y = unet(x2, t2, encoder_hidden_states=both, return_dict=False)[0]
+            y = trainer.denoiser(x2, t2, encoder_hidden_states=both, return_dict=False)[0]
         y.float().mean().backward()
         zero()
 
-    def step(bt, c):
+    def step(bt):
         def run():
-            trainer.config = c
-            loss, _ = trainer._transition_loss(bt, idx, 1.0)
+            loss, _ = trainer.micro_batch_loss(bt, idx, 0)
             loss.mean().backward()
             zero()
-            trainer.config = cfg_s
         return run
 
-    trainer.unet.train()
-    trainer.flow.train()
-    m = b.compare({"guided_unet_fwd_bwd": ref, "ours_transition": step(batch, cfg_s),
-                   "current_transition": step(batch_c, cfg_c)})
+    for module in (trainer.denoiser, *trainer.algorithm.modules.values()):
+        module.train()
+    m = b.compare({"guided_unet_fwd_bwd": ref, "ours_transition": step(batch),
+                   "current_transition": variants.use("current", step(batch_c))})
     with torch.no_grad():
-        fl = b.compare({"fl_all_states": lambda: trainer.forward_looking_rewards(traj)}, repeats=max(1, a.repeats // 2))
-    n_trained = len(pairs)
+        fl = b.compare({"fl_all_states": lambda: trainer.rollout.forward_looking_rewards(traj, "cond")},
+                       repeats=max(1, a.repeats // 2))
     fl_per_mb = fl["fl_all_states"] * len(idx) / n_trained
-    out["per_transition"] = {
+    return {
         "seconds": m, "forward_looking_rewards_all_states_seconds": fl["fl_all_states"],
         "fl_amortised_per_micro_batch_seconds": fl_per_mb,
         "ratio_ours_vs_guided_fwd_bwd": ratio(m["ours_transition"] + fl_per_mb, m["guided_unet_fwd_bwd"]),
@@ -423,53 +462,33 @@ def bench_training(b: Bench) -> dict:
                       f"{traj.batch_size}x{traj.num_steps} states) x micro_batch / transitions trained per epoch "
                       f"({n_trained})",
     }
-    if b.over_budget():
-        return out
 
-    # 3. full epochs (collect + train), alternating the two sources
-    def epoch(c):
-        def run():
-            trainer.config = c
-            bt, _ = trainer.collect(0)
-            trainer.train_epoch(0, bt)
-            trainer.config = cfg_s
-        return run
 
-    e = b.compare({"sampling": epoch(cfg_s), "current": epoch(cfg_c)}, repeats=a.epoch_repeats, warmup=0)
-    out["epochs"] = {
-        "seconds": e,
-        "transitions_per_s": {k: n_trained / v for k, v in e.items()},
-        "ratio_sampling_vs_current": ratio(e["current"], e["sampling"]),
-        "target": 2.0,
-    }
-    out["memory"] = b.peak_memory()
+def overlap_rewards(b: Bench, trainer, cfg) -> dict:
+    """4. Rewards overlapped with sampling: the epoch's trajectories in two sampler calls, the first one scored
+    (terminal and forward-looking rewards) while the second samples."""
+    from dagcli.config import replace
+    from dagcli.progress import NullReporter
+    from dagcli.rollout import Rollout
 
-    # 4. rewards overlapped with sampling: the epoch's trajectories in two sampler calls, the first one scored
-    #    (terminal and forward-looking rewards) while the second samples
-    if not b.over_budget():
-        half = max(1, a.batch // 2)
-        seq = replace(cfg_s, "sampling", batch_size=half, batches_per_epoch=2, overlap_rewards=False)
-        ovl = replace(seq, "sampling", overlap_rewards=True)
+    a = b.args
+    half = max(1, a.batch // 2)
 
-        def collect(c):
-            def run():
-                trainer.config = c
-                trainer.collect(0)
-                trainer.config = cfg_s
-            return run
+    def rollout(overlap: bool) -> Rollout:
+        settings = replace(cfg, "sampling", batch_size=half, batches_per_epoch=2, overlap_rewards=overlap).sampling
+        return Rollout(trainer.model, trainer.reward, settings, seed=cfg.train.seed, prompts=PROMPTS,
+                       height=trainer.resolution, width=trainer.resolution, reduction=cfg.train.reduction, rank=0,
+                       autocast=trainer.accelerator.autocast, reporter=NullReporter())
 
-        o = b.compare({"sequential": collect(seq), "overlapped": collect(ovl)}, repeats=a.epoch_repeats)
-        out["overlap_rewards"] = {"seconds": o, "speedup_overlap": ratio(o["sequential"], o["overlapped"]),
-                                  "sampler_calls": 2, "batch_per_call": half}
-
-    # 5. micro-batch sizes x gradient checkpointing: transitions/s (loss + backward + optimiser step), memory
-    if a.train_sweep:
-        out["sweep"] = train_sweep(b, trainer, batch, pairs)
-    return out
+    seq, ovl = rollout(False), rollout(True)
+    o = b.compare({"sequential": lambda: seq.collect(0, trainer.raw_denoiser, "cond"),
+                   "overlapped": lambda: ovl.collect(0, trainer.raw_denoiser, "cond")}, repeats=a.epoch_repeats)
+    return {"seconds": o, "speedup_overlap": ratio(o["sequential"], o["overlapped"]), "sampler_calls": 2,
+            "batch_per_call": half}
 
 
 def train_sweep(b: Bench, trainer, batch, pairs) -> list[dict]:
-    a, raw = b.args, trainer.raw_unet
+    a, raw = b.args, trainer.raw_denoiser
     rows = []
     for mb in a.train_batches:
         for gc in (False, True):
@@ -477,12 +496,12 @@ def train_sweep(b: Bench, trainer, batch, pairs) -> list[dict]:
                 rows.append({"micro_batch": mb, "gradient_checkpointing": gc, "skipped": "time budget"})
                 continue
             raw.enable_gradient_checkpointing() if gc else raw.disable_gradient_checkpointing()
-            trainer.unet.train()
+            trainer.denoiser.train()
             micro = [pairs[j: j + mb] for j in range(0, len(pairs) - mb + 1, mb)]
             micro = (micro * (a.sweep_micro_batches + 2))[: a.sweep_micro_batches + 1]
 
             def one(idx):
-                loss, _ = trainer._transition_loss(batch, idx, 1.0)
+                loss, _ = trainer.micro_batch_loss(batch, idx, 0)
                 loss.mean().backward()
                 trainer.optimizer.step()
                 trainer.optimizer.zero_grad(set_to_none=True)
@@ -505,11 +524,9 @@ def bench_flops(b: Bench, results: dict, model=None) -> dict:
     """UNet FLOPs of one forward (batch 1, counted), and MFU of sampling and training from the measured rates."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dagcli.sampling import PromptEncoder
-
     a = b.args
     model = model or load(a)
-    enc = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
+    enc = model.family.encoder
     x, t, cond, _ = guided_inputs(model, enc, 1)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model.pipe.unet(x, t, encoder_hidden_states=cond, return_dict=False)

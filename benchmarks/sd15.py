@@ -57,6 +57,7 @@ def build_sd15_random_pipeline(dtype: torch.dtype = torch.float32, device: str |
 
 def load_sd15_random(device: str = "auto", dtype: str = "fp32"):
     """The SD 1.5-shaped random pipeline as a `dagcli.models.LoadedModel` (what `load_model` returns)."""
+    from dagcli.families import family_for
     from dagcli.models import LoadedModel, resolve_device, resolve_dtype
 
     dev, dt = resolve_device(device), resolve_dtype(dtype)
@@ -65,4 +66,4 @@ def load_sd15_random(device: str = "auto", dtype: str = "fp32"):
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()
-    return LoadedModel(pipe=pipe, name=NAME, device=dev, dtype=dt)
+    return LoadedModel(pipe=pipe, family=family_for(pipe, dev), name=NAME, device=dev, dtype=dt)

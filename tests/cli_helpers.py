@@ -34,8 +34,8 @@ def write_tiny_config(folder, model_dir, prompts: list[str], **sections) -> Path
         "sampling": {"steps": 4, "guidance": 3.0, "batch_size": 3, "batches_per_epoch": 1,
                      "prompts": str(prompt_file)},
         "reward": {"spec": "compressibility"},
-        "train": {"batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 3e-2,
-                  "flow_learning_rate": 1e-2},
+        "train": {"batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 3e-2},
+        "dag": {"flow_learning_rate": 1e-2},
     }
     for name, keys in sections.items():
         config.setdefault(name, {}).update(keys)

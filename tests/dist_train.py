@@ -20,7 +20,7 @@ import torch
 def instrument(trainer, record: list[dict]) -> None:
     """Wrap the trainer's collect / score / loss methods to record batches and inject the two faults."""
     rank = trainer.accelerator.process_index
-    collect, score, loss_fn = trainer.collect, trainer.score, trainer._transition_loss
+    collect, score, loss_fn = trainer.collect, trainer.rollout.score, trainer.micro_batch_loss
     calls = {"score": 0, "loss": 0}
 
     def recording_collect(epoch):
@@ -37,14 +37,14 @@ def instrument(trainer, record: list[dict]) -> None:
             scores[0] = float("nan")
         return scores, components
 
-    def faulty_loss(batch, idx, beta):
-        loss, logs = loss_fn(batch, idx, beta)
+    def faulty_loss(batch, idx, epoch):
+        loss, logs = loss_fn(batch, idx, epoch)
         calls["loss"] += 1
         if rank == 0 and calls["loss"] == 2:
             loss = loss * float("nan")
         return loss, logs
 
-    trainer.collect, trainer.score, trainer._transition_loss = recording_collect, faulty_score, faulty_loss
+    trainer.collect, trainer.rollout.score, trainer.micro_batch_loss = recording_collect, faulty_score, faulty_loss
 
 
 def main(config: str, dump_dir: str) -> None:
@@ -63,8 +63,8 @@ def main(config: str, dump_dir: str) -> None:
     torch.save({
         "world": acc.num_processes,
         "record": record,
-        "lora": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(trainer.raw_unet).items()},
-        "flow": {k: v.detach().cpu().clone() for k, v in trainer.raw_flow.state_dict().items()},
+        "lora": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(trainer.raw_denoiser).items()},
+        "flow": {k: v.detach().cpu().clone() for k, v in trainer.raw_modules()["flow"].state_dict().items()},
     }, Path(dump_dir) / f"rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     acc.end_training()

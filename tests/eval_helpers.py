@@ -17,7 +17,8 @@ def make_lora_run(run_dir: Path, pipeline_dir: Path, seed: int = 0, scale: float
     from dagcli.checkpoint import write_lora
     from dagcli.models import load_model
 
-    unet = load_model(str(pipeline_dir), device="cpu").pipe.unet
+    loaded = load_model(str(pipeline_dir), device="cpu")
+    unet = loaded.pipe.unet
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -26,7 +27,7 @@ def make_lora_run(run_dir: Path, pipeline_dir: Path, seed: int = 0, scale: float
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     folder = run_dir / "checkpoints" / "step-000002"
     folder.mkdir(parents=True)
-    write_lora(folder, unet, 4, 4.0, TARGETS)
+    write_lora(folder, loaded.family, unet, 4, 4.0, TARGETS)
     meta = {"base_model": str(pipeline_dir), "lora": {"rank": 4, "alpha": 4.0, "target_modules": TARGETS}}
     (folder / "meta.json").write_text(json.dumps(meta))
     rows = [

@@ -9,8 +9,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dagcli.diffusion import Schedule, backward_log_prob, ddim_step, reduce_latent
-from dagcli.sampling import PromptEncoder, guided_denoiser, sample_batch, to_pil
+from dagcli.kernels.ddim import Schedule, backward_log_prob, ddim_step
+from dagcli.kernels.gaussian import reduce_latent
+from dagcli.sampling import sample_batch, to_pil
 
 
 def sd_scheduler() -> DDIMScheduler:
@@ -27,9 +28,7 @@ def gaussian_logpdf64(x, mean, var):
 def test_eta0_images_match_diffusers_pipeline(tiny_model):
     pipe = tiny_model.pipe
     prompts = ["a red circle", "a small blue square on a yellow background"]
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, tiny_model.device)
-    traj = sample_batch(tiny_model, prompts, torch.Generator().manual_seed(3), encoder=encoder,
-                        num_steps=12, guidance=5.0, eta=0.0)
+    traj = sample_batch(tiny_model, prompts, torch.Generator().manual_seed(3), steps=12, guidance=5.0, eta=0.0)
     ours = np.stack([np.asarray(im) for im in to_pil(traj.images)]).astype(np.int16)
     ref = pipe(prompts, num_inference_steps=12, guidance_scale=5.0, eta=0.0,
                generator=torch.Generator().manual_seed(3), output_type="np").images
@@ -80,22 +79,20 @@ def test_backward_logprob_is_noising_kernel_density():
 
 
 def test_scoring_a_recorded_step_reproduces_its_logprob_exactly(tiny_model):
-    pipe = tiny_model.pipe
+    pipe, family = tiny_model.pipe, tiny_model.family
     prompts = ["a red circle", "a blue square", "a green triangle"]
-    encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, tiny_model.device)
-    traj = sample_batch(tiny_model, prompts, torch.Generator().manual_seed(0), encoder=encoder,
-                        num_steps=6, guidance=4.0, eta=1.0, decode=False)
+    traj = sample_batch(tiny_model, prompts, torch.Generator().manual_seed(0), steps=6, guidance=4.0, eta=1.0,
+                        decode=False)
     schedule = Schedule.from_scheduler(pipe.scheduler, 6)
-    for i, t in enumerate(traj.timesteps):
-        out = ddim_step(schedule, traj.eps_guided[:, i], t, traj.latents[:, i], eta=1.0,
+    for i, t in enumerate(schedule.timesteps):
+        out = ddim_step(schedule, traj.out_guided[:, i], t, traj.latents[:, i], eta=1.0,
                         prev_sample=traj.latents[:, i + 1])
         assert torch.equal(out.log_prob, traj.log_probs[:, i])
     # Recomputing the model output for one row alone (another batch layout) gives the same log-prob.
-    uncond = encoder([""])
     i = 3
-    t = traj.timesteps[i].reshape(1)
-    denoise = guided_denoiser(pipe.unet, traj.prompt_embeds[1:2], uncond, 4.0)
-    eps_g, _ = denoise(traj.latents[1:2, i], t)
+    t = schedule.timesteps[i].reshape(1)
+    denoise = family.denoiser_fn(pipe.unet, schedule, traj.cond[1:2], 4.0)
+    eps_g, _ = denoise(traj.latents[1:2, i], torch.tensor([i]))
     out = ddim_step(schedule, eps_g, t, traj.latents[1:2, i], eta=1.0, prev_sample=traj.latents[1:2, i + 1])
     torch.testing.assert_close(out.log_prob, traj.log_probs[1:2, i], rtol=1e-5, atol=1e-5)
 

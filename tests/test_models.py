@@ -12,7 +12,7 @@ from dagcli.models import check_model_name, load_model, resolve_device, resolve_
 def test_local_folder_loads_through_user_path(tiny_pipeline_dir):
     loaded = load_model(str(tiny_pipeline_dir), device="cpu", dtype="fp32")
     assert loaded.resolution == 32
-    assert loaded.latent_channels == 4
+    assert loaded.family.latent_channels == 4
     assert not any(p.requires_grad for p in loaded.pipe.unet.parameters())
     assert all(f.suffix != ".bin" for f in tiny_pipeline_dir.rglob("*") if f.is_file())
 

@@ -142,8 +142,8 @@ def bad_cases(d: Path, model: str) -> list[tuple[list, str]]:
         (["train", *tiny, "--resume"], "no checkpoints to resume"),
         (["train", *tiny, "--resume-from", d / "nope"], "not found"),
         (["train", *tiny, "--resume-from", d], "no pytorch_lora_weights"),
-        (["train", *tiny, "--resume-from", step, "--model", "tiny-random"], "base model"),
-        (["train", *tiny, "--resume-from", step, "--set", "lora.rank=8"], "LoRA rank 4"),
+        (["train", *tiny, "--resume-from", step, "--model", "tiny-random"], "model.name = 'tiny-random' differs"),
+        (["train", *tiny, "--resume-from", step, "--set", "lora.rank=8"], "lora.rank = 8 differs from the run's 4"),
         (["train", "--config", d / "tiny.toml", "-o", d / "run"], "already has checkpoints"),
         # reward plugins
         (["train", *tiny, "--reward", "no_such_module:make"], "no_such_module"),

@@ -96,15 +96,15 @@ def test_gradients_reach_only_lora_and_flow(tiny_config, tmp_path):
     cfg, prompts, _ = preflight(cfg, False, None)
     trainer = Trainer(cfg, prompts)
     batch, _ = trainer.collect(0)
-    pairs = trainer.transitions(0, batch.traj.batch_size)[:4]
-    loss, _ = trainer._transition_loss(batch, pairs, beta=1.0)
+    pairs = torch.tensor([[0, 0], [1, 2], [2, 3], [0, 3]])
+    loss, _ = trainer.micro_batch_loss(batch, pairs, epoch=1)
     loss.mean().backward()
-    unet = trainer.raw_unet
+    unet = trainer.raw_denoiser
     lora = [n for n, p in unet.named_parameters() if p.grad is not None]
     assert lora and all("lora" in n for n in lora)
     assert all(p.grad is None for p in trainer.model.pipe.vae.parameters())
     assert all(p.grad is None for p in trainer.model.pipe.text_encoder.parameters())
-    assert all(p.grad is not None for p in trainer.raw_flow.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in trainer.raw_modules()["flow"].parameters() if p.requires_grad)
     assert not batch.rewards.requires_grad and not batch.fl_rewards.requires_grad
 
 
@@ -127,10 +127,7 @@ def test_bad_train_input(tiny_config, tmp_path, capsys, extra, needle):
 
 
 def test_report_to_sends_numeric_scalars_per_epoch(monkeypatch, tmp_path):
-    from types import SimpleNamespace
-
-    from dagcli import trainer as trainer_module
-    from dagcli.config import Config, replace
+    from dagcli import metrics
 
     calls = []
 
@@ -141,9 +138,9 @@ def test_report_to_sends_numeric_scalars_per_epoch(monkeypatch, tmp_path):
         def flush(self):
             calls.append("flush")
 
-    monkeypatch.setattr(trainer_module, "_open_tracker", lambda kind, run_dir, config: Recorder())
-    fake = SimpleNamespace(config=replace(Config(), "output", report_to="tensorboard"), run_dir=tmp_path)
-    trainer_module.Trainer._tracker_log(fake, {"epoch": 3, "reward_mean": -1.5, "per_prompt_reward": {"a": 1.0},
+    monkeypatch.setattr(metrics, "open_tracker", lambda kind, run_dir, config: Recorder())
+    log = metrics.MetricsLog(tmp_path, "tensorboard", {}, reporter=None)
+    log.track({"epoch": 3, "reward_mean": -1.5, "per_prompt_reward": {"a": 1.0},
                                                "beta": 2})
     assert calls == [("reward_mean", -1.5, 3), ("beta", 2.0, 3), "flush"]
 
@@ -181,14 +178,14 @@ def test_flow_warmup_leaves_lora_untouched_then_trains_it(tiny_config, tmp_path)
     def snapshot(module):
         return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
-    lora0, flow0 = snapshot(trainer.unet), snapshot(trainer.flow)
+    lora0, flow0 = snapshot(trainer.denoiser), snapshot(trainer.algorithm.modules["flow"])
     batch, _ = trainer.collect(0)
     logs = trainer.train_epoch(0, batch)
-    lora1, flow1 = snapshot(trainer.unet), snapshot(trainer.flow)
+    lora1, flow1 = snapshot(trainer.denoiser), snapshot(trainer.algorithm.modules["flow"])
     assert logs["flow_warmup"] == 1 and "grad_norm_lora" not in logs
     assert all(torch.equal(lora0[n], lora1[n]) for n in lora0)
     assert any(not torch.equal(flow0[n], flow1[n]) for n in flow0)
     batch, _ = trainer.collect(1)
     logs = trainer.train_epoch(1, batch)
     assert logs["flow_warmup"] == 0
-    assert any(not torch.equal(lora1[n], p) for n, p in snapshot(trainer.unet).items())
+    assert any(not torch.equal(lora1[n], p) for n, p in snapshot(trainer.denoiser).items())

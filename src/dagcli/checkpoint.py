@@ -5,15 +5,16 @@ Layout of a run directory (`--output runs/NAME`):
     metrics.jsonl                       one line per epoch
     checkpoints/step-000010/            one folder per saved step (zero-padded), written atomically
         pytorch_lora_weights.safetensors  the LoRA in diffusers' format (`pipe.load_lora_weights(dir)`)
-        flow.safetensors                the flow network (DAG)
-        trainer_state.pt / .safetensors optimiser, scaler, RNG and counters
-        meta.json                       base model, LoRA settings, config, file checksums
+        flow.safetensors                an algorithm's own network (DAG's flow network), its config as metadata
+        optimizer.pt, rng.pt            optimiser and RNG state (read with weights_only=True)
+        meta.json                       base model, LoRA settings, config, counters, file checksums
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagcli.errors import DagError
@@ -22,6 +23,24 @@ from dagcli.faults import fault_point
 LORA_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "meta.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Counters and buffers that a checkpoint must carry besides weights."""
+
+    epoch: int = 0  # epochs completed
+    optimizer_steps: int = 0
+    trajectories_seen: int = 0  # over all processes
+    nonfinite_rewards: int = 0
+    algorithm: dict = field(default_factory=dict)  # the algorithm's own state (DDPO's reward buffers)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainState:
+        d = dict(d)
+        if "ddpo_buffers" in d:  # checkpoints written before algorithms kept their own state
+            d["algorithm"] = {"buffers": d.pop("ddpo_buffers")}
+        return cls(**d)
 
 
 def step_dir_name(step: int) -> str:
@@ -76,12 +95,7 @@ def read_meta(folder: Path) -> dict:
 
 def attach_lora(pipe, folder: Path) -> None:
     """Load a diffusers-format LoRA into the pipeline's UNet, as plain diffusers would."""
-    file = Path(folder) / LORA_FILE
-    if not file.is_file():
-        raise DagError(f"checkpoint {str(folder)!r} has no {LORA_FILE}")
-    digest = read_meta(folder).get("sha256", {}).get(LORA_FILE)
-    if digest is not None and sha256(file) != digest:
-        raise DagError(f"checkpoint file {str(file)!r} does not match its checksum (corrupt or modified)")
+    file = verify_file(folder, LORA_FILE)
     try:
         pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
     except Exception as e:
@@ -90,7 +104,6 @@ def attach_lora(pipe, folder: Path) -> None:
 
 # --- saving and loading training checkpoints -------------------------------------------------------------
 
-FLOW_FILE = "flow.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 
@@ -105,24 +118,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def lora_state_dict(unet) -> dict:
-    """The UNet's LoRA weights in diffusers' format (what `pipe.load_lora_weights` reads)."""
+def lora_state_dict(denoiser) -> dict:
+    """The denoiser's LoRA weights in diffusers' format (what `pipe.load_lora_weights` reads), float32 on the CPU."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    return {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
 
 
-def write_lora(folder: Path, unet, rank: int, alpha: float, target_modules: list[str]) -> Path:
+def write_lora(folder: Path, family, denoiser, rank: int, alpha: float, target_modules: list[str]) -> Path:
     """Write `pytorch_lora_weights.safetensors` the way diffusers' own trainers do (alpha kept as metadata)."""
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline.save_lora_weights(
-        str(folder),
-        unet_lora_layers={k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(unet).items()},
-        safe_serialization=True,
-        unet_lora_adapter_metadata={"r": rank, "lora_alpha": alpha, "target_modules": target_modules},
-    )
+    family.save_lora(folder, lora_state_dict(denoiser), {"r": rank, "lora_alpha": alpha,
+                                                         "target_modules": target_modules})
     return Path(folder) / LORA_FILE
 
 
@@ -139,23 +147,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    run_dir: Path,
-    *,
-    step: int,
-    unet,
-    flow,
-    flow_config: dict | None,
-    optimizer,
-    state: dict,
-    config: dict,
-    base_model: str,
-    lora: dict,
-    keep_last: int,
-) -> Path:
+def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict, module_metadata: dict[str, dict],
+                    optimizer, state: dict, config: dict, base_model: str, lora: dict, keep_last: int) -> Path:
     """Write a checkpoint atomically: everything goes to a temporary folder that is renamed when complete.
 
     A process killed at any moment leaves either the previous checkpoints only, or them plus the new one.
+    `modules` (name -> network, e.g. the flow network) are written as `NAME.safetensors` with their metadata.
     """
     import os
     import shutil
@@ -170,11 +167,12 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     tmp.mkdir()
-    write_lora(tmp, unet, lora["rank"], lora["alpha"], lora["target_modules"])
+    write_lora(tmp, family, denoiser, lora["rank"], lora["alpha"], lora["target_modules"])
     fault_point("checkpoint-write")
-    if flow is not None:
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in flow.state_dict().items()}
-        save_file(weights, str(tmp / FLOW_FILE), metadata={"config": json.dumps(flow_config)})
+    for name, module in modules.items():
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+        metadata = {k: json.dumps(v) for k, v in module_metadata.get(name, {}).items()}
+        save_file(weights, str(tmp / f"{name}.safetensors"), metadata=metadata)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
     files = sorted(p.name for p in tmp.iterdir())
@@ -199,19 +197,41 @@ def save_checkpoint(
     return final
 
 
-def verify_checksums(folder: Path, meta: dict) -> None:
-    for name, digest in meta.get("sha256", {}).items():
-        path = Path(folder) / name
-        if not path.is_file():
-            raise DagError(f"checkpoint {str(folder)!r} is missing {name}")
-        if sha256(path) != digest:
-            raise DagError(f"checkpoint file {str(path)!r} does not match its checksum (corrupt or modified)")
+def verify_file(folder: Path, name: str, meta: dict | None = None) -> Path:
+    """The checkpoint file `name`, checked against the checksum its meta.json records (when it records one)."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise DagError(f"checkpoint {str(folder)!r} has no {name}")
+    digest = (read_meta(folder) if meta is None else meta).get("sha256", {}).get(name)
+    if digest is not None and sha256(path) != digest:
+        raise DagError(f"checkpoint file {str(path)!r} does not match its checksum (corrupt or modified)")
+    return path
 
 
-def load_checkpoint_into(
-    folder: Path, *, unet, flow, optimizer, base_model: str, lora_rank: int, algorithm: str
-) -> dict:
-    """Restore LoRA, flow network and optimiser from a checkpoint; returns the saved trainer state."""
+def check_compatible(folder: Path, meta: dict, *, base_model: str, lora_rank: int, lora_targets: list[str],
+                     algorithm: str) -> None:
+    """A checkpoint can continue this run: same base model, LoRA shape and algorithm (else one line naming each
+    difference)."""
+    if not meta:
+        raise DagError(f"{str(folder)!r} is not a training checkpoint (no {META_FILE}); --resume-from needs a "
+                       "checkpoints/step-* folder or a run directory")
+    lora = meta.get("lora", {})
+    problems = []
+    if meta.get("base_model") != base_model:
+        problems.append(f"base model {meta.get('base_model')!r} (this run: {base_model!r})")
+    if lora.get("rank") != lora_rank:
+        problems.append(f"LoRA rank {lora.get('rank')} (this run: {lora_rank})")
+    if list(lora.get("target_modules", [])) != list(lora_targets):
+        problems.append(f"LoRA targets {lora.get('target_modules')} (this run: {list(lora_targets)})")
+    if meta.get("algorithm") != algorithm:
+        problems.append(f"algorithm {meta.get('algorithm')!r} (this run: {algorithm!r})")
+    if problems:
+        raise DagError(f"checkpoint {str(folder)!r} does not match this run: " + "; ".join(problems))
+
+
+def load_checkpoint_into(folder: Path, *, lora_prefix: str, denoiser, modules: dict, optimizer) -> dict:
+    """Restore the LoRA, the algorithm's modules and the optimiser from a checkpoint whose compatibility was
+    checked (`check_compatible`); every file is checked against its checksum. Returns the saved trainer state."""
     import torch
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
@@ -219,26 +239,16 @@ def load_checkpoint_into(
 
     folder = Path(folder)
     meta = read_meta(folder)
-    if not meta:
-        raise DagError(f"{str(folder)!r} is not a training checkpoint (no {META_FILE})")
-    problems = []
-    if meta.get("base_model") != base_model:
-        problems.append(f"base model {meta.get('base_model')!r} (this run: {base_model!r})")
-    if meta.get("lora", {}).get("rank") != lora_rank:
-        problems.append(f"LoRA rank {meta.get('lora', {}).get('rank')} (this run: {lora_rank})")
-    if meta.get("algorithm") != algorithm:
-        problems.append(f"algorithm {meta.get('algorithm')!r} (this run: {algorithm!r})")
-    if problems:
-        raise DagError(f"checkpoint {str(folder)!r} does not match this run: " + "; ".join(problems))
-    verify_checksums(folder, meta)
+    for name in meta.get("sha256", {}):
+        verify_file(folder, name, meta)
     try:
         lora = load_file(str(folder / LORA_FILE))
-        peft_sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in lora.items()})
-        result = set_peft_model_state_dict(unet, peft_sd)
+        peft_sd = convert_unet_state_dict_to_peft({k.removeprefix(f"{lora_prefix}."): v for k, v in lora.items()})
+        result = set_peft_model_state_dict(denoiser, peft_sd)
         if getattr(result, "unexpected_keys", None):
             raise DagError(f"checkpoint LoRA has keys this model lacks, e.g. {result.unexpected_keys[0]!r}")
-        if flow is not None:
-            flow.load_state_dict(load_file(str(folder / FLOW_FILE)))
+        for name, module in modules.items():
+            module.load_state_dict(load_file(str(folder / f"{name}.safetensors")))
         optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True, map_location="cpu"))
         torch.set_rng_state(torch.load(folder / RNG_FILE, weights_only=True)["torch"])
     except DagError:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from dagcli.errors import DagError
 
-ALGORITHMS = ("dag-db", "dag-kl", "ddpo")
 X0_SOURCES = ("sampling", "current")
 X0_GUIDANCE = ("cond", "guided")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -59,17 +58,17 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algorithm: str = "dag-db"  # dag-db | dag-kl | ddpo
+    algorithm: str = "dag-db"  # one of `dagcli.algorithms.ALGORITHMS`: dag-db | dag-kl | ddpo
     epochs: int = 100
     batch_size: int = 8  # transitions per micro-batch (per process)
     gradient_accumulation_steps: int = 200  # micro-batches per optimiser step (reference: 4 x 50 timesteps)
     learning_rate: float = 3e-4  # LoRA
-    flow_learning_rate: float = 3e-4  # flow network
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0  # clipped separately for the LoRA and the flow network
+    reduction: str = "mean"  # how log-probs reduce over latent dims: mean (reference) | sum (true density)
     timestep_fraction: float = 1.0  # fraction of each trajectory's transitions trained on
     always_last_step: bool = False  # with timestep_fraction < 1, always include the final transition
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast of the trainable forward passes)
@@ -81,20 +80,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DagConfig:
+    """Read by dag-db and dag-kl."""
+
+    flow_learning_rate: float = 3e-4  # the flow network's learning rate
     beta: float = 100.0  # reward exponent: R(x) = exp(β r(x)) (per latent dim under reduction = "mean")
     beta_ramp_epochs: int = 50  # β grows linearly over this many epochs (reference: half of 100), 0 = no ramp
     flow_warmup_epochs: int = 0  # first epochs train only the flow network (the LoRA waits for a fitted F̃)
     proximity: float = 1.0  # λ: weight of mean (ε̃_θ − ε̃_sampling)²
-    reduction: str = "mean"  # how log-probs reduce over latent dims: mean (reference) | sum (true density)
     x0_source: str = "sampling"  # forward-looking x̂0: "sampling" (stored, each state once) | "current" (reference)
     x0_guidance: str = "cond"  # x̂0 from the conditional ε (reference) or the guided ε
     kl_weight: float = 1.0  # DAG-KL: weight of the REINFORCE term
-    clip_range: float = 1e-4  # DAG-KL / DDPO: PPO clip range
-    adv_clip: float = 5.0  # advantages clipped to ±this
+    clip_range: float = 1e-4  # DAG-KL: ratio clip of the REINFORCE term
+    adv_clip: float = 5.0  # DAG-KL: advantages clipped to ±this
 
 
 @dataclass(frozen=True)
 class DdpoConfig:
+    """Read by ddpo."""
+
+    clip_range: float = 1e-4  # PPO ratio clip
+    adv_clip: float = 5.0  # advantages clipped to ±this
     buffer_size: int = 16  # rewards kept per prompt for per-prompt normalisation
     min_count: int = 16  # fewer rewards than this for a prompt: normalise with the global batch statistics
 
@@ -156,8 +161,14 @@ def _check_type(value, hint) -> object:
         raise TypeError("expected a table")
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
-        return value if len(inner) != 1 else _check_type(value, inner[0])
+        if value is None or len(inner) != 1:
+            return value
+        return _check_type(value, inner[0])
     return value
+
+
+# Keys that moved to another section: the error says where they live now.
+MOVED_KEYS = {"train.flow_learning_rate": "dag.flow_learning_rate", "dag.reduction": "train.reduction"}
 
 
 def config_from_dict(data: dict, errors: list[str] | None = None) -> Config:
@@ -176,6 +187,9 @@ def config_from_dict(data: dict, errors: list[str] | None = None) -> Config:
         fields = _hints(cls)
         kwargs = {}
         for key, v in value.items():
+            if f"{name}.{key}" in MOVED_KEYS:
+                own_errors.append(f"{name}.{key} is now {MOVED_KEYS[name + '.' + key]}")
+                continue
             if key not in fields:
                 own_errors.append(f"unknown key {name}.{key} (valid: {', '.join(fields)})")
                 continue
@@ -290,8 +304,10 @@ def validate(c: Config) -> list[str]:
         if value <= 0:
             e.append(f"{name} = {value!r}: must be positive")
 
-    one_of("train.algorithm", c.train.algorithm, ALGORITHMS)
-    one_of("dag.reduction", c.dag.reduction, ("mean", "sum"))
+    from dagcli.algorithms import ALGORITHMS
+
+    one_of("train.algorithm", c.train.algorithm, tuple(ALGORITHMS))
+    one_of("train.reduction", c.train.reduction, ("mean", "sum"))
     one_of("dag.x0_source", c.dag.x0_source, X0_SOURCES)
     one_of("dag.x0_guidance", c.dag.x0_guidance, X0_GUIDANCE)
     one_of("train.mixed_precision", c.train.mixed_precision, MIXED_PRECISION)
@@ -305,10 +321,11 @@ def validate(c: Config) -> list[str]:
         ("sampling.batches_per_epoch", c.sampling.batches_per_epoch), ("train.epochs", c.train.epochs),
         ("train.batch_size", c.train.batch_size),
         ("train.gradient_accumulation_steps", c.train.gradient_accumulation_steps),
-        ("train.learning_rate", c.train.learning_rate), ("train.flow_learning_rate", c.train.flow_learning_rate),
+        ("train.learning_rate", c.train.learning_rate), ("dag.flow_learning_rate", c.dag.flow_learning_rate),
         ("train.max_grad_norm", c.train.max_grad_norm), ("lora.rank", c.lora.rank), ("lora.alpha", c.lora.alpha),
         ("output.checkpoint_every", c.output.checkpoint_every), ("output.keep_last", c.output.keep_last),
         ("dag.clip_range", c.dag.clip_range), ("dag.adv_clip", c.dag.adv_clip),
+        ("ddpo.clip_range", c.ddpo.clip_range), ("ddpo.adv_clip", c.ddpo.adv_clip),
         ("ddpo.buffer_size", c.ddpo.buffer_size),
     ]:
         positive(name, value)
@@ -326,8 +343,10 @@ def validate(c: Config) -> list[str]:
             e.append(f"{name} = {value}: must not be negative")
     if c.sampling.steps is not None:  # else checked once the model's default is known
         e.extend(_check_micro_batches(c))
-    if c.train.algorithm == "dag-kl" and c.train.batch_size < 2:
-        e.append("train.batch_size = 1: dag-kl needs at least 2 (its leave-one-out baseline)")
+    need = ALGORITHMS[c.train.algorithm].min_micro_batch if c.train.algorithm in ALGORITHMS else 1
+    if c.train.batch_size < need:
+        e.append(f"train.batch_size = {c.train.batch_size}: {c.train.algorithm} needs at least {need} "
+                 "(its leave-one-out baseline)")
     if not c.lora.target_modules:
         e.append("lora.target_modules is empty")
     return e

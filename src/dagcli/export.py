@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagcli.checkpoint import LORA_FILE, read_meta, sha256
+from dagcli.checkpoint import LORA_FILE, read_meta, verify_file
 from dagcli.errors import DagError
 
 FORMATS = ("diffusers", "kohya", "merged")
@@ -40,13 +40,8 @@ def read_lora(folder: Path) -> LoraInfo:
     from safetensors import safe_open
 
     folder = Path(folder)
-    file = folder / LORA_FILE
-    if not file.is_file():
-        raise DagError(f"checkpoint {str(folder)!r} has no {LORA_FILE}")
     meta = read_meta(folder)
-    expected = meta.get("sha256", {}).get(LORA_FILE)
-    if expected is not None and sha256(file) != expected:
-        raise DagError(f"checkpoint file {str(file)!r} does not match its checksum (corrupt or modified)")
+    file = verify_file(folder, LORA_FILE, meta)
     try:
         with safe_open(str(file), framework="pt") as f:
             weights = {k: f.get_tensor(k) for k in f.keys()}

@@ -17,7 +17,7 @@ from dagcli.images import make_grid
 from dagcli.jsonl import json_lines
 from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import PromptItem
-from dagcli.sampling import PromptEncoder, generators_for, sample_batch, to_pil
+from dagcli.sampling import generators_for, sample_batch, to_pil
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,12 @@ def plan(prompts: list[PromptItem], settings: SampleSettings) -> list[tuple[Prom
 
 @torch.no_grad()
 def generate(
-    model, prompts: list[PromptItem], settings: SampleSettings, reporter: Reporter | None = None, unet=None
+    model, prompts: list[PromptItem], settings: SampleSettings, reporter: Reporter | None = None
 ) -> list[GeneratedImage]:
-    """Sample every (prompt, seed) of `plan` with the model (and an optional replacement UNet)."""
+    """Sample every (prompt, seed) of `plan` with the model (with whatever LoRA is attached to it)."""
     reporter = reporter or NullReporter()
     jobs = plan(prompts, settings)
-    encoder = PromptEncoder(model.pipe.tokenizer, model.pipe.text_encoder, model.device)
-    encoder.warn_truncated([item.prompt for item in prompts], reporter.warn)
+    model.family.warn_truncated([item.prompt for item in prompts], reporter.warn)
     out: list[GeneratedImage] = []
     with reporter.task("sampling", total=len(jobs)) as advance:
         for start in range(0, len(jobs), settings.batch_size):
@@ -63,13 +62,11 @@ def generate(
                 model,
                 [item.prompt for item, _ in batch],
                 generators_for([seed for _, seed in batch]),
-                encoder=encoder,
-                num_steps=settings.steps,
+                steps=settings.steps,
                 guidance=settings.guidance,
                 eta=settings.eta,
                 height=settings.height,
                 width=settings.width,
-                unet=unet,
             )
             for (item, seed), img in zip(batch, to_pil(traj.images), strict=True):
                 out.append(GeneratedImage(item.prompt, seed, img, dict(item.metadata)))

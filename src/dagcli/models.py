@@ -15,6 +15,7 @@ import torch
 
 from dagcli.builtin import TINY_NAME, TINY_RANDOM_NAME, TINY_SD_DIR, tiny_available
 from dagcli.errors import DagError
+from dagcli.families import family_for
 
 REAL_USE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,7 +36,8 @@ def default_model() -> str:
 class LoadedModel:
     """A pipeline plus what the commands need to know about it."""
 
-    pipe: object  # diffusers.StableDiffusionPipeline
+    pipe: object  # a diffusers pipeline of a supported family
+    family: object  # its `dagcli.families.Family`
     name: str  # what the user asked for (hub id, folder, or built-in name)
     device: torch.device
     dtype: torch.dtype  # of the frozen weights
@@ -44,12 +46,8 @@ class LoadedModel:
 
     @property
     def resolution(self) -> int:
-        unet = self.pipe.unet
-        return int(unet.config.sample_size) * self.pipe.vae_scale_factor
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.pipe.unet.config.in_channels)
+        """The model's native image size in pixels."""
+        return self.family.native_resolution
 
 
 def resolve_device(device: str) -> torch.device:
@@ -105,23 +103,13 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
         pipe = _from_pretrained(str(folder), dt)
         is_tiny = Path(folder).resolve() == TINY_SD_DIR.resolve()
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = ddim_scheduler(pipe.scheduler)
     pipe.to(dev)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
-    return LoadedModel(
-        pipe=pipe, name=model, device=dev, dtype=dt, is_builtin_tiny=is_tiny, defaults=_read_defaults(model)
-    )
-
-
-def ddim_scheduler(scheduler):
-    """The sampler is DDIM whatever scheduler a pipeline ships with (SD 1.5 ships PNDM): same β schedule."""
-    from diffusers import DDIMScheduler
-
-    if isinstance(scheduler, DDIMScheduler):
-        return scheduler
-    return DDIMScheduler.from_config(scheduler.config)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
+    return LoadedModel(pipe=pipe, family=family_for(pipe, dev), name=model, device=dev, dtype=dt,
+                       is_builtin_tiny=is_tiny, defaults=_read_defaults(model))
 
 
 @dataclass(frozen=True)
@@ -230,56 +218,38 @@ def build_tiny_random_pipeline(seed: int = 0):
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
         )
         vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
+            in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
             sample_size=32,
         )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def add_lora(denoiser: torch.nn.Module, lora, seed: int) -> torch.nn.Module:
+    """Attach a peft LoRA (the `[lora]` section) to the denoiser; its random init depends on the run seed only.
+    The trainable weights are float32 whatever the frozen weights' dtype."""
+    from peft import LoraConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        denoiser.add_adapter(LoraConfig(r=lora.rank, lora_alpha=lora.alpha,
+                                        init_lora_weights=lora.init == "true" or lora.init,
+                                        target_modules=list(lora.target_modules)))
+    for p in denoiser.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return denoiser

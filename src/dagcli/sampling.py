@@ -1,93 +1,130 @@
-"""From prompts to trajectories and images with a loaded pipeline: the engine behind `dag sample` and training.
+"""From prompts to trajectories and images with a loaded model: the sampler behind `dag sample`, `dag eval` and
+training.
 
-The pipeline's UNet becomes a `Denoiser` (guided and conditional ε in one batched call); `diffusion.rollout`
-runs the chain; the VAE decodes x_0. Prompt embeddings are computed once per distinct prompt.
+`rollout` runs any family's chain from its initial noise, recording every state, log-probability and model
+output; `sample_batch` adds prompt encoding and decoding. A `Trajectory` holds one batch of rollouts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from dagcli.diffusion import Denoiser, Reduction, Schedule, Trajectory, initial_noise, rollout
+from dagcli.families.base import Cond, Denoise, Family
+from dagcli.kernels.gaussian import Reduction
 
 
-class PromptEncoder:
-    """Text embeddings [L, D] per prompt, cached; the empty prompt gives the unconditional embedding."""
+@dataclass
+class Trajectory:
+    """One batch of rollouts with T sampler steps: states 0 (pure noise) ... T (the final latent)."""
 
-    def __init__(self, tokenizer, text_encoder, device: torch.device):
-        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
-        self._cache: dict[str, torch.Tensor] = {}
+    latents: torch.Tensor  # [B, T+1, ...] float32: x at every state, the noise first
+    log_probs: torch.Tensor  # [B, T] float32: log P_F(x_{i+1} | x_i) recorded while sampling
+    out_guided: torch.Tensor  # [B, T, ...]: the guided model output that drove each step
+    out_cond: torch.Tensor  # [B, T, ...]: the conditional (unguided) model output at each step
+    cond: Cond  # [B]: the prompts' conditioning (text embeddings, pooled embeddings, ...)
+    prompts: list[str]  # [B]
+    images: torch.Tensor | None = None  # [B, 3, H, W] in [0, 1], the decoded final latents
+    eta: float = 1.0
+    reduction: str = "mean"
 
-    def truncated(self, prompt: str) -> bool:
-        """True when the prompt is longer than the tokenizer's window (its tail is dropped)."""
-        return len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
 
-    def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int:
-        """Warn once about every prompt that will be cut to the text encoder's window; returns how many."""
-        long = sorted({p for p in prompts if self.truncated(p)})
-        if long:
-            example = long[0] if len(long[0]) <= 60 else long[0][:57] + "..."
-            warn(f"{len(long)} prompt(s) exceed the text encoder's {self.tokenizer.model_max_length} tokens and "
-                 f"are truncated, e.g. {example!r}")
-        return len(long)
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[B, L, D] embeddings, in the text encoder's dtype, on its device."""
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            ids = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            mask = None
-            if getattr(self.text_encoder.config, "use_attention_mask", False):
-                mask = (ids != self.tokenizer.pad_token_id).long()
-            embeds = self.text_encoder(ids, attention_mask=mask)[0]
-            for p, e in zip(missing, embeds, strict=True):
-                self._cache[p] = e
-        return torch.stack([self._cache[p] for p in prompts])
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def select(self, idx: torch.Tensor) -> Trajectory:
+        """The rollouts at positions `idx` [K] long."""
+        return Trajectory(
+            latents=self.latents[idx], log_probs=self.log_probs[idx], out_guided=self.out_guided[idx],
+            out_cond=self.out_cond[idx], cond=self.cond[idx], prompts=[self.prompts[i] for i in idx.tolist()],
+            images=self.images[idx] if self.images is not None else None, eta=self.eta, reduction=self.reduction,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Trajectory]) -> Trajectory:
+        first = parts[0]
+        return Trajectory(
+            latents=torch.cat([p.latents for p in parts]), log_probs=torch.cat([p.log_probs for p in parts]),
+            out_guided=torch.cat([p.out_guided for p in parts]), out_cond=torch.cat([p.out_cond for p in parts]),
+            cond=Cond.cat([p.cond for p in parts]), prompts=[q for p in parts for q in p.prompts],
+            images=torch.cat([p.images for p in parts]) if first.images is not None else None,
+            eta=first.eta, reduction=first.reduction,
+        )
 
 
-def guided_denoiser(
-    unet: Callable, cond: torch.Tensor, uncond: torch.Tensor, guidance: float
-) -> Denoiser:
-    """A `Denoiser` for classifier-free guidance: ε̃ = ε(∅) + w (ε(c) − ε(∅)), one UNet call on [∅; c].
+def rollout(
+    family: Family,
+    schedule,
+    denoise: Denoise,
+    x_init: torch.Tensor,
+    eta: float,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    reduction: Reduction = "mean",
+    callback: Callable[[int, int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the sampler from the initial noise, recording every state, log-prob and model output.
 
-    `cond` is [B, L, D], `uncond` [1, L, D] or [B, L, D]. With w <= 1 only the conditional branch runs
-    (as diffusers does) and ε̃ = ε(c).
+    Returns (latents [B,T+1,...], log_probs [B,T], guided outputs [B,T,...], conditional outputs [B,T,...]).
+    `callback(step, total)` is called after each step (for progress bars).
     """
-    batch = cond.shape[0]
-    uncond = uncond.expand(batch, -1, -1)
-    use_cfg = guidance > 1.0
-    both = torch.cat([uncond, cond]) if use_cfg else cond
-    dtype = cond.dtype
+    x = x_init.float()
+    states, log_probs, guided, cond = [x], [], [], []
+    batch, total = x.shape[0], family.num_steps(schedule)
+    for i in range(total):
+        index = torch.full((batch,), i, dtype=torch.long)
+        out_g, out_c = denoise(x, index)
+        out = family.step(schedule, index, x, out_g, eta, generator=generator, reduction=reduction)
+        x = out.prev_sample
+        states.append(x)
+        log_probs.append(out.log_prob)
+        guided.append(out_g.float())
+        cond.append(out_c.float())
+        if callback is not None:
+            callback(i + 1, total)
+    return torch.stack(states, 1), torch.stack(log_probs, 1), torch.stack(guided, 1), torch.stack(cond, 1)
 
-    def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_in = torch.cat([x, x]) if use_cfg else x
-        t_in = torch.cat([t, t]) if use_cfg else t
-        out = unet(x_in.to(dtype), t_in, encoder_hidden_states=both, return_dict=False)[0].float()
-        if not use_cfg:
-            return out, out
-        eps_u, eps_c = out.chunk(2)
-        return eps_u + guidance * (eps_c - eps_u), eps_c
 
-    return denoise
+def sample_batch(
+    model,
+    prompts: Sequence[str],
+    generator: torch.Generator | list[torch.Generator],
+    *,
+    steps: int,
+    guidance: float,
+    eta: float,
+    reduction: Reduction = "mean",
+    denoiser: torch.nn.Module | None = None,
+    decode: bool = True,
+    height: int | None = None,
+    width: int | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> Trajectory:
+    """Roll out one batch of prompts with a `LoadedModel` and return the full `Trajectory`.
 
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """x_0 latents [B,C,h,w] -> images [B,3,H,W] float32 in [0, 1] (as diffusers' image processor does)."""
-    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None):
-        scaled = scaled + vae.config.shift_factor
-    images = vae.decode(scaled, return_dict=False)[0].float()
-    return (images / 2 + 0.5).clamp(0, 1)
+    `denoiser` overrides the family's network (e.g. the LoRA-wrapped one during training).
+    """
+    family = model.family
+    height, width = height or model.resolution, width or model.resolution
+    schedule = family.schedule(steps, height, width)
+    cond = family.encode(prompts)
+    x_init = family.initial_latents(len(prompts), height, width, generator)
+    denoise = family.denoiser_fn(denoiser if denoiser is not None else family.denoiser, schedule, cond, guidance)
+    latents, log_probs, out_g, out_c = rollout(family, schedule, denoise, x_init, eta, generator=generator,
+                                               reduction=reduction, callback=callback)
+    return Trajectory(
+        latents=latents, log_probs=log_probs, out_guided=out_g, out_cond=out_c, cond=cond, prompts=list(prompts),
+        images=family.decode(latents[:, -1]) if decode else None, eta=eta, reduction=reduction,
+    )
 
 
 def to_pil(images: torch.Tensor) -> list:
@@ -101,51 +138,3 @@ def to_pil(images: torch.Tensor) -> list:
 def generators_for(seeds: Sequence[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
     """One generator per image so that an image depends on its seed only, not on the batch it falls in."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-
-
-def sample_batch(
-    model,
-    prompts: Sequence[str],
-    generator: torch.Generator | list[torch.Generator],
-    *,
-    encoder: PromptEncoder,
-    num_steps: int,
-    guidance: float,
-    eta: float,
-    reduction: Reduction = "mean",
-    unet: Callable | None = None,
-    decode: bool = True,
-    height: int | None = None,
-    width: int | None = None,
-    callback: Callable[[int, int], None] | None = None,
-) -> Trajectory:
-    """Roll out one batch of prompts with a `LoadedModel` and return the full `Trajectory`.
-
-    `unet` overrides the pipeline's UNet (e.g. the LoRA-wrapped one during training).
-    """
-    pipe = model.pipe
-    unet = unet if unet is not None else pipe.unet
-    schedule = Schedule.from_scheduler(pipe.scheduler, num_steps)
-    cond = encoder(list(prompts))
-    uncond = encoder([""])
-    factor = pipe.vae_scale_factor
-    height, width = height or model.resolution, width or model.resolution
-    shape = (len(prompts), model.latent_channels, height // factor, width // factor)
-    x_T = initial_noise(shape, generator, device=model.device)
-    denoise = guided_denoiser(unet, cond, uncond, guidance)
-    latents, timesteps, log_probs, eps_g, eps_c = rollout(
-        denoise, schedule, x_T, eta, generator=generator, reduction=reduction, callback=callback
-    )
-    images = decode_latents(pipe.vae, latents[:, -1]) if decode else None
-    return Trajectory(
-        latents=latents,
-        timesteps=timesteps,
-        log_probs=log_probs,
-        eps_guided=eps_g,
-        eps_cond=eps_c,
-        prompt_embeds=cond,
-        prompts=list(prompts),
-        images=images,
-        eta=eta,
-        reduction=reduction,
-    )

@@ -26,17 +26,17 @@ BASE = {
     "reward": {"spec": "compressibility"},
     "lora": {"rank": 4, "alpha": 4.0, "init": "gaussian"},
     "train": {"epochs": 2, "batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
-              "flow_learning_rate": 1e-3, "timestep_fraction": 1.0, "seed": 0},
-    "dag": {"beta": 50.0, "beta_ramp_epochs": 2, "flow_warmup_epochs": 0, "proximity": 1.0,
-            "reduction": "mean", "x0_source": "sampling", "x0_guidance": "cond", "clip_range": 1e-4,
-            "adv_clip": 5.0},
+              "reduction": "mean", "timestep_fraction": 1.0, "seed": 0},
+    "dag": {"flow_learning_rate": 1e-3, "beta": 50.0, "beta_ramp_epochs": 2, "flow_warmup_epochs": 0,
+            "proximity": 1.0, "x0_source": "sampling", "x0_guidance": "cond", "clip_range": 1e-4, "adv_clip": 5.0},
     "output": {"checkpoint_every": 1, "keep_last": 2, "sample_every": 0},
 }
 
 RUNS = {
     "dag-db": {"train": {"algorithm": "dag-db"}},
     "dag-kl": {"train": {"algorithm": "dag-kl"}},
-    "ddpo": {"train": {"algorithm": "ddpo"}, "ddpo": {"buffer_size": 16, "min_count": 2}},
+    "ddpo": {"train": {"algorithm": "ddpo"},
+             "ddpo": {"clip_range": 1e-4, "adv_clip": 5.0, "buffer_size": 16, "min_count": 2}},
     # the other code paths of DAG-DB: subsampled transitions and x̂0 from the current, guided model
     "dag-db-subsampled": {"train": {"algorithm": "dag-db", "timestep_fraction": 0.5, "always_last_step": True},
                           "dag": {"x0_source": "current", "x0_guidance": "guided"}},

@@ -1,1 +1,56 @@
-"""Training objectives: DAG-DB and DAG-KL (GFlowNet), DDPO (RL baseline), and the flow network."""
+"""Training objectives behind one interface (`base.Algorithm`): DAG-DB and DAG-KL (GFlowNet), DDPO (RL baseline).
+
+`ALGORITHMS` is the one list of them: config validation, `dag train --help` and error messages read it. Each
+reads its own config section (`section`), built with `build_algorithm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dagcli.algorithms.base import Algorithm, Context, MicroBatch, PolicyOutput
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    name: str
+    section: str  # the config section it reads
+    summary: str
+    min_micro_batch: int
+    build: Callable[[object, Context], Algorithm]  # (its config section, context) -> algorithm
+
+
+def _dag(kl: bool):
+    def build(settings, ctx: Context) -> Algorithm:
+        from dagcli.algorithms.dag import Dag
+
+        return Dag(settings, ctx, kl=kl)
+
+    return build
+
+
+def _ddpo(settings, ctx: Context) -> Algorithm:
+    from dagcli.algorithms.ddpo import Ddpo
+
+    return Ddpo(settings, ctx)
+
+
+ALGORITHMS: dict[str, AlgorithmInfo] = {
+    "dag-db": AlgorithmInfo("dag-db", "dag", "GFlowNet detailed balance with a forward-looking flow", 1, _dag(False)),
+    "dag-kl": AlgorithmInfo("dag-kl", "dag", "GFlowNet KL / REINFORCE variant of DAG", 2, _dag(True)),
+    "ddpo": AlgorithmInfo("ddpo", "ddpo", "DDPO: PPO on per-prompt normalised rewards (RL baseline)", 1, _ddpo),
+}
+
+
+def build_algorithm(name: str, config, ctx: Context) -> Algorithm:
+    """The algorithm `name` with its own section of the run's config."""
+    from dagcli.errors import unknown_choice
+
+    if name not in ALGORITHMS:
+        raise unknown_choice("algorithm", name, ALGORITHMS)
+    info = ALGORITHMS[name]
+    return info.build(getattr(config, info.section), ctx)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmInfo", "Context", "MicroBatch", "PolicyOutput", "build_algorithm"]

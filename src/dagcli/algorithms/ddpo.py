@@ -6,6 +6,8 @@ from collections import deque
 
 import torch
 
+from dagcli.algorithms import losses
+
 
 def per_prompt_advantages(
     prompts: list[str],
@@ -34,3 +36,47 @@ def per_prompt_advantages(
         else:
             adv[i] = (r - g_mean) / (g_std + 1e-6)
     return adv.clamp(-clip, clip)
+
+
+class Ddpo:
+    """DDPO: the PPO clipped surrogate on per-prompt normalised rewards, settings from the `[ddpo]` section."""
+
+    name = "ddpo"
+    min_micro_batch = 1
+    stored_x0_rewards = None
+
+    def __init__(self, settings, ctx):
+        self.settings, self.ctx = settings, ctx
+        self.modules: dict[str, torch.nn.Module] = {}
+        self.buffers: dict[str, list[float]] = {}  # prompt -> recent rewards (over all processes)
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def lora_frozen(self, epoch: int) -> bool:
+        return False
+
+    def prepare(self, batch, dist) -> None:
+        """Advantages from every process's rewards (the buffers see the whole epoch), this process's share."""
+        s = self.settings
+        all_adv = per_prompt_advantages(dist.gather_strings(batch.traj.prompts), dist.gather_floats(batch.rewards),
+                                        self.buffers, s.buffer_size, s.min_count, s.adv_clip)
+        start = dist.rank_offset(batch.traj.batch_size)
+        batch.advantages = all_adv[start : start + batch.traj.batch_size]
+
+    def epoch_logs(self, epoch: int) -> dict:
+        return {}
+
+    def loss(self, mb, policy, batch, epoch: int):
+        adv = batch.advantages[mb.traj_index].to(mb.x.device)
+        loss = losses.clipped_surrogate(adv, policy.step.log_prob, mb.log_pf_old, self.settings.clip_range)
+        return loss, {"policy_loss": loss.detach().mean()}
+
+    def state_dict(self) -> dict:
+        return {"buffers": self.buffers}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffers = {p: list(v) for p, v in state.get("buffers", {}).items()}
+
+    def module_metadata(self) -> dict[str, dict]:
+        return {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -103,8 +104,6 @@ def preflight(cfg, resume: bool, resume_from: Path | None, reporter=None) -> tup
 
     problems: list[str] = []
     cfg, used = fill_model_defaults(cfg)
-    if used and reporter is not None:
-        reporter.info(used)
 
     def check(fn, *args):
         try:
@@ -122,6 +121,8 @@ def preflight(cfg, resume: bool, resume_from: Path | None, reporter=None) -> tup
         check(check_writable_dir, Path(cfg.output.dir))
     if problems:
         raise DagError("; ".join(problems))
+    if used and reporter is not None:  # said once everything checks out: an error stays one line
+        reporter.info(used)
     return cfg, [p.prompt for p in items], folder
 
 
@@ -134,7 +135,7 @@ def _check_tracker(kind: str) -> None:
 
 def _checkpoint_to_resume(cfg, resume: bool, resume_from: Path | None) -> Path | None:
     """The checkpoint folder to continue from (or None), checked against this run's settings."""
-    from dagcli.checkpoint import list_checkpoints, read_meta, resolve_checkpoint
+    from dagcli.checkpoint import check_compatible, list_checkpoints, read_meta, resolve_checkpoint
     from dagcli.models import default_model
 
     run_dir = Path(cfg.output.dir)
@@ -150,23 +151,9 @@ def _checkpoint_to_resume(cfg, resume: bool, resume_from: Path | None) -> Path |
                        "or choose another --output")
     else:
         return None
-    meta = read_meta(folder)
-    if not meta:
-        raise DagError(f"{str(folder)!r} is not a training checkpoint (no meta.json); --resume-from needs a "
-                       "checkpoints/step-* folder or a run directory")
-    want = cfg.model.name or default_model()
-    mismatches = []
-    if meta.get("base_model") != want:
-        mismatches.append(f"base model {meta.get('base_model')!r} (this run: {want!r})")
-    lora = meta.get("lora", {})
-    if lora.get("rank") != cfg.lora.rank:
-        mismatches.append(f"LoRA rank {lora.get('rank')} (this run: {cfg.lora.rank})")
-    if list(lora.get("target_modules", [])) != list(cfg.lora.target_modules):
-        mismatches.append(f"LoRA targets {lora.get('target_modules')} (this run: {list(cfg.lora.target_modules)})")
-    if meta.get("algorithm") != cfg.train.algorithm:
-        mismatches.append(f"algorithm {meta.get('algorithm')!r} (this run: {cfg.train.algorithm!r})")
-    if mismatches:
-        raise DagError(f"checkpoint {str(folder)!r} does not match this run: " + "; ".join(mismatches))
+    check_compatible(folder, read_meta(folder), base_model=cfg.model.name or default_model(),
+                     lora_rank=cfg.lora.rank, lora_targets=list(cfg.lora.target_modules),
+                     algorithm=cfg.train.algorithm)
     return folder
 
 
@@ -184,8 +171,27 @@ def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=Non
     return trainer
 
 
+def run_sizes(trainer) -> dict:
+    """Derived sizes shown in the start-up banner."""
+    c, n_proc = trainer.config, trainer.dist.size
+    per_proc = c.sampling.batch_size * c.sampling.batches_per_epoch
+    per_traj = trainer.transitions_per_trajectory()
+    micro = math.ceil(per_proc * per_traj / c.train.batch_size)
+    counts = {f"{n}_parameters": sum(p.numel() for p in m.parameters()) for n, m in trainer.raw_modules().items()}
+    return {
+        "processes": n_proc,
+        "trajectories_per_epoch": per_proc * n_proc,
+        "transitions_per_trajectory": per_traj,
+        "micro_batches_per_epoch": micro,
+        "optimizer_steps_per_epoch": math.ceil(micro / c.train.gradient_accumulation_steps),
+        "lora_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters() if p.requires_grad),
+        "denoiser_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters()),
+        **counts,
+    }
+
+
 def banner(trainer, reporter) -> None:
-    c, s = trainer.config, trainer.sizes()
+    c, s = trainer.config, run_sizes(trainer)
     reporter.info(
         f"[bold]dag train[/] {c.train.algorithm} on {trainer.model.name} · reward {c.reward.spec} · "
         f"{len(set(trainer.prompts))} prompts · output {c.output.dir}"
@@ -193,8 +199,10 @@ def banner(trainer, reporter) -> None:
     reporter.info(
         f"  {s['trajectories_per_epoch']} trajectories/epoch ({s['processes']} process(es)), "
         f"{s['transitions_per_trajectory']} transitions each, {s['micro_batches_per_epoch']} micro-batches, "
-        f"{s['optimizer_steps_per_epoch']} optimiser step(s)/epoch · LoRA {s['lora_parameters']:,} params, "
-        f"flow {s['flow_parameters']:,}, UNet {s['unet_parameters']:,}"
+        f"{s['optimizer_steps_per_epoch']} optimiser step(s)/epoch · LoRA {s['lora_parameters']:,} params"
+        + "".join(f", {k.removesuffix('_parameters')} {v:,}" for k, v in s.items()
+                  if k.endswith("_parameters") and k not in ("lora_parameters", "denoiser_parameters"))
+        + f", {type(trainer.raw_denoiser).__name__} {s['denoiser_parameters']:,}"
     )
     total = c.sampling.batch_size * c.sampling.batches_per_epoch * s["transitions_per_trajectory"]
     if total % c.train.batch_size:

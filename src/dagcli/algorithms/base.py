@@ -1,0 +1,77 @@
+"""The algorithm seam: what a batch of transitions teaches.
+
+The trainer owns the loop (sampling, micro-batches, optimiser steps, checkpoints); an algorithm only says what to
+prepare from an epoch's rewards and what the loss of a micro-batch is. Every algorithm sees the same
+`MicroBatch` and the same `PolicyOutput` (the current policy's log-probability of each stored transition, computed
+by the trainer with the one step function that also sampled it, so the on-policy ratio is exactly 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from dagcli.families.base import Cond
+from dagcli.kernels.gaussian import StepOutput
+
+
+@dataclass
+class MicroBatch:
+    """n transitions x_i -> x_{i+1} of stored trajectories, tensors on the training device."""
+
+    traj_index: torch.Tensor  # [n] long (CPU): which trajectory of the epoch
+    step_index: torch.Tensor  # [n] long (CPU): i, the transition's step
+    x: torch.Tensor  # [n, ...] x_i
+    x_next: torch.Tensor  # [n, ...] x_{i+1}
+    cond: Cond  # [n]
+    prompts: list[str]  # [n]
+    log_pf_old: torch.Tensor  # [n] log P_F recorded while sampling
+    out_old: torch.Tensor  # [n, ...] the guided model output recorded while sampling
+    terminal: torch.Tensor  # [n] bool: x_{i+1} is the final state
+
+
+@dataclass
+class PolicyOutput:
+    """The current policy on a micro-batch (differentiable in the LoRA weights)."""
+
+    out: torch.Tensor  # [n, ...] guided model output
+    step: StepOutput  # log_prob [n] = log P_F(x_{i+1} | x_i), mean, std of the step
+
+
+class Algorithm(Protocol):
+    """One training objective over the shared loop."""
+
+    name: str
+    min_micro_batch: int  # smallest micro-batch the loss is defined for
+    modules: dict[str, torch.nn.Module]  # extra trained networks (the flow network), replaced by prepared ones
+    stored_x0_rewards: str | None  # "cond" / "guided": rollout scores x̂0 of every state with that output
+
+    def param_groups(self) -> list[dict]: ...  # optimiser groups of `modules`
+    def lora_frozen(self, epoch: int) -> bool: ...  # no LoRA update this epoch (flow warm-up)
+    def prepare(self, batch, dist) -> None: ...  # per-epoch statistics (advantages), set on the batch
+    def epoch_logs(self, epoch: int) -> dict: ...  # numbers of the epoch to log (β, warm-up)
+    def loss(self, mb: MicroBatch, policy: PolicyOutput, batch, epoch: int
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...  # per-transition loss [n] and logs
+    def state_dict(self) -> dict: ...  # what a checkpoint carries besides module weights
+    def load_state_dict(self, state: dict) -> None: ...
+    def module_metadata(self) -> dict[str, dict]: ...  # per module, what rebuilds it (saved beside its weights)
+
+
+@dataclass
+class Context:
+    """What an algorithm may use of the run besides its own config section."""
+
+    family: object  # the model's `Family`
+    schedule: object  # the sampler's schedule for this run's steps
+    device: torch.device
+    height: int
+    width: int
+    steps: int  # T, transitions per trajectory
+    seed: int
+    reduction: str  # how log-probabilities reduce over latent dims ("mean" | "sum")
+    autocast: object  # () -> context manager for the trainable forward passes (accelerate's autocast)
+    # (x [n,...], state index j [n], cond, prompts, guided) -> [n] reward of x̂0 under the current model's guided
+    # (or conditional) output, no gradients
+    x0_rewards: object

@@ -1,0 +1,26 @@
+"""Model families, chosen from the pipeline's class: one interface (`base.Family`), one module per kind of
+pipeline. Adding a family means adding its class here; nothing else in the engine names a family."""
+
+from __future__ import annotations
+
+import torch
+
+from dagcli.errors import DagError
+from dagcli.families.base import Cond, Family
+from dagcli.families.sd import SDFamily
+
+# diffusers pipeline class name -> family
+FAMILIES: dict[str, type] = {
+    "StableDiffusionPipeline": SDFamily,
+}
+
+
+def family_for(pipe, device: torch.device) -> Family:
+    """The family of a loaded pipeline; an unsupported pipeline class is a one-line error listing the supported."""
+    name = type(pipe).__name__
+    if name not in FAMILIES:
+        raise DagError(f"pipeline class {name} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name](pipe, device)
+
+
+__all__ = ["FAMILIES", "Cond", "Family", "family_for"]

@@ -1,0 +1,80 @@
+"""The model-family seam: what one kind of pipeline does between noise and image.
+
+A family wraps a loaded diffusers pipeline and wires its modules to the pure sampler math in `dagcli.kernels`.
+Everything the engine does with a model goes through this interface, so sampling, training, evaluation and
+export work the same way for every family. States of a trajectory are indexed j = 0 (pure noise) ... T (the
+final latent); transition i goes from state i to state i + 1. Index tensors are [B] long on the CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from dagcli.kernels.gaussian import Reduction, StepOutput
+
+
+@dataclass
+class Cond:
+    """Everything the denoiser needs about a batch of prompts: name -> tensor [B, ...], all with the same B."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, idx) -> Cond:
+        return Cond({k: v[idx] for k, v in self.tensors.items()})
+
+    def to(self, device: torch.device | str) -> Cond:
+        return Cond({k: v.to(device) for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: Sequence[Cond]) -> Cond:
+        return Cond({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
+
+
+# (x [B,...], state index j [B]) -> (guided model output, conditional model output), both float32
+Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Family(Protocol):
+    """One kind of text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, FLUX)."""
+
+    name: str  # "sd", "sdxl", "sd3", "flux"
+    pipe: Any  # the diffusers pipeline
+    denoiser: torch.nn.Module  # the network the LoRA trains (a UNet or a transformer)
+    lora_prefix: str  # "unet" or "transformer": the key prefix of its LoRA in diffusers files
+    default_lora_targets: tuple[str, ...]
+    native_resolution: int  # pixels
+    resolution_multiple: int  # image sizes must be multiples of this
+
+    def encode(self, prompts: Sequence[str]) -> Cond: ...  # cached per prompt; the empty prompt is ∅
+    def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int: ...
+    def schedule(self, steps: int, height: int, width: int) -> Any: ...  # the sampler's numbers for `steps` steps
+    def num_steps(self, schedule) -> int: ...
+    def initial_latents(self, batch: int, height: int, width: int, generator) -> torch.Tensor: ...  # state 0
+    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float) -> Denoise: ...
+    def step(self, schedule, i: torch.Tensor, x: torch.Tensor, out: torch.Tensor, eta: float,
+             prev: torch.Tensor | None = None, generator=None, reduction: Reduction = "mean") -> StepOutput: ...
+    def backward_log_prob(self, schedule, i: torch.Tensor, x: torch.Tensor, prev: torch.Tensor,
+                          reduction: Reduction = "mean") -> torch.Tensor: ...  # log P_B(x_i | x_{i+1})
+    def predict_x0(self, schedule, j: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor: ...
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # [B,3,H,W] float32 in [0, 1]
+    def flow_inputs(self, schedule, j: torch.Tensor, x: torch.Tensor, cond: Cond
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...  # image-layout x, time, text
+    def flow_config(self, height: int, width: int): ...  # a FlowConfig sized for this model
+    def save_lora(self, folder, weights: dict, metadata: dict) -> None: ...  # diffusers' LoRA file
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """x_0 latents [B,C,h,w] -> images [B,3,H,W] float32 in [0, 1] (as diffusers' image processor does)."""
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        scaled = scaled + vae.config.shift_factor
+    images = vae.decode(scaled, return_dict=False)[0].float()
+    return (images / 2 + 0.5).clamp(0, 1)

@@ -1,0 +1,177 @@
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, a UNet predicting ε or v, sampled with DDIM.
+
+Whatever scheduler the pipeline ships (SD 1.5 ships PNDM), sampling uses DDIM with the same β schedule, so every
+step is a Gaussian with an exact log-probability (`kernels.ddim`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dagcli.families.base import Cond, Denoise, decode_latents
+from dagcli.kernels import ddim
+from dagcli.kernels.gaussian import Reduction, StepOutput, initial_noise
+
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class PromptEncoder:
+    """Text embeddings [L, D] per prompt, cached; the empty prompt gives the unconditional embedding."""
+
+    def __init__(self, tokenizer, text_encoder, device: torch.device):
+        self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def truncated(self, prompt: str) -> bool:
+        """True when the prompt is longer than the tokenizer's window (its tail is dropped)."""
+        return len(self.tokenizer(prompt).input_ids) > self.tokenizer.model_max_length
+
+    def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int:
+        """Warn once about every prompt that will be cut to the text encoder's window; returns how many."""
+        long = sorted({p for p in prompts if self.truncated(p)})
+        if long:
+            example = long[0] if len(long[0]) <= 60 else long[0][:57] + "..."
+            warn(f"{len(long)} prompt(s) exceed the text encoder's {self.tokenizer.model_max_length} tokens and "
+                 f"are truncated, e.g. {example!r}")
+        return len(long)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, L, D] embeddings, in the text encoder's dtype, on its device."""
+        missing = sorted({p for p in prompts if p not in self._cache})
+        if missing:
+            ids = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            mask = None
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                mask = (ids != self.tokenizer.pad_token_id).long()
+            embeds = self.text_encoder(ids, attention_mask=mask)[0]
+            for p, e in zip(missing, embeds, strict=True):
+                self._cache[p] = e
+        return torch.stack([self._cache[p] for p in prompts])
+
+
+def guided_unet(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, **added) -> Callable:
+    """(x, t) -> (ε̃, ε(c)) with classifier-free guidance ε̃ = ε(∅) + w (ε(c) − ε(∅)) in one UNet call on [∅; c].
+
+    `cond` is [B, L, D], `uncond` [1, L, D] or [B, L, D]; `added` are extra UNet inputs given as (∅, c) pairs of
+    [B, ...] tensors (SDXL's pooled embeddings and time ids). With w <= 1 only the conditional branch runs (as
+    diffusers does) and ε̃ = ε(c).
+    """
+    batch = cond.shape[0]
+    uncond = uncond.expand(batch, -1, -1)
+    use_cfg = guidance > 1.0
+    both = torch.cat([uncond, cond]) if use_cfg else cond
+    extra = {k: torch.cat([u, c]) if use_cfg else c for k, (u, c) in added.items()}
+    kwargs = {"added_cond_kwargs": extra} if extra else {}
+    dtype = cond.dtype
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_in = torch.cat([x, x]) if use_cfg else x
+        t_in = torch.cat([t, t]) if use_cfg else t
+        out = unet(x_in.to(dtype), t_in, encoder_hidden_states=both, return_dict=False, **kwargs)[0].float()
+        if not use_cfg:
+            return out, out
+        eps_u, eps_c = out.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u), eps_c
+
+    return denoise
+
+
+def ddim_scheduler(scheduler):
+    """The sampler is DDIM whatever scheduler a pipeline ships with: same β schedule."""
+    from diffusers import DDIMScheduler
+
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+class SDFamily:
+    """Stable Diffusion 1.x / 2.x (`StableDiffusionPipeline`)."""
+
+    name = "sd"
+    lora_prefix = "unet"
+    default_lora_targets = ATTENTION_TARGETS
+
+    def __init__(self, pipe, device: torch.device):
+        pipe.scheduler = ddim_scheduler(pipe.scheduler)
+        self.pipe, self.device = pipe, device
+        self.denoiser = pipe.unet
+        self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device)
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def resolution_multiple(self) -> int:
+        return int(self.pipe.vae_scale_factor)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * self.resolution_multiple
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.unet.config.in_channels)
+
+    def initial_latents(self, batch: int, height: int, width: int, generator) -> torch.Tensor:
+        f = self.resolution_multiple
+        return initial_noise((batch, self.latent_channels, height // f, width // f), generator, device=self.device)
+
+    # --- prompts -----------------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        return Cond({"embeds": self.encoder(list(prompts))})
+
+    def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int:
+        return self.encoder.warn_truncated(prompts, warn)
+
+    # --- the chain ---------------------------------------------------------------------------------------
+    def schedule(self, steps: int, height: int, width: int) -> ddim.Schedule:
+        return ddim.Schedule.from_scheduler(self.pipe.scheduler, steps)
+
+    def num_steps(self, schedule: ddim.Schedule) -> int:
+        return schedule.num_steps
+
+    def timestep(self, schedule: ddim.Schedule, j: torch.Tensor) -> torch.Tensor:
+        """The DDIM timestep of states j (long); the final state (j = T) is at timestep 0."""
+        j = torch.as_tensor(j).reshape(-1)
+        last = schedule.prev(schedule.timesteps[-1:]).clamp(min=0)
+        return torch.cat([schedule.timesteps, last])[j]
+
+    def denoiser_fn(self, model, schedule: ddim.Schedule, cond: Cond, guidance: float) -> Denoise:
+        guided = guided_unet(model, cond.tensors["embeds"], self.encoder([""]), guidance)
+        return lambda x, j: guided(x, self.timestep(schedule, j).to(x.device))
+
+    def step(self, schedule, i, x, out, eta, prev=None, generator=None, reduction: Reduction = "mean") -> StepOutput:
+        t = self.timestep(schedule, i).to(x.device)
+        return ddim.ddim_step(schedule, out, t, x, eta, prev_sample=prev, generator=generator, reduction=reduction)
+
+    def backward_log_prob(self, schedule, i, x, prev, reduction: Reduction = "mean") -> torch.Tensor:
+        t = self.timestep(schedule, i).to(x.device)
+        return ddim.backward_log_prob(schedule, x, t, prev, reduction=reduction)
+
+    def predict_x0(self, schedule, j, x, out) -> torch.Tensor:
+        return ddim.pred_x0_from_eps(schedule, x, self.timestep(schedule, j), out)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_latents(self.pipe.vae, latents)
+
+    # --- the flow network and LoRA files -----------------------------------------------------------------
+    def flow_inputs(self, schedule, j, x, cond: Cond):
+        return x, self.timestep(schedule, j).to(x.device), cond.tensors["embeds"]
+
+    def flow_config(self, height: int, width: int):
+        from dagcli.algorithms.flow import flow_config_for
+
+        latent = min(height, width) // self.resolution_multiple
+        return flow_config_for(self.pipe.unet.config, self.pipe.text_encoder.config.hidden_size, latent)
+
+    def save_lora(self, folder, weights: dict, metadata: dict) -> None:
+        type(self.pipe).save_lora_weights(str(folder), unet_lora_layers=weights, safe_serialization=True,
+                                          unet_lora_adapter_metadata=metadata)

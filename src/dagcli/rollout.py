@@ -1,0 +1,164 @@
+"""One epoch's data: sample trajectories with the current LoRA, score them, and (for DAG) score the one-step
+prediction x̂0 of every state once; then pick the transitions to train on.
+
+Everything random is drawn from generators seeded by (run seed, epoch, rank, purpose), so a resumed run repeats
+exactly and processes never duplicate each other's trajectories.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from dagcli.sampling import Trajectory, sample_batch
+
+SAMPLING_STREAM, TRANSITION_STREAM = 1, 2
+
+
+def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:
+    """A distinct, reproducible seed for each (run seed, epoch, rank, purpose)."""
+    return (seed * 1_000_003 + epoch * 10_007 + rank * 101 + stream) % (2**63 - 1)
+
+
+@dataclass
+class EpochBatch:
+    """Everything one epoch trains on, concatenated over the sampler calls. N trajectories, T steps."""
+
+    traj: Trajectory  # latents [N,T+1,...], log_probs [N,T], model outputs [N,T,...], cond [N]
+    rewards: torch.Tensor  # [N] terminal rewards
+    components: dict[str, torch.Tensor]  # name -> [N]
+    fl_rewards: torch.Tensor | None  # [N,T] r(Decode(x̂0(x_i))) of every non-terminal state, or None
+    advantages: torch.Tensor | None = None  # [N] set by an algorithm's `prepare` (DDPO)
+
+
+def select_transitions(seed: int, epoch: int, rank: int, n: int, steps: int, per_trajectory: int,
+                       always_last: bool) -> torch.Tensor:
+    """[M, 2] (trajectory, step) pairs to train on this epoch: `per_trajectory` random steps of each of the n
+    trajectories (the final one always among them with `always_last`), shuffled."""
+    g = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank, stream=TRANSITION_STREAM))
+    pairs = []
+    for b in range(n):
+        chosen = torch.randperm(steps, generator=g)[:per_trajectory]
+        if always_last and per_trajectory < steps and (steps - 1) not in chosen.tolist():
+            chosen[-1] = steps - 1
+        pairs.extend((b, int(i)) for i in chosen)
+    pairs_t = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    return pairs_t[torch.randperm(len(pairs_t), generator=g)]
+
+
+class Rollout:
+    """Samples and scores a process's trajectories for an epoch; `settings` is the `[sampling]` section."""
+
+    def __init__(self, model, reward, settings, *, seed: int, prompts: list[str], height: int, width: int,
+                 reduction: str, rank: int, autocast: Callable, reporter):
+        self.model, self.family, self.reward, self.settings = model, model.family, reward, settings
+        self.seed, self.prompts, self.height, self.width = seed, prompts, height, width
+        self.reduction, self.rank, self.autocast, self.reporter = reduction, rank, autocast, reporter
+        self.schedule = self.family.schedule(settings.steps, height, width)
+
+    def collect(self, epoch: int, denoiser, stored_x0: str | None) -> tuple[EpochBatch, dict, int]:
+        """The epoch's trajectories and rewards (with x̂0 rewards of every state scored from the stored model
+        output `stored_x0` = "cond" | "guided" when asked), timings, and how many trajectories were dropped for a
+        NaN/inf reward (they are left out of the batch)."""
+        traj, rewards, components, fl, timing = self._sample_and_score(epoch, denoiser, stored_x0)
+        keep = torch.isfinite(rewards)
+        if fl is not None:
+            keep &= torch.isfinite(fl).all(1)
+        dropped = int((~keep).sum())
+        if dropped:
+            idx = keep.nonzero().flatten()
+            traj, rewards = traj.select(idx), rewards[keep]
+            components = {k: v[keep] for k, v in components.items()}
+            fl = fl[keep] if fl is not None else None
+        return EpochBatch(traj=traj, rewards=rewards, components=components, fl_rewards=fl), timing, dropped
+
+    def sample_epoch(self, epoch: int, denoiser, on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
+        """Sample this process's trajectories for the epoch (no gradients); `on_batch` sees each sampler call's
+        trajectories as soon as they exist."""
+        s = self.settings
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank, stream=SAMPLING_STREAM))
+        parts = []
+        denoiser.eval()
+        with torch.no_grad(), self.autocast(), self.reporter.task(f"epoch {epoch + 1}: sampling",
+                                                                  s.batches_per_epoch) as advance:
+            for _ in range(s.batches_per_epoch):
+                idx = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
+                prompts = [self.prompts[i] for i in idx.tolist()]
+                seeds = torch.randint(2**31 - 1, (s.batch_size,), generator=g).tolist()
+                gens = [torch.Generator().manual_seed(x) for x in seeds]
+                parts.append(sample_batch(self.model, prompts, gens, steps=s.steps, guidance=s.guidance, eta=s.eta,
+                                          reduction=self.reduction, denoiser=denoiser, height=self.height,
+                                          width=self.width))
+                if on_batch is not None:
+                    on_batch(parts[-1])
+                advance()
+        return Trajectory.concat(parts)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Rewards [B] and their components, float32 on the CPU."""
+        out = self.reward(images, prompts, None)
+        return out.scores.float().cpu(), {k: v.float().cpu() for k, v in out.components.items()}
+
+    def forward_looking_rewards(self, traj: Trajectory, stored_x0: str) -> torch.Tensor:
+        """r(Decode(x̂0(x_i))) [N, T] for every non-terminal state i, from the model outputs recorded while
+        sampling ("cond": the conditional output, "guided": the guided one): each state decoded and scored once."""
+        n, steps = traj.log_probs.shape
+        out = traj.out_cond if stored_x0 == "cond" else traj.out_guided
+        x = traj.latents[:, :steps].flatten(0, 1)  # [N*T, ...]
+        x0 = self.family.predict_x0(self.schedule, torch.arange(steps).repeat(n), x, out.flatten(0, 1))
+        prompts = [p for p in traj.prompts for _ in range(steps)]
+        scores = []
+        chunk = max(1, self.settings.batch_size)
+        for i in range(0, x0.shape[0], chunk):
+            images = self.family.decode(x0[i : i + chunk].to(self.model.device))
+            scores.append(self.score(images, prompts[i : i + chunk])[0])
+        return torch.cat(scores).reshape(n, steps)
+
+    def x0_rewards(self, x: torch.Tensor, j: torch.Tensor, cond, prompts: list[str], denoiser,
+                   guided: bool) -> torch.Tensor:
+        """The reference procedure: x̂0 of states j with the current model (its guided output, or the conditional
+        one), decoded and scored. No gradients."""
+        guidance = self.settings.guidance if guided else 1.0
+        with torch.no_grad(), self.autocast():
+            out = self.family.denoiser_fn(denoiser, self.schedule, cond, guidance)(x, j)[0]
+            x0 = self.family.predict_x0(self.schedule, j, x, out.float())
+            images = self.family.decode(x0)
+        return self.score(images, prompts)[0].to(x.device)
+
+    def _score(self, traj: Trajectory, stored_x0: str | None):
+        with torch.no_grad():
+            rewards, components = self.score(traj.images, traj.prompts)
+            fl = self.forward_looking_rewards(traj, stored_x0) if stored_x0 else None
+        return rewards, components, fl
+
+    def _sample_and_score(self, epoch: int, denoiser, stored_x0: str | None):
+        """Sample the epoch and score it; with `sampling.overlap_rewards`, each sampler call's images are scored in
+        a worker thread (on its own CUDA stream) while the next call samples. Timings: time_reward is the scoring
+        time not hidden behind sampling."""
+        t0 = time.perf_counter()
+        if not self.settings.overlap_rewards:
+            traj = self.sample_epoch(epoch, denoiser)
+            t1 = time.perf_counter()
+            rewards, components, fl = self._score(traj, stored_x0)
+            return traj, rewards, components, fl, {"time_sampling": t1 - t0, "time_reward": time.perf_counter() - t1}
+        device = self.model.device
+        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+        def work(part: Trajectory):
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                return self._score(part, stored_x0)
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagcli-reward") as pool:
+            futures = []
+            traj = self.sample_epoch(epoch, denoiser, on_batch=lambda part: futures.append(pool.submit(work, part)))
+            t1 = time.perf_counter()
+            results = [f.result() for f in futures]
+        rewards = torch.cat([r for r, _, _ in results])
+        components = {k: torch.cat([c[k] for _, c, _ in results]) for k in results[0][1]}
+        fl = torch.cat([f for _, _, f in results]) if results[0][2] is not None else None
+        return traj, rewards, components, fl, {"time_sampling": t1 - t0, "time_reward": time.perf_counter() - t1}

@@ -1,0 +1,100 @@
+"""The configuration: building it from dicts, `--set` parsing, the TOML round trip, keys that moved, resume rules."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from dagcli.config import (
+    Config,
+    config_from_dict,
+    dump_toml,
+    load_config,
+    parse_override,
+    read_settings,
+    resume_config,
+    to_dict,
+)
+from dagcli.errors import DagError
+
+
+def test_config_from_dict_sets_given_keys_and_keeps_defaults():
+    c = config_from_dict({"train": {"algorithm": "ddpo", "epochs": 3}, "ddpo": {"clip_range": 1e-3},
+                          "dag": {"beta": 7}})
+    assert (c.train.algorithm, c.train.epochs, c.ddpo.clip_range) == ("ddpo", 3, 1e-3)
+    assert c.dag.beta == 7.0 and isinstance(c.dag.beta, float)  # ints are accepted for floats
+    assert c.train.learning_rate == 3e-4 and c.sampling.steps is None  # defaults; steps comes from the model
+
+
+def test_config_from_dict_reports_every_problem_at_once():
+    with pytest.raises(DagError) as e:
+        config_from_dict({"train": {"epochs": "ten", "nope": 1, "algorithm": "ppo"}, "bogus": {},
+                          "sampling": {"steps": 0}, "lora": {"target_modules": [1]}})
+    msg = str(e.value)
+    for part in ["train.epochs = 'ten': expected an integer", "unknown key train.nope", "unknown section [bogus]",
+                 "train.algorithm = 'ppo': valid options: dag-db, dag-kl, ddpo", "sampling.steps = 0: must be positive",
+                 "lora.target_modules = [1]: expected a list of strings"]:
+        assert part in msg, part
+
+
+def test_moved_keys_say_where_they_live_now():
+    with pytest.raises(DagError, match=r"train.flow_learning_rate is now dag.flow_learning_rate"):
+        config_from_dict({"train": {"flow_learning_rate": 1e-3}})
+    with pytest.raises(DagError, match=r"dag.reduction is now train.reduction"):
+        config_from_dict({"dag": {"reduction": "sum"}})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train.epochs=10", ("train", "epochs", 10)),
+    ("dag.beta=1e2", ("dag", "beta", 100.0)),
+    ('reward.spec="aesthetic:1,clip:0.5"', ("reward", "spec", "aesthetic:1,clip:0.5")),
+    ("reward.spec=compressibility", ("reward", "spec", "compressibility")),  # not TOML: the raw string
+    ("train.gradient_checkpointing=true", ("train", "gradient_checkpointing", True)),
+    ('lora.target_modules=["to_q", "to_v"]', ("lora", "target_modules", ["to_q", "to_v"])),
+    (" sampling.guidance = 4.5 ", ("sampling", "guidance", 4.5)),
+])
+def test_parse_override(text, expected):
+    assert parse_override(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "epochs=3", "=3"])
+def test_parse_override_rejects_malformed(bad):
+    with pytest.raises(DagError, match="expected section.key=value"):
+        parse_override(bad)
+
+
+def test_toml_round_trip(tmp_path):
+    c = load_config(None, ["train.epochs=7", 'sampling.prompts="shapes"', "sampling.steps=9", "dag.beta=3.5",
+                           'lora.target_modules=["to_q"]', 'reward.options={clip = {scale = 2.0}}'])
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(c))
+    back = load_config(path)
+    assert back == c
+    assert to_dict(back)["lora"]["target_modules"] == ["to_q"]
+    written = tomllib.loads(path.read_text())["sampling"]
+    assert "guidance" not in written and written["steps"] == 9  # unset (the model's default) is left out
+
+
+def test_overrides_apply_over_a_preset(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('[train]\nepochs = 5\nlearning_rate = 1e-3\n')
+    given = read_settings(preset, ["train.epochs=6"])
+    assert given == {"train": {"epochs": 6, "learning_rate": 1e-3}}
+
+
+def test_resume_accepts_extension_and_refuses_changes():
+    saved = to_dict(config_from_dict({"train": {"epochs": 4}, "reward": {"spec": "compressibility"}}))
+    cfg, changes = resume_config(saved, {"train": {"epochs": 8}, "output": {"keep_last": 2}})
+    assert cfg.train.epochs == 8 and cfg.reward.spec == "compressibility"
+    assert changes == [("train.epochs", 4, 8), ("output.keep_last", 5, 2)]
+    same, none = resume_config(saved, {"reward": {"spec": "compressibility"}, "dag": {"beta": 100}})
+    assert none == [] and same == config_from_dict(saved)
+    with pytest.raises(DagError) as e:
+        resume_config(saved, {"dag": {"beta": 5}, "reward": {"spec": "x"}})
+    assert "dag.beta = 5.0 differs from the run's 100.0" in str(e.value)
+    assert "reward.spec = 'x' differs from the run's 'compressibility'" in str(e.value)
+
+
+def test_default_config_is_valid():
+    assert config_from_dict({}) == Config()
