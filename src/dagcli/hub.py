@@ -82,14 +82,15 @@ def quiet_loading() -> None:
     import huggingface_hub.utils as hub_utils
     import transformers.utils.logging as tlog
 
+    from dagcli.progress import is_terminal
+
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()  # also turns off huggingface_hub's bars
     dlog.set_verbosity_error()
     tlog.set_verbosity_error()
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
-    tty = sys.stderr is not None and sys.stderr.isatty()
-    if tty and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:
+    if is_terminal(sys.stderr) and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") is None:
         hub_utils.enable_progress_bars()
 
 
