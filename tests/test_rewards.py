@@ -413,11 +413,13 @@ def test_images_from_pil_and_folder(tmp_path, images):
     for i, a in enumerate(arrays):
         Image.fromarray(a).save(tmp_path / f"{i:03d}.png")
     lines = [{"prompt": "a red circle", "file": "000.png"}, {"prompt": "a blue square", "file": "002.png"}]
-    (tmp_path / "samples.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    loaded, prompts = load_image_folder(tmp_path)
-    assert loaded.shape == (3, 3, 40, 48) and prompts == ["a red circle", "", "a blue square"]
+    Image.new("RGB", (96, 40)).save(tmp_path / "grid-000-a-red-circle.png")  # an overview, never scored
     expected = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
-    assert torch.equal(loaded, expected)
+    loaded, prompts = load_image_folder(tmp_path)  # no manifest: every image but the grid, by name
+    assert torch.equal(loaded, expected) and prompts == ["", "", ""]
+    (tmp_path / "samples.jsonl").write_text("\n".join(json.dumps(x) for x in lines[::-1]) + "\n")
+    loaded, prompts = load_image_folder(tmp_path)  # the manifest's images, in its order, with its prompts
+    assert torch.equal(loaded, expected[[2, 0]]) and prompts == ["a blue square", "a red circle"]
     assert torch.equal(images_from_pil([Image.fromarray(a) for a in arrays]), expected)
     empty = tmp_path / "empty"
     empty.mkdir()

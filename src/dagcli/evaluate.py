@@ -296,34 +296,14 @@ def folder_model(directory: Path) -> str | None:
 
 
 def folder_set(directory: Path, label: str, prompt: str | None) -> ImageSet:
-    """An image set from a folder: the images its samples.jsonl lists (in its order, with their prompts),
-    else every image but `grid-*` files, sorted by name, all with `prompt` (or the empty prompt)."""
-    from PIL import Image
+    """An image set from a folder, read as `dag rewards --score` reads it (`read_image_folder`); `prompt`
+    is the prompt of images no samples.jsonl describes."""
+    from dagcli.rewards.base import read_image_folder
 
-    from dagcli.rewards.base import IMAGE_SUFFIXES
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise DagError(f"image folder {str(directory)!r} does not exist")
-    records = read_manifest(directory)
-    if records:
-        files = [directory / name for name in records if (directory / name).is_file()]
-    else:
-        files = sorted(
-            p
-            for p in directory.iterdir()
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("grid-")
-        )
-    if not files:
-        raise DagError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(directory)!r}")
-    prompts = [str(records[f.name].get("prompt", "")) if records else (prompt or "") for f in files]
-    images = []
-    for f in files:
-        with Image.open(f) as img:
-            images.append(img.convert("RGB"))
-    seeds = [records.get(f.name, {}).get("seed") for f in files]
+    found = read_image_folder(directory, prompt or "")
+    seeds = [r.get("seed") for r in found.records]
     source = {"kind": "folder", "path": str(directory)}
-    return ImageSet(label, prompts, images, seeds, [str(f) for f in files], source)
+    return ImageSet(label, found.prompts, found.images, seeds, [str(f) for f in found.files], source)
 
 
 # --- scoring and embedding ----------------------------------------------------------------------------

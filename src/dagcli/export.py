@@ -116,6 +116,7 @@ def export_diffusers(folder: Path, output: Path) -> Path:
     read_lora(folder)  # readable and intact before anything is written
     output = check_output_dir(output)
     target = output / LORA_FILE
+    output.mkdir(parents=True, exist_ok=True)  # check_output_dir creates nothing
     shutil.copyfile(Path(folder) / LORA_FILE, target)
     return target
 
@@ -153,6 +154,7 @@ def export_kohya(folder: Path, output: Path, model: str | None = None) -> Path:
         "ss_training_comment": f"exported by dagcli from {Path(folder).name}",
     }
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         save_file(to_kohya(info), str(output), metadata=metadata)
     except OSError as e:
         raise DagError(f"--output {str(output)!r} cannot be written ({e.strerror or e})") from e

@@ -6,7 +6,6 @@ Every command loads its model through `load_model`, so offline behaviour and err
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,47 +152,39 @@ def _read_defaults(model: str) -> dict:
 
 
 def _quiet_loading() -> None:
-    """No per-component loading bars or dtype notes from the libraries: our own progress is enough."""
-    import diffusers.utils.logging as dlog
-    import transformers.utils.logging as tlog
+    """No per-component loading bars, retry warnings or dtype notes from the libraries."""
+    from dagcli.hub import quiet_loading
 
-    dlog.disable_progress_bar()
-    tlog.disable_progress_bar()
-    dlog.set_verbosity_error()
-    tlog.set_verbosity_error()
+    quiet_loading()
 
 
 def _from_pretrained(name: str, dtype: torch.dtype):
+    """A pipeline from a local folder, else from the Hugging Face cache, else downloaded (when possible)."""
     from diffusers import StableDiffusionPipeline
+
+    from dagcli.hub import cached_or_download
 
     kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True, dtype=dtype)
     if Path(name).exists():
         return _load_or_explain(lambda: StableDiffusionPipeline.from_pretrained(name, **kwargs), name)
-    try:  # the local cache first: no network round-trip when the model is already there
-        return StableDiffusionPipeline.from_pretrained(name, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        pass
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise DagError(_offline_message(name))
-    return _load_or_explain(lambda: StableDiffusionPipeline.from_pretrained(name, **kwargs), name)
+    return cached_or_download(
+        lambda local: StableDiffusionPipeline.from_pretrained(name, local_files_only=local, **kwargs),
+        "model",
+        name,
+        "--model PATH",
+    )
 
 
 def _load_or_explain(load, name: str):
+    """`load()` of a local pipeline folder; any failure becomes one line naming the folder."""
+    from dagcli.hub import first_line
+
     try:
         return load()
     except DagError:
         raise
-    except Exception as e:  # network, missing files, wrong format: all end in the same advice
-        raise DagError(_offline_message(name) + f" ({type(e).__name__})") from e
-
-
-def _offline_message(name: str) -> str:
-    hf_home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-    return (
-        f"could not load model {name!r}: it is not a local folder, not in the Hugging Face cache ({hf_home}), "
-        f"and could not be downloaded; download it where there is network and pass the folder with --model, "
-        f"or fill HF_HOME and set HF_HUB_OFFLINE=1"
-    )
+    except Exception as e:  # missing files, wrong format: the folder is not a usable pipeline
+        raise DagError(f"cannot load model folder {name!r}: {first_line(e)}") from e
 
 
 # --- the random-weight tiny pipeline (built in code) ------------------------------------------------------

@@ -304,14 +304,12 @@ def render_html(report: dict, images: dict[str, dict[str, list]]) -> str:
 
 
 def terminal_table(report: dict):
-    """A rich table of the overall numbers."""
-    from rich.table import Table
+    """The overall numbers as a `progress.TextTable` (model names and numbers are never cut)."""
+    from dagcli.progress import Column, TextTable
 
     header, rows = summary_rows(report)
-    table = Table(*header, title="dag eval")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    columns = (Column(header[0]), *(Column(h, numeric=True) for h in header[1:]))
+    return TextTable("dag eval", columns, tuple(tuple(r) for r in rows))
 
 
 def images_by_prompt(sets) -> dict[str, dict[str, list]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import tempfile
 from pathlib import Path
 
 import typer
@@ -39,11 +39,19 @@ def check_eta(eta: float) -> None:
 
 
 def check_writable_dir(path: Path, flag: str = "--output") -> None:
-    """The folder exists or can be created, and a file can be written in it."""
+    """The folder exists or can be created, and files can be written there; nothing is created.
+
+    The nearest existing folder on the way (the folder itself, else an ancestor) must take a file, so a
+    command that fails before writing its first file leaves nothing behind; writers create the folder.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DagError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is a file, not a folder)")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".dag-write-test-{os.getpid()}"  # per process: ranks of one run check at once
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=existing):  # unnamed (or at once removed): leaves nothing behind
+            pass
     except OSError as e:
         raise DagError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e})") from e

@@ -167,9 +167,8 @@ def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None
 
 def _finish(sets, base_model, device, reporter, scoring: Scoring, settings, extra: dict) -> None:
     """Build the reward and embedder, evaluate, write the reports, print the table and warnings."""
-    from rich.console import Console
-
     from dagcli.evaluate import load_embedder, run_evaluation, settings_dict
+    from dagcli.progress import print_table
     from dagcli.report import terminal_table
     from dagcli.rewards import build_reward
 
@@ -186,7 +185,7 @@ def _finish(sets, base_model, device, reporter, scoring: Scoring, settings, extr
         settings=settings_dict(settings, **extra, reward=scoring.reward, embed_model=embed_name),
         reporter=reporter,
     )
-    Console().print(terminal_table(report))
+    print_table(terminal_table(report))
     for w in report["warnings"]:
         reporter.warn(w["message"])
     reporter.info(f"wrote {scoring.output / 'report.json'}, report.md and report.html")

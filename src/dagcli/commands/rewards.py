@@ -16,29 +16,45 @@ def rewards(
     option: list[str] = typer.Option(None, "--option", "-o", help="Reward option REWARD.KEY=VALUE (repeatable)."),
 ) -> None:
     """List the available rewards (name, description, unit, needs), or score a folder with --score."""
-    from rich.console import Console
-    from rich.table import Table
-
     from dagcli.errors import DagError
-    from dagcli.rewards import build_reward, list_rewards
+    from dagcli.progress import print_table
+    from dagcli.rewards import build_reward
     from dagcli.rewards.registry import parse_reward_options
     from dagcli.rewards.scoring import score_folder
 
-    console = Console()
     if score is None:
-        table = Table("name", "description", "unit", "needs", "differentiable", title="Rewards")
-        for info in list_rewards():
-            table.add_row(info.name, info.description, info.unit, info.needs, "yes" if info.differentiable else "no")
-        console.print(table)
+        print_table(reward_table())
         return
     if batch_size <= 0:
         raise DagError(f"--batch-size must be positive, got {batch_size}")
     options = parse_reward_options(option or [])
     summaries = score_folder(build_reward(reward, device=device, base_model=model, options=options), score, batch_size)
-    table = Table("component", "mean", "std", "images", title=f"{reward} on {score}")
-    for s in summaries:
-        table.add_row(s.name, f"{s.mean:.4f}", f"{s.std:.4f}", str(s.count))
-    console.print(table)
+    print_table(score_table(f"{reward} on {score}", summaries))
+
+
+def reward_table():
+    """The table of `dag rewards`: names whole, descriptions wrapped."""
+    from dagcli.progress import Column, TextTable
+    from dagcli.rewards import list_rewards
+
+    columns = (
+        Column("name"),
+        Column("description", wrap=True),
+        Column("unit", wrap=True),
+        Column("needs", wrap=True),
+        Column("differentiable"),
+    )
+    rows = [(r.name, r.description, r.unit, r.needs, "yes" if r.differentiable else "no") for r in list_rewards()]
+    return TextTable("Rewards", columns, tuple(rows))
+
+
+def score_table(title: str, summaries):
+    """The table of `dag rewards --score`: one row per component."""
+    from dagcli.progress import Column, TextTable
+
+    columns = (Column("component"), *(Column(h, numeric=True) for h in ("mean", "std", "images")))
+    rows = [(s.name, f"{s.mean:.4f}", f"{s.std:.4f}", str(s.count)) for s in summaries]
+    return TextTable(title, columns, tuple(rows))
 
 
 def register(app: typer.Typer) -> None:

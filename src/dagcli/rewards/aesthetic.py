@@ -17,7 +17,7 @@ from torch import nn
 from dagcli.errors import DagError
 from dagcli.rewards.base import RewardOutput, batches, positive_int, single_output
 from dagcli.rewards.clip import DEFAULT_CLIP, ClipEncoder, load_clip
-from dagcli.rewards.loading import load_state_dict, resolve_file
+from dagcli.rewards.loading import load_state_dict, resolve_file, reward_option
 from dagcli.rewards.registry import register_reward
 
 MLP_FILENAME = "sac+logos+ava1-l14-linearMSE.pth"  # the published weights (3,714,759 bytes)
@@ -47,7 +47,8 @@ class AestheticMLP(nn.Module):
 
 def read_mlp_state(mlp_path: str | Path) -> dict[str, torch.Tensor]:
     """The MLP's tensors from a `.pth` state dict, a `.safetensors` file, or `hf://owner/repo/file`."""
-    state = load_state_dict(resolve_file(mlp_path, "aesthetic MLP"), "aesthetic MLP")
+    path = resolve_file(mlp_path, "aesthetic MLP", reward_option("aesthetic", "mlp_path"))
+    state = load_state_dict(path, "aesthetic MLP")
     if state and not any(k.startswith("layers.") for k in state):
         state = {f"layers.{k}": v for k, v in state.items()}  # a state dict of the bare Sequential
     return state
@@ -112,9 +113,9 @@ def aesthetic(
     if not mlp_path:
         raise DagError(
             f"the aesthetic reward needs the predictor weights {MLP_FILENAME} (from the LAION "
-            "improved-aesthetic-predictor release); pass its path as the aesthetic option mlp_path"
+            f"improved-aesthetic-predictor release); pass its path with {reward_option('aesthetic', 'mlp_path')}"
         )
     batch_size = positive_int("batch_size", batch_size)
     state = read_mlp_state(mlp_path)  # before the (slow) CLIP load, so a bad path fails fast
-    encoder = load_clip(model_id, device=device, dtype=dtype, text=False)
+    encoder = load_clip(model_id, device=device, dtype=dtype, text=False, fix=reward_option("aesthetic", "model_id"))
     return AestheticScore(encoder, build_mlp(state, encoder.projection_dim, str(mlp_path)), batch_size)

@@ -99,31 +99,78 @@ def images_from_pil(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def _read_prompts(folder: Path) -> dict[str, str]:
-    """file name -> prompt, from `samples.jsonl` in the folder (empty when there is none)."""
+@dataclass(frozen=True)
+class ImageFolder:
+    """The images of a folder, one size, each with its file, prompt and `samples.jsonl` record."""
+
+    files: list[Path]
+    images: list  # PIL RGB images
+    prompts: list[str]
+    records: list[dict]  # each file's samples.jsonl line ({} without a manifest)
+
+    def tensor(self) -> torch.Tensor:
+        """[N, 3, H, W] float32 in [0, 1]."""
+        return images_from_pil(self.images)
+
+
+def is_grid_file(path: Path) -> bool:
+    """The per-prompt overview `dag sample` writes beside the images (`grid-*.png`), not a sample."""
+    return path.name.startswith("grid-") and path.suffix.lower() == ".png"
+
+
+def image_files(folder: Path, records: dict[str, dict]) -> list[Path]:
+    """The files `records` (a samples.jsonl) lists, in its order, else every image file but grids, by name."""
+    if records:
+        return [folder / name for name in records if (folder / name).is_file()]
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not is_grid_file(p)
+    )
+
+
+def read_image_folder(directory: str | Path, prompt: str = "") -> ImageFolder:
+    """A folder of images as `dag sample` writes it, for `dag rewards --score` and `dag eval --images`.
+
+    With a `samples.jsonl`, the images it lists (in its order, with its prompts); without one, every image
+    file but the `grid-*.png` overviews, sorted by name, all with `prompt`. They must share one size.
+    """
     from dagcli.generate import read_manifest
 
-    return {name: str(record.get("prompt", "")) for name, record in read_manifest(folder).items()}
-
-
-def load_image_folder(directory: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """Every image of a folder (sorted by name) as [N, 3, H, W] in [0, 1], with prompts from samples.jsonl.
-
-    A `samples.jsonl` line with `file` and `prompt` fields gives that file's prompt; images it does not list
-    get the empty prompt.
-    """
     folder = Path(directory)
     if not folder.is_dir():
         raise DagError(f"image folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    records = read_manifest(folder)
+    files = image_files(folder, records)
     if not files:
-        raise DagError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}")
-    prompts = _read_prompts(folder)
-    pil = []
-    for f in files:
-        with Image.open(f) as img:
-            pil.append(img.convert("RGB"))
-    return images_from_pil(pil), [prompts.get(f.name, "") for f in files]
+        listed = f"of the {len(records)} listed in samples.jsonl " if records else ""
+        raise DagError(f"no images ({', '.join(IMAGE_SUFFIXES)}) {listed}in {str(folder)!r}")
+    images = [_open_rgb(f) for f in files]
+    for f, img in zip(files, images, strict=True):
+        if img.size != images[0].size:
+            raise DagError(
+                f"images of {str(folder)!r} differ in size: {files[0].name} is {_size(images[0])} but "
+                f"{f.name} is {_size(img)}; score images of one size together"
+            )
+    found = [records.get(f.name, {}) for f in files]
+    return ImageFolder(files, images, [str(r.get("prompt", prompt)) for r in found], found)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """An image file as a loaded RGB PIL image; an unreadable file is a DagError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as e:
+        raise DagError(f"cannot read image {str(path)!r} ({e})") from e
+
+
+def _size(img: Image.Image) -> str:
+    return f"{img.width}x{img.height}"
+
+
+def load_image_folder(directory: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """The images of `read_image_folder` as [N, 3, H, W] in [0, 1], and their prompts."""
+    found = read_image_folder(directory)
+    return found.tensor(), found.prompts
 
 
 def check_prompts(prompts: Sequence[str], batch: int) -> list[str]:

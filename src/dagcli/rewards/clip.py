@@ -24,7 +24,7 @@ from dagcli.rewards.base import (
     single_output,
     to_hwc_arrays,
 )
-from dagcli.rewards.loading import load_pretrained
+from dagcli.rewards.loading import load_pretrained, reward_option
 from dagcli.rewards.registry import register_reward
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -80,15 +80,25 @@ def load_clip(
     dtype: str | torch.dtype = "fp32",
     text: bool = True,
     what: str = "CLIP model",
+    fix: str | None = None,
+    processor_fix: str | None = None,
 ) -> ClipEncoder:
-    """Load a `CLIPModel` and its image processor (and tokenizer when `text`); `what` names it in errors."""
+    """Load a `CLIPModel` and its image processor (and tokenizer when `text`).
+
+    `what` names the model in errors; `fix` (and `processor_fix` for a separate `processor_id`) is the
+    option that passes a local folder instead (see `rewards.loading.reward_option`).
+    """
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     device, dtype = parse_device(device), parse_dtype(dtype)
-    processor_id = processor_id or model_id
-    model = load_pretrained(CLIPModel.from_pretrained, model_id, what)
-    image_processor = load_pretrained(AutoImageProcessor.from_pretrained, processor_id, f"{what} image processor")
-    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, processor_id, f"{what} tokenizer") if text else None
+    processor_id, processor_fix = (processor_id, processor_fix or fix) if processor_id else (model_id, fix)
+    model = load_pretrained(CLIPModel.from_pretrained, model_id, what, fix)
+    image_processor = load_pretrained(
+        AutoImageProcessor.from_pretrained, processor_id, f"{what} image processor", processor_fix
+    )
+    tokenizer = None
+    if text:
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, processor_id, f"{what} tokenizer", processor_fix)
     return ClipEncoder(model, image_processor, tokenizer, device, dtype)
 
 
@@ -157,5 +167,7 @@ def clip(
     base_model: str | None = None,
 ) -> ClipScore:
     """CLIP score; `model_id` is a local folder or hub id (default depends on `base_model`)."""
-    encoder = load_clip(model_id or default_clip_id(base_model), device=device, dtype=dtype)
+    encoder = load_clip(
+        model_id or default_clip_id(base_model), device=device, dtype=dtype, fix=reward_option("clip", "model_id")
+    )
     return ClipScore(encoder, as_float("scale", scale), positive_int("batch_size", batch_size))

@@ -1,13 +1,13 @@
-"""Loading reward weights: local folders first, then the Hugging Face cache, then the hub.
+"""Loading reward weights: local folders first, then the Hugging Face cache, then the hub (`dagcli.hub`).
 
-Every failure becomes one `DagError` line naming the model id or file and how to provide it. Remote code
-is never run (`trust_remote_code` stays off) and weight files are read with safetensors or
-`torch.load(..., weights_only=True)` only.
+Every failure becomes one `DagError` line naming the model id or file and the option of the running
+command that provides a local copy (`reward_option`). Remote code is never run (`trust_remote_code`
+stays off) and weight files are read with safetensors or `torch.load(..., weights_only=True)` only.
 """
 
 from __future__ import annotations
 
-import os
+import importlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -16,28 +16,34 @@ from typing import TypeVar
 import torch
 
 from dagcli.errors import DagError
+from dagcli.hub import cached_or_download, first_line, quiet_loading
 
 T = TypeVar("T")
 HF_FILE_PREFIX = "hf://"  # `hf://owner/repo/path/in/repo.pth` names a file of a hub repository
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TRUE = {"1", "on", "yes", "true"}
 
 
-def hub_offline() -> bool:
-    """True when the environment forbids hub downloads (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def reward_option(reward: str, key: str) -> str:
+    """How the running `dag` command sets option `key` of `reward` to a local PATH (for error messages)."""
+    flags = _command_flags()
+    for param in ("reward_option", "option"):  # dag eval --reward-option, dag rewards --option
+        if param in flags:
+            return f"{flags[param]} {reward}.{key}=PATH"
+    if "set_" in flags:  # dag train: reward options are a TOML table of the config
+        return f"--set 'reward.options={{{reward}={{{key}=\"PATH\"}}}}'"
+    return f"the {reward} option {key}=PATH"
 
 
-def missing_weights_message(what: str, model_id: str, local: str = "folder") -> str:
-    """How to provide weights that could not be found or downloaded (`local`: "folder" or "file")."""
-    if hub_offline():
-        tail = "HF_HUB_OFFLINE=1 is set, so nothing is downloaded"
-    else:
-        tail = "set HF_HUB_OFFLINE=1 to skip download attempts"
-    return (
-        f"{what} {model_id!r} is not available: pass a local {local} path instead, or download it once with "
-        f"network access, or point HF_HOME at a Hugging Face cache that holds it ({tail})"
-    )
+def _command_flags() -> dict[str, str]:
+    """Parameter name -> long flag of the command being run (empty outside the command line)."""
+    for module in ("typer._click.globals", "click"):  # typer >= 0.29 vendors click
+        try:
+            ctx = importlib.import_module(module).get_current_context(silent=True)
+        except ImportError:
+            continue
+        if ctx is not None:
+            return {p.name: max(p.opts, key=len) for p in ctx.command.params if p.opts}
+    return {}
 
 
 def _looks_like_path(name: str) -> bool:
@@ -45,32 +51,26 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or not _REPO_ID.match(name)
 
 
-def load_pretrained(load: Callable[..., T], model_id: str | Path, what: str) -> T:
+def load_pretrained(load: Callable[..., T], model_id: str | Path, what: str, fix: str | None = None) -> T:
     """`load(model_id, local_files_only=...)` from a local folder, else the HF cache, else the hub.
 
-    `load` is a `from_pretrained`-style function; `what` names the thing for messages ("CLIP model").
+    `load` is a `from_pretrained`-style function; `what` names the thing for messages ("CLIP model") and
+    `fix` is the option that passes a local folder instead (see `reward_option`).
     """
     name = str(model_id)
     folder = Path(name).expanduser()
     if folder.is_dir():
+        quiet_loading()
         try:
             return load(str(folder), local_files_only=True)
         except (OSError, ValueError) as e:
-            raise DagError(f"cannot load {what} from folder {str(folder)!r}: {_first_line(e)}") from e
+            raise DagError(f"cannot load {what} from folder {str(folder)!r}: {first_line(e)}") from e
     if _looks_like_path(name):
         raise DagError(f"{what} folder {name!r} does not exist")
-    try:
-        return load(name, local_files_only=True)
-    except (OSError, ValueError) as cached_error:
-        if hub_offline():
-            raise DagError(missing_weights_message(what, name)) from cached_error
-    try:
-        return load(name)
-    except (OSError, ValueError) as e:
-        raise DagError(f"{missing_weights_message(what, name)}; {_first_line(e)}") from e
+    return cached_or_download(lambda local: load(name, local_files_only=local), what, name, fix)
 
 
-def resolve_file(spec: str | Path, what: str) -> Path:
+def resolve_file(spec: str | Path, what: str, fix: str | None = None) -> Path:
     """A local file path, or `hf://owner/repo/file` fetched through the HF cache (download if allowed)."""
     text = str(spec)
     if not text.startswith(HF_FILE_PREFIX):
@@ -84,15 +84,11 @@ def resolve_file(spec: str | Path, what: str) -> Path:
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
-    except OSError as cached_error:
-        if hub_offline():
-            raise DagError(missing_weights_message(what, text, "file")) from cached_error
-    try:
-        return Path(hf_hub_download(repo_id, filename))
-    except OSError as e:
-        raise DagError(f"{missing_weights_message(what, text, 'file')}; {_first_line(e)}") from e
+    return Path(
+        cached_or_download(
+            lambda local: hf_hub_download(repo_id, filename, local_files_only=local), what, text, fix
+        )
+    )
 
 
 def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -104,15 +100,7 @@ def load_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
             return load_file(str(path), device="cpu")
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt files raise many types (pickle, zip, safetensors, runtime)
-        raise DagError(f"cannot read {what} file {str(path)!r}: {_first_line(e)}") from e
+        raise DagError(f"cannot read {what} file {str(path)!r}: {first_line(e)}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DagError(f"{what} file {str(path)!r} is not a plain state dict of tensors")
     return state
-
-
-def _first_line(error: BaseException) -> str:
-    """The first non-empty line of an exception's message (library errors are often paragraphs)."""
-    for line in str(error).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(error).__name__

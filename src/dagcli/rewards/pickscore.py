@@ -9,6 +9,7 @@ import torch
 
 from dagcli.rewards.base import RewardOutput, batches, check_prompts, positive_int, single_output
 from dagcli.rewards.clip import ClipEncoder, load_clip
+from dagcli.rewards.loading import reward_option
 from dagcli.rewards.registry import register_reward
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
@@ -53,5 +54,13 @@ def pickscore(
 ) -> PickScore:
     """PickScore; `model_id` / `processor_id` are local folders or hub ids."""
     batch_size = positive_int("batch_size", batch_size)
-    encoder = load_clip(model_id, processor_id=processor_id, device=device, dtype=dtype, what="PickScore model")
+    encoder = load_clip(
+        model_id,
+        processor_id=processor_id,
+        device=device,
+        dtype=dtype,
+        what="PickScore model",
+        fix=reward_option("pickscore", "model_id"),
+        processor_fix=reward_option("pickscore", "processor_id"),
+    )
     return PickScore(encoder, batch_size)

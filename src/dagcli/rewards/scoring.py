@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dagcli.rewards.base import Reward, RewardOutput, batches, load_image_folder
+from dagcli.rewards.base import Reward, RewardOutput, batches, read_image_folder
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,6 @@ def summarize(output: RewardOutput) -> list[ScoreSummary]:
 
 
 def score_folder(reward: Reward, directory: str | Path, batch_size: int = 16) -> list[ScoreSummary]:
-    """Summaries of a reward over every image in a folder (prompts from its samples.jsonl)."""
-    images, prompts = load_image_folder(directory)
-    return summarize(score_images(reward, images, prompts, batch_size))
+    """Summaries of a reward over the images of a folder (`read_image_folder`: those samples.jsonl lists)."""
+    found = read_image_folder(directory)
+    return summarize(score_images(reward, found.tensor(), found.prompts, batch_size))
