@@ -8,7 +8,10 @@ from pathlib import Path
 import typer
 
 from dagcli.errors import DagError
-from dagcli.models import DEVICES, DTYPES
+
+# The names of `dagcli.models.DEVICES` and `DTYPES`, spelt out so that `--help` and usage errors need no torch.
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("fp32", "bf16", "fp16")
 
 MODEL_HELP = (
     "Model: built-in 'tiny' (default) or 'tiny-random', a local diffusers folder, "
