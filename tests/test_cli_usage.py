@@ -1,23 +1,29 @@
-"""First contact with `dag`: usage errors."""
+"""First contact with `dag`: usage errors, help output, and `-o`."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import typer.main
 
 from cli_helpers import run_cli
 from dagcli import cli
+from dagcli.builtin import TINY_NAME
+from dagcli.config import Config
+
+COMMANDS = ["train", "sample", "eval", "export", "rewards"]
 
 # (arguments, text the message must contain): each a usage error of click, not of dagcli
 USAGE_ERRORS = {
     "unknown option": (["train", "--epoch", "1"], ["--epoch", "--epochs"]),
     "not an integer": (["train", "--epochs", "abc"], ["--epochs", "'abc'"]),
     "unknown command": (["smaple"], ["'smaple'", "Did you mean 'sample'?"]),
-    "missing argument": (["export"], ["Missing argument 'run'"]),
+    "missing argument": (["export"], ["Missing argument 'RUN'"]),
     "not a number": (["sample", "--eta", "high"], ["--eta", "'high'"]),
 }
 
@@ -88,6 +94,68 @@ def test_click_package_errors_are_usage_errors_too(monkeypatch, capsys):
     monkeypatch.setattr(cli, "app", app)
     code, _, err = run_cli(["boom"], capsys)
     assert code == 2 and err == "error: Invalid value for '--pick': '7' is not one of 'a', 'b'\n"
+
+
+# ---------------------------------------------------------------- help
+
+
+def help_text(capsys, monkeypatch, command: str, columns: int) -> str:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, out, err = run_cli([command, "--help"] if command else ["--help"], capsys)
+    assert code == 0, err
+    return out
+
+
+def click_params(command: str):
+    group = typer.main.get_command(cli.app)
+    return group.commands[command].params if command else group.params
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_fits_80_columns_and_flags_show_no_type(command, capsys, monkeypatch):
+    cli._register_commands()
+    out = help_text(capsys, monkeypatch, command, 80)
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert "<bool>" not in out
+    flags = [p.opts[0] for p in click_params(command) if getattr(p, "is_flag", False)] + ["--help"]
+    for flag in flags:  # the flag's row: its name, then (after a possible --no-X) straight to the help text
+        row = next(line for line in out.splitlines() if f"{flag} " in line)
+        assert "<" not in row.split(flag, 1)[1][:30], row
+
+
+def test_train_help_shows_every_effective_default(capsys, monkeypatch):
+    out = help_text(capsys, monkeypatch, "train", 250)
+    c = Config()
+    expected = {
+        "--algorithm": c.train.algorithm, "--reward": c.reward.spec, "--epochs": c.train.epochs,
+        "--batch-size": c.sampling.batch_size, "--train-batch-size": c.train.batch_size, "--seed": c.train.seed,
+        "--output": c.output.dir, "--model": TINY_NAME, "--device": c.model.device,
+        "--report-to": c.output.report_to,
+    }
+    rows = {line.split()[1]: line for line in out.splitlines() if re.match(r"^│ --", line)}
+    for flag, value in expected.items():
+        assert f"[default: {value}]" in rows[flag], rows[flag]
+    for flag in ["--steps", "--prompts"]:
+        assert "[default: the model's; Stable Diffusion: " in rows[flag]
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_sampler_help_says_defaults_come_from_the_model(command, capsys, monkeypatch):
+    out = help_text(capsys, monkeypatch, command, 250)
+    assert "[default: the model's; Stable Diffusion: 50]" in out
+    assert "[default: the model's; Stable Diffusion: 5]" in out
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in out
+
+
+def test_short_o_is_output_in_every_command():
+    cli._register_commands()
+    group = typer.main.get_command(cli.app)
+    with_o = {name: cmd for name, cmd in group.commands.items() if any("-o" in p.opts for p in cmd.params)}
+    assert {"train", "sample", "eval", "export"} <= set(with_o)
+    for name, cmd in with_o.items():
+        assert [p.opts for p in cmd.params if "-o" in p.opts] == [["--output", "-o"]], name
+    rewards = {opt for p in group.commands["rewards"].params for opt in p.opts}
+    assert "-o" not in rewards and {"--reward-option", "--option"} <= rewards
 
 
 def test_help_and_usage_errors_do_not_import_torch():

@@ -454,12 +454,17 @@ def test_dag_rewards_command_lists_and_scores(tmp_path, images, clip_dir):
     result = runner.invoke(app, ["rewards", "--score", str(tmp_path), "--reward", "nope"])
     assert isinstance(result.exception, DagError)
     result = runner.invoke(
-        app, ["rewards", "--score", str(tmp_path), "--reward", "clip", "-o", f"clip.model_id={clip_dir}",
-              "-o", "clip.scale=100", "--batch-size", "2"],
+        app, ["rewards", "--score", str(tmp_path), "--reward", "clip", "--reward-option", f"clip.model_id={clip_dir}",
+              "--reward-option", "clip.scale=100", "--batch-size", "2"],
         env={"COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output
     assert "clip" in result.output and "total" not in result.output
+    # `--option` still works (hidden); `-o` is `--output` elsewhere and nothing here
+    result = runner.invoke(app, ["rewards", "--score", str(tmp_path), "--reward", "clip", "--option", "clip.scael=1"])
+    assert isinstance(result.exception, DagError) and "unknown option 'scael'" in str(result.exception)
+    result = runner.invoke(app, ["rewards", "--score", str(tmp_path), "-o", "clip.scale=1"])
+    assert result.exit_code == 2 and "No such option: -o" in result.output
 
 
 def test_parse_reward_options():
