@@ -1,4 +1,4 @@
-"""First contact with `dag`: usage errors, help output, and `-o`."""
+"""First contact with `dag`: usage errors, help output, `-o`, and the reward weight in a spec."""
 
 from __future__ import annotations
 
@@ -94,6 +94,14 @@ def test_click_package_errors_are_usage_errors_too(monkeypatch, capsys):
     monkeypatch.setattr(cli, "app", app)
     code, _, err = run_cli(["boom"], capsys)
     assert code == 2 and err == "error: Invalid value for '--pick': '7' is not one of 'a', 'b'\n"
+
+
+def test_bad_reward_weight_is_named_before_anything_loads(tmp_path, capsys):
+    code, _, err = run_cli(["train", "--reward", "compressibility:abc", "-o", tmp_path / "run"], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == ("error: reward weight 'abc' in 'compressibility:abc' is not a number; "
+                           "use NAME:WEIGHT, e.g. compressibility:0.5")
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- help
