@@ -229,6 +229,33 @@ def test_parse_spec_tells_weights_from_plugins():
             parse_spec(bad)
 
 
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("compressibility:abc", "reward weight 'abc' in 'compressibility:abc' is not a number; use NAME:WEIGHT, "
+                                "e.g. compressibility:0.5"),
+        ("aesthetic:1,clip:0.5x", "reward weight '0.5x' in 'clip:0.5x' is not a number; use NAME:WEIGHT"),
+        ("no_such_reward:1e", "reward weight '1e' in 'no_such_reward:1e' is not a number"),
+        ("my.mod:make:half", "reward weight 'half' in 'my.mod:make:half' is not a number; use MODULE:FACTORY:WEIGHT, "
+                             "e.g. my.mod:make:0.5"),
+    ],
+)
+def test_a_misspelt_weight_is_named_as_a_weight(spec, message):
+    with pytest.raises(DagError) as info:
+        parse_spec(spec)
+    assert str(info.value).startswith(message)
+
+
+def test_plugins_are_still_plugins_next_to_weights():
+    parts = parse_spec("compressibility:2,my_module:make_reward,path/to/file.py:make:0.5,./plug.py:make_2")
+    assert [(p.label, p.weight, p.plugin) for p in parts] == [
+        ("compressibility", 2.0, None),
+        ("my_module:make_reward", None, ("my_module", "make_reward")),
+        ("path/to/file.py:make", 0.5, ("path/to/file.py", "make")),
+        ("./plug.py:make_2", None, ("./plug.py", "make_2")),
+    ]
+
+
 def test_weighted_sum_equals_sum_of_scaled_components(images):
     reward = build_reward("compressibility:2,colorfulness:0.01,incompressibility")
     assert isinstance(reward, WeightedReward)
@@ -456,12 +483,17 @@ def test_dag_rewards_command_lists_and_scores(tmp_path, images, clip_dir):
     result = runner.invoke(app, ["rewards", "--score", str(tmp_path), "--reward", "nope"])
     assert isinstance(result.exception, DagError)
     result = runner.invoke(
-        app, ["rewards", "--score", str(tmp_path), "--reward", "clip", "-o", f"clip.model_id={clip_dir}",
-              "-o", "clip.scale=100", "--batch-size", "2"],
+        app, ["rewards", "--score", str(tmp_path), "--reward", "clip", "--reward-option", f"clip.model_id={clip_dir}",
+              "--reward-option", "clip.scale=100", "--batch-size", "2"],
         env={"COLUMNS": "200"},
     )
     assert result.exit_code == 0, result.output
     assert "clip" in result.output and "total" not in result.output
+    # `--option` still works (hidden); `-o` is `--output` elsewhere and nothing here
+    result = runner.invoke(app, ["rewards", "--score", str(tmp_path), "--reward", "clip", "--option", "clip.scael=1"])
+    assert isinstance(result.exception, DagError) and "unknown option 'scael'" in str(result.exception)
+    result = runner.invoke(app, ["rewards", "--score", str(tmp_path), "-o", "clip.scale=1"])
+    assert result.exit_code == 2 and "No such option: -o" in result.output
 
 
 def test_parse_reward_options():

@@ -9,12 +9,45 @@ import os
 import sys
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from dagcli import __version__
 from dagcli.errors import DagError
 
-app = typer.Typer(
+# typer 0.29 raises the exceptions of its own copy of click; typer releases built on the click package raise
+# click's. Usage errors of either are caught.
+CLICK_EXCEPTION_MODULES = ("typer._click.exceptions", "click.exceptions")
+
+
+class _FlagsTakeNoValue:
+    """Help rows of boolean flags show no value placeholder (typer 0.29 prints `<bool>` for them)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class DagGroup(_FlagsTakeNoValue, TyperGroup):
+    """The `dag` group."""
+
+
+class DagCommand(_FlagsTakeNoValue, TyperCommand):
+    """A `dag` subcommand."""
+
+
+class DagTyper(typer.Typer):
+    """A Typer app whose commands are `DagCommand`s unless told otherwise."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or DagCommand, **kwargs)
+
+
+app = DagTyper(
     name="dag",
+    cls=DagGroup,
     help="Align text-to-image diffusion models to black-box rewards with GFlowNets (DAG).",
     no_args_is_help=True,
     add_completion=False,
@@ -39,6 +72,9 @@ def _root(
 
 
 def _register_commands() -> None:
+    """Add the commands to `app`, once: `main` runs many times in one process under the tests."""
+    if app.registered_commands:
+        return
     from dagcli.commands import sample
 
     sample.register(app)
@@ -63,6 +99,52 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
 
 
+def click_exceptions(name: str) -> tuple[type[BaseException], ...]:
+    """The exception class `name` of every click that is loaded (typer's own copy and/or the click package)."""
+    found = []
+    for module_name in CLICK_EXCEPTION_MODULES:
+        module = sys.modules.get(module_name)
+        if module is not None and isinstance(getattr(module, name, None), type):
+            found.append(getattr(module, name))
+    return tuple(found)
+
+
+def usage_message(error: BaseException) -> str:
+    """click's message for a usage error, plus the rejected value when the message leaves it out."""
+    message = error.format_message()
+    value = _rejected_value(error)
+    if value is not None and value not in message:
+        message += f" (got {value!r})"
+    return message
+
+
+def _rejected_value(error: BaseException) -> str | None:
+    """The text typer failed to convert, from the validation error behind a BadParameter (typer >= 0.29)."""
+    errors = getattr(error.__cause__, "errors", None)
+    try:
+        value = errors()[0].get("input") if callable(errors) else None
+    except (IndexError, TypeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _show_usage_error(error: BaseException) -> int:
+    """Print a click usage error as `error: MESSAGE` and a pointer to --help; returns the exit code.
+
+    The `dag` group's own "no arguments" signal prints the group's help instead and exits 0.
+    """
+    if isinstance(error, click_exceptions("NoArgsIsHelpError")):
+        text = error.format_message()  # empty when typer's rich help already printed itself
+        if text:
+            typer.echo(text)
+        return 0
+    typer.secho(f"error: {usage_message(error)}", err=True, fg="red")
+    ctx = getattr(error, "ctx", None)
+    if ctx is not None and ctx.help_option_names:
+        typer.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True)
+    return getattr(error, "exit_code", 2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `dag` script."""
     _quiet_libraries()
@@ -83,10 +165,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except Exception as e:
+        if not isinstance(e, click_exceptions("ClickException")):
+            raise
+        sys.exit(_show_usage_error(e))

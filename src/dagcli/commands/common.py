@@ -8,16 +8,27 @@ from pathlib import Path
 import typer
 
 from dagcli.errors import DagError
-from dagcli.models import DEVICES, DTYPES
 
-MODEL_HELP = (
-    "Model: built-in 'tiny' (default) or 'tiny-random', a local diffusers folder, "
-    "or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5."
+# The names of `dagcli.models.DEVICES` and `DTYPES`, spelt out so that `--help` and usage errors need no torch.
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("fp32", "bf16", "fp16")
+
+# Help texts are rich markup: `\\[` keeps a bracket literal.
+MODEL_HELP = "Base model (see below). \\[default: the checkpoint's, else tiny]"
+# Below the options, at full width: a hub id is too long for the help column of an 80-column terminal.
+MODEL_EPILOG = (
+    "--model takes the built-in 'tiny' or 'tiny-random', a local diffusers folder, or a hub id, e.g. "
+    "stable-diffusion-v1-5/stable-diffusion-v1-5 for Stable Diffusion 1.5."
 )
+SAMPLER_DEFAULTS_HELP = {
+    "steps": "Sampler steps. \\[default: the model's; Stable Diffusion: 50]",
+    "guidance": "Classifier-free guidance weight. \\[default: the model's; Stable Diffusion: 5]",
+}
 
 
-def model_option(default: str | None = None):
-    return typer.Option(default, "--model", "-m", help=MODEL_HELP)
+def model_option():
+    """`--model` of the commands that can take the base model from a checkpoint."""
+    return typer.Option(None, "--model", "-m", help=MODEL_HELP)
 
 
 def device_option():

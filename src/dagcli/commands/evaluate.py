@@ -7,8 +7,22 @@ from pathlib import Path
 
 import typer
 
-from dagcli.commands.common import check_eta, check_positive, check_writable_dir, device_option, dtype_option
+from dagcli.commands.common import (
+    MODEL_EPILOG,
+    SAMPLER_DEFAULTS_HELP,
+    check_eta,
+    check_positive,
+    check_writable_dir,
+    device_option,
+    dtype_option,
+    model_option,
+)
 from dagcli.errors import DagError
+
+EVAL_EPILOG = (
+    f"{MODEL_EPILOG} --embed-model defaults to the built-in tiny CLIP for the tiny model and to "
+    "openai/clip-vit-large-patch14 for other models."
+)
 
 
 @dataclass(frozen=True)
@@ -28,28 +42,29 @@ class Scoring:
 def evaluate(
     prompts: str = typer.Option(None, "--prompts", help="Prompt file (.txt/.jsonl) or built-in set name."),
     prompt: list[str] = typer.Option(
-        None, "--prompt", "-p", help="A prompt (repeatable); with --images, the prompt of a bare folder."
+        None, "--prompt", "-p", metavar="<text>",
+        help="A prompt (repeatable); with --images, the prompt of a bare folder.",
     ),
     ckpt: list[str] = typer.Option(
-        None, "--ckpt", help="Run dir, checkpoint or LoRA folder to compare with the base (repeatable)."
+        None, "--ckpt", metavar="<path>",
+        help="Run dir, checkpoint or LoRA folder to compare with the base (repeatable).",
     ),
     images: list[Path] = typer.Option(
-        None, "--images", help="Score the images of this folder instead of generating (repeatable)."
+        None, "--images", metavar="<path>",
+        help="Score the images of this folder instead of generating (repeatable).",
     ),
     reward: str = typer.Option(
         None, "--reward", "-r", help="Rewards, e.g. aesthetic,clip (one metric each)."
     ),
     reward_option: list[str] = typer.Option(
-        None, "--reward-option", help="Reward option REWARD.KEY=VALUE (repeatable)."
+        None, "--reward-option", metavar="<key=value>", help="Reward option REWARD.KEY=VALUE (repeatable)."
     ),
     num_per_prompt: int = typer.Option(4, "--num-per-prompt", "-n", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
     output: Path = typer.Option(Path("eval"), "--output", "-o", help="Output folder (reports and images)."),
-    model: str = typer.Option(None, "--model", "-m", help="Base model (default: the checkpoint's)."),
-    steps: int = typer.Option(None, "--steps", help="Sampler steps (default: the model's, else 50)."),
-    guidance: float = typer.Option(
-        None, "--guidance", help="Guidance weight (default: the model's, else 5)."
-    ),
+    model: str = model_option(),
+    steps: int = typer.Option(None, "--steps", help=SAMPLER_DEFAULTS_HELP["steps"]),
+    guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
     eta: float = typer.Option(1.0, "--eta", help="DDIM eta in [0, 1]."),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler and reward call."),
     device: str = device_option(),
@@ -57,8 +72,7 @@ def evaluate(
     embed_model: str = typer.Option(
         None,
         "--embed-model",
-        help="CLIP id or folder for diversity, drift and fidelity (default: the built-in tiny CLIP for the "
-        "tiny model, else openai/clip-vit-large-patch14; 'none' skips them).",
+        help="CLIP id or folder for diversity, drift and fidelity; 'none' skips them. \\[default: see below]",
     ),
     hack_threshold: float = typer.Option(
         0.2,
@@ -193,5 +207,5 @@ def _finish(sets, base_model, device, reporter, scoring: Scoring, settings, extr
 
 def register(app: typer.Typer) -> None:
     """Add `eval` and its hidden alias `evaluate`."""
-    app.command("eval")(evaluate)
-    app.command("evaluate", hidden=True)(evaluate)
+    app.command("eval", epilog=EVAL_EPILOG)(evaluate)
+    app.command("evaluate", hidden=True, epilog=EVAL_EPILOG)(evaluate)

@@ -6,18 +6,22 @@ from pathlib import Path
 
 import typer
 
-from dagcli.commands.common import MODEL_HELP
+from dagcli.commands.common import MODEL_EPILOG
 from dagcli.errors import DagError
 
 
 def export(
-    run: Path = typer.Argument(..., help="A training run (its latest checkpoint), a checkpoint or LoRA folder."),
+    run: Path = typer.Argument(
+        ..., metavar="RUN", help="A training run (its latest checkpoint), a checkpoint or LoRA folder."
+    ),
     step: int = typer.Option(None, "--step", help="Export this checkpoint step of the run instead of the latest."),
-    fmt: str = typer.Option(None, "--format", "-f", help="diffusers | kohya | merged."),
-    output: Path = typer.Option(None, "--output", "-o",
-                                help="Folder (diffusers, merged) or .safetensors file (kohya)."),
-    model: str = typer.Option(None, "--model", "-m",
-                              help="Base model for kohya/merged (default: the checkpoint's). " + MODEL_HELP),
+    fmt: str = typer.Option(None, "--format", "-f", help="diffusers | kohya | merged (required)."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Folder (diffusers, merged) or .safetensors file (kohya); required."
+    ),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Base model for kohya and merged (see below). \\[default: the checkpoint's]"
+    ),
 ) -> None:
     """Export a checkpoint's LoRA for diffusers, kohya/A1111/ComfyUI, or as a full merged pipeline."""
     from dagcli.checkpoint import LORA_FILE, resolve_checkpoint
@@ -40,4 +44,4 @@ def export(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("export")(export)
+    app.command("export", epilog=MODEL_EPILOG)(export)

@@ -13,7 +13,10 @@ def rewards(
     model: str = typer.Option(None, "--model", "-m", help="Base model the images came from (picks clip's default)."),
     device: str = typer.Option("cpu", "--device", help="Device for reward models: auto|cpu|cuda."),
     batch_size: int = typer.Option(16, "--batch-size", help="Images per reward call."),
-    option: list[str] = typer.Option(None, "--option", "-o", help="Reward option REWARD.KEY=VALUE (repeatable)."),
+    reward_option: list[str] = typer.Option(
+        None, "--reward-option", metavar="<key=value>", help="Reward option REWARD.KEY=VALUE (repeatable)."
+    ),
+    option: list[str] = typer.Option(None, "--option", hidden=True, help="Former name of --reward-option."),
 ) -> None:
     """List the available rewards (name, description, unit, needs), or score a folder with --score."""
     from dagcli.errors import DagError
@@ -27,7 +30,7 @@ def rewards(
         return
     if batch_size <= 0:
         raise DagError(f"--batch-size must be positive, got {batch_size}")
-    options = parse_reward_options(option or [])
+    options = parse_reward_options([*(reward_option or []), *(option or [])])
     summaries = score_folder(build_reward(reward, device=device, base_model=model, options=options), score, batch_size)
     print_table(score_table(f"{reward} on {score}", summaries))
 

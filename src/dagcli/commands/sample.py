@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from dagcli.commands.common import (
+    MODEL_EPILOG,
+    SAMPLER_DEFAULTS_HELP,
     check_eta,
     check_positive,
     check_writable_dir,
@@ -18,15 +20,15 @@ from dagcli.errors import DagError
 
 
 def sample(
-    prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    prompt: list[str] = typer.Option(None, "--prompt", "-p", metavar="<text>", help="A prompt (repeatable)."),
     prompts: str = typer.Option(None, "--prompts", help="Prompt file (.txt/.jsonl) or built-in set name."),
     num_per_prompt: int = typer.Option(4, "--num-per-prompt", "-n", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
-    steps: int = typer.Option(None, "--steps", help="Sampler steps (default: the model's, else 50)."),
+    steps: int = typer.Option(None, "--steps", help=SAMPLER_DEFAULTS_HELP["steps"]),
     eta: float = typer.Option(1.0, "--eta", help="DDIM eta in [0, 1]."),
-    guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance (default: the model's, else 5)."),
-    height: int = typer.Option(None, "--height", help="Image height in pixels (default: the model's)."),
-    width: int = typer.Option(None, "--width", help="Image width in pixels (default: the model's)."),
+    guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
+    height: int = typer.Option(None, "--height", help="Image height in pixels. \\[default: the model's]"),
+    width: int = typer.Option(None, "--width", help="Image width in pixels. \\[default: the model's]"),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler call."),
     ckpt: str = typer.Option(None, "--ckpt", help="A LoRA folder, checkpoint folder or training run (latest)."),
     output: Path = typer.Option(Path("samples"), "--output", "-o", help="Output folder."),
@@ -80,4 +82,4 @@ def sample(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sample")(sample)
+    app.command("sample", epilog=MODEL_EPILOG)(sample)

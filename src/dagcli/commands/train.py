@@ -11,20 +11,37 @@ from dagcli.errors import DagError
 
 
 def train(
-    config: Path = typer.Option(None, "--config", "-c", help="TOML preset (see examples/)."),
-    set_: list[str] = typer.Option(None, "--set", help="Override a key: section.key=value (repeatable)."),
-    algorithm: str = typer.Option(None, "--algorithm", help="dag-db (default) | dag-kl | ddpo."),
-    reward: str = typer.Option(None, "--reward", "-r", help="Reward spec, e.g. aesthetic or aesthetic:1,clip:0.5."),
-    prompts: str = typer.Option(None, "--prompts", help="Prompt file or built-in set."),
-    epochs: int = typer.Option(None, "--epochs", help="Number of epochs."),
-    batch_size: int = typer.Option(None, "--batch-size", help="Trajectories per sampler call (per process)."),
-    train_batch_size: int = typer.Option(None, "--train-batch-size", help="Transitions per micro-batch."),
-    steps: int = typer.Option(None, "--steps", help="Sampler steps per trajectory."),
-    seed: int = typer.Option(None, "--seed", help="Run seed."),
-    output: Path = typer.Option(None, "--output", "-o", help="Run directory (default runs/dag)."),
-    model: str = typer.Option(None, "--model", "-m", help="Base model (built-in name, folder or hub id)."),
-    device: str = typer.Option(None, "--device", help="auto | cpu | cuda."),
-    report_to: str = typer.Option(None, "--report-to", help="none | tensorboard | wandb (optional extras)."),
+    config: Path = typer.Option(None, "--config", "-c", help="TOML preset (see examples/); flags override it."),
+    set_: list[str] = typer.Option(
+        None, "--set", metavar="<key=value>", help="Override a key: section.key=value (repeatable)."
+    ),
+    algorithm: str = typer.Option(None, "--algorithm", help="dag-db | dag-kl | ddpo. \\[default: dag-db]"),
+    reward: str = typer.Option(
+        None, "--reward", "-r", help="Reward spec, e.g. aesthetic or aesthetic:1,clip:0.5. \\[default: aesthetic]"
+    ),
+    prompts: str = typer.Option(
+        None, "--prompts",
+        help="Prompt file or built-in set. \\[default: the model's; Stable Diffusion: simple_animals]",
+    ),
+    epochs: int = typer.Option(None, "--epochs", help="Number of epochs. \\[default: 100]"),
+    batch_size: int = typer.Option(
+        None, "--batch-size", help="Trajectories per sampler call (per process). \\[default: 16]"
+    ),
+    train_batch_size: int = typer.Option(
+        None, "--train-batch-size", help="Transitions per micro-batch (per process). \\[default: 8]"
+    ),
+    steps: int = typer.Option(
+        None, "--steps", help="Sampler steps per trajectory. \\[default: the model's; Stable Diffusion: 50]"
+    ),
+    seed: int = typer.Option(None, "--seed", help="Run seed. \\[default: 0]"),
+    output: Path = typer.Option(None, "--output", "-o", help="Run directory. \\[default: runs/dag]"),
+    model: str = typer.Option(
+        None, "--model", "-m", help="Base model: built-in name, local folder or hub id. \\[default: tiny]"
+    ),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda. \\[default: auto]"),
+    report_to: str = typer.Option(
+        None, "--report-to", help="none | tensorboard | wandb (optional extras). \\[default: none]"
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint of --output."),
     resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
 ) -> None:

@@ -8,7 +8,9 @@ Spec grammar (comma-separated parts, each optionally followed by `:WEIGHT`, a pl
     my_module:make_reward:0.5          the same plugin with a weight
     path/to/file.py:make_reward        a plugin factory defined in a Python file
 
-A part `a:b` is a weighted name when `b` is a number and a plugin otherwise.
+A part `a:b` is a weighted name when `b` is a number and a plugin otherwise, except that a registered
+reward name before the last `:`, or text after it that cannot name a factory (not an identifier), makes it
+a misspelt weight (`compressibility:abc`, `clip:0.5x`), reported as such.
 """
 
 from __future__ import annotations
@@ -91,6 +93,12 @@ def parse_spec(spec: str) -> list[SpecPart]:
         weight = None
         if len(pieces) > 1 and _NUMBER.match(pieces[-1]):
             weight = float(pieces.pop())
+        elif _misspelt_weight(pieces):
+            form = "NAME:WEIGHT" if len(pieces) == 2 else "MODULE:FACTORY:WEIGHT"
+            raise DagError(
+                f"reward weight {pieces[-1]!r} in {raw.strip()!r} is not a number; use {form}, "
+                f"e.g. {':'.join(pieces[:-1])}:0.5"
+            )
         if not all(pieces) or len(pieces) > 2:
             raise DagError(
                 f"bad reward spec part {raw.strip()!r} in {spec!r}; "
@@ -99,6 +107,13 @@ def parse_spec(spec: str) -> list[SpecPart]:
         plugin = (pieces[0], pieces[1]) if len(pieces) == 2 else None
         parts.append(SpecPart(":".join(pieces), weight, plugin))
     return parts
+
+
+def _misspelt_weight(pieces: list[str]) -> bool:
+    """`NAME:X` or `MODULE:FACTORY:X` whose X is meant as a weight but is not a number (see the grammar)."""
+    if not all(pieces) or len(pieces) not in (2, 3):
+        return False
+    return len(pieces) == 3 or pieces[0] in REWARDS or not pieces[-1].isidentifier()
 
 
 def _resolve_factory(part: SpecPart) -> tuple[Callable[..., Reward], bool]:
