@@ -76,6 +76,13 @@ def test_toml_round_trip(tmp_path):
     assert "guidance" not in written and written["steps"] == 9  # unset (the model's default) is left out
 
 
+def test_dotted_set_reaches_inside_a_table_setting(tmp_path):
+    preset = tmp_path / "p.toml"
+    preset.write_text('[reward]\nspec = "aesthetic,clip"\noptions = {clip = {scale = 2.0}}\n')
+    c = load_config(preset, ["reward.options.aesthetic.mlp_path=/w/mlp.pth", "reward.options.clip.model_id=m"])
+    assert c.reward.options == {"clip": {"scale": 2.0, "model_id": "m"}, "aesthetic": {"mlp_path": "/w/mlp.pth"}}
+
+
 def test_overrides_apply_over_a_preset(tmp_path):
     preset = tmp_path / "p.toml"
     preset.write_text('[train]\nepochs = 5\nlearning_rate = 1e-3\n')

@@ -45,7 +45,7 @@ def dag_offline(*args, cwd: Path, hf_home: Path) -> tuple[subprocess.CompletedPr
 @pytest.mark.parametrize(
     "args, needles",
     [
-        (["--reward", "aesthetic"], ["aesthetic MLP", "--set 'reward.options={aesthetic={mlp_path=\"PATH\"}}'"]),
+        (["--reward", "aesthetic"], ["aesthetic MLP", "--set reward.options.aesthetic.mlp_path=PATH"]),
         (["--model", "someone/missing-model"], ["model 'someone/missing-model'", "--model PATH"]),
     ],
 )

@@ -235,9 +235,12 @@ def read_settings(path: str | Path | None = None, overrides: list[str] | None = 
             raise DagError(f"config file {str(path)!r} is not valid TOML ({str(e).splitlines()[0]})") from e
     for text in overrides or []:
         section, key, value = parse_override(text)
-        data.setdefault(section, {})
-        if isinstance(data[section], dict):
-            data[section][key] = value
+        table = data.setdefault(section, {})
+        *inner, last = key.split(".")  # reward.options.clip.scale=2: a key inside a table-valued setting
+        for name in inner:
+            table = table.setdefault(name, {}) if isinstance(table, dict) else table
+        if isinstance(table, dict):
+            table[last] = value
     return data
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dagcli.algorithms import Context, MicroBatch, PolicyOutput, build_algorithm
+from dagcli.algorithms import build_algorithm
+from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.checkpoint import TrainState
 from dagcli.config import Config, dump_toml, fill_model_defaults, replace, to_dict
 from dagcli.distributed import Dist

@@ -1,15 +1,18 @@
 """Training objectives behind one interface (`base.Algorithm`): DAG-DB and DAG-KL (GFlowNet), DDPO (RL baseline).
 
 `ALGORITHMS` is the one list of them: config validation, `dag train --help` and error messages read it. Each
-reads its own config section (`section`), built with `build_algorithm`.
+reads its own config section (`section`), built with `build_algorithm`. This module imports no torch, so the
+command line can list the algorithms without loading it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from dagcli.algorithms.base import Algorithm, Context, MicroBatch, PolicyOutput
+if TYPE_CHECKING:
+    from dagcli.algorithms.base import Algorithm, Context
 
 
 @dataclass(frozen=True)
@@ -53,4 +56,4 @@ def build_algorithm(name: str, config, ctx: Context) -> Algorithm:
     return info.build(getattr(config, info.section), ctx)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "AlgorithmInfo", "Context", "MicroBatch", "PolicyOutput", "build_algorithm"]
+__all__ = ["ALGORITHMS", "AlgorithmInfo", "build_algorithm"]

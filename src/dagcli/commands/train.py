@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from dagcli.algorithms import ALGORITHMS
 from dagcli.errors import DagError
 
 
@@ -15,7 +16,7 @@ def train(
     set_: list[str] = typer.Option(
         None, "--set", metavar="<key=value>", help="Override a key: section.key=value (repeatable)."
     ),
-    algorithm: str = typer.Option(None, "--algorithm", help="dag-db | dag-kl | ddpo. \\[default: dag-db]"),
+    algorithm: str = typer.Option(None, "--algorithm", help=f"{' | '.join(ALGORITHMS)}. \\[default: dag-db]"),
     reward: str = typer.Option(
         None, "--reward", "-r", help="Reward spec, e.g. aesthetic or aesthetic:1,clip:0.5. \\[default: aesthetic]"
     ),

@@ -30,7 +30,7 @@ def reward_option(reward: str, key: str) -> str:
         if param in flags:
             return f"{flags[param]} {reward}.{key}=PATH"
     if "set_" in flags:  # dag train: reward options are a TOML table of the config
-        return f"--set 'reward.options={{{reward}={{{key}=\"PATH\"}}}}'"
+        return f"--set reward.options.{reward}.{key}=PATH"
     return f"the {reward} option {key}=PATH"
 
 
