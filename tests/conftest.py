@@ -11,7 +11,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A random tiny Stable Diffusion pipeline written with `save_pretrained` (safetensors)."""
-    from dagcli.models import build_tiny_random_pipeline
+    from dagcli.builtin.random_models import build_tiny_random_pipeline
 
     folder = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_random_pipeline(seed=0).save_pretrained(folder, safe_serialization=True)

@@ -118,7 +118,8 @@ def test_pipelines_with_another_scheduler_sample_with_ddim(tmp_path):
     from diffusers import DDIMScheduler as DDIM
     from diffusers import PNDMScheduler
 
-    from dagcli.models import build_tiny_random_pipeline, load_model
+    from dagcli.builtin.random_models import build_tiny_random_pipeline
+    from dagcli.models import load_model
 
     pipe = build_tiny_random_pipeline()
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)

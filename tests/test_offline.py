@@ -76,9 +76,9 @@ def test_an_unreachable_hub_is_known_within_seconds(no_hub):
 @pytest.mark.parametrize(
     "command, needle",
     [
-        (["rewards", "-r", "aesthetic", "--score", "{images}"], "--option aesthetic.mlp_path=PATH"),
-        (["rewards", "-r", "clip", "-o", "clip.model_id=someone/clip", "--score", "{images}"],
-         "--option clip.model_id=PATH"),
+        (["rewards", "-r", "aesthetic", "--score", "{images}"], "--reward-option aesthetic.mlp_path=PATH"),
+        (["rewards", "-r", "clip", "--reward-option", "clip.model_id=someone/clip", "--score", "{images}"],
+         "--reward-option clip.model_id=PATH"),
         (["eval", "--images", "{images}", "-r", "pickscore", "--embed-model", "none", "-o", "{tmp}/out"],
          "--reward-option pickscore.model_id=PATH"),
     ],

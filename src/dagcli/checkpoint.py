@@ -180,6 +180,7 @@ def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict
         "format": 1,
         "step": step,
         "base_model": base_model,
+        "family": family.name,
         "lora": lora,
         "state": state,
         "config": config,

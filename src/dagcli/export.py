@@ -30,6 +30,7 @@ class LoraInfo:
     rank: int
     alpha: float
     base_model: str | None
+    family: str | None = None  # "sd", ... as recorded by training (None for a bare LoRA folder)
 
 
 # --- reading a checkpoint -----------------------------------------------------------------------------------
@@ -51,7 +52,8 @@ def read_lora(folder: Path) -> LoraInfo:
     if not weights:
         raise DagError(f"{str(file)!r} holds no LoRA weights")
     rank, alpha = _rank_alpha(weights, file_meta, meta.get("lora", {}))
-    return LoraInfo(weights=weights, rank=rank, alpha=alpha, base_model=meta.get("base_model"))
+    return LoraInfo(weights=weights, rank=rank, alpha=alpha, base_model=meta.get("base_model"),
+                    family=meta.get("family"))
 
 
 def _rank_alpha(weights: dict, file_meta: dict, meta_lora: dict) -> tuple[int, float]:
@@ -79,6 +81,19 @@ def base_model_for(info: LoraInfo, model: str | None, folder: Path) -> str:
         raise DagError(f"checkpoint {str(folder)!r} does not record its base model; pass --model")
     check_model_name(name)
     return name
+
+
+def family_of(info: LoraInfo, base: str) -> str:
+    """The LoRA's model family: recorded by training, else read from the base model's pipeline class (no weights
+    loaded); checkpoints from before families were recorded are Stable Diffusion ones."""
+    from dagcli.models import pipeline_class_name
+
+    if info.family:
+        return info.family
+    from dagcli.families import pipeline_family
+
+    cls = pipeline_family(pipeline_class_name(base) or "")
+    return cls.name if cls is not None else "sd"
 
 
 # --- output paths -------------------------------------------------------------------------------------------
@@ -121,22 +136,11 @@ def export_diffusers(folder: Path, output: Path) -> Path:
     return target
 
 
-def to_kohya(info: LoraInfo) -> dict:
-    """diffusers-format LoRA -> kohya keys, with each module's real alpha (not diffusers' default alpha = rank)."""
-    import torch
-    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+def to_kohya(info: LoraInfo, family: str) -> dict:
+    """diffusers-format LoRA -> kohya keys of the model family `family`, with the LoRA's real alpha."""
+    from dagcli.families import family_class
 
-    unet = {k: v for k, v in info.weights.items() if k.startswith("unet.")}
-    if len(unet) != len(info.weights):
-        other = next(k for k in info.weights if not k.startswith("unet."))
-        raise DagError(f"only UNet LoRAs can be exported to kohya format; found {other!r}")
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(unet))
-    out = {}
-    for key, value in kohya.items():
-        if key.endswith(".alpha"):
-            value = torch.tensor(info.alpha, dtype=torch.float32)
-        out[key] = value.detach().float().contiguous()
-    return out
+    return family_class(family).kohya_weights(info.weights, info.alpha)
 
 
 def export_kohya(folder: Path, output: Path, model: str | None = None) -> Path:
@@ -155,7 +159,7 @@ def export_kohya(folder: Path, output: Path, model: str | None = None) -> Path:
     }
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        save_file(to_kohya(info), str(output), metadata=metadata)
+        save_file(to_kohya(info, family_of(info, base)), str(output), metadata=metadata)
     except OSError as e:
         raise DagError(f"--output {str(output)!r} cannot be written ({e.strerror or e})") from e
     return output
@@ -172,7 +176,7 @@ def export_merged(folder: Path, output: Path, model: str | None = None) -> Path:
     loaded = load_model(base, device="cpu", dtype="fp32")
     pipe = loaded.pipe
     attach_lora(pipe, Path(folder))
-    pipe.fuse_lora(components=["unet"], lora_scale=1.0)
+    pipe.fuse_lora(components=[loaded.family.lora_prefix], lora_scale=1.0)
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(output), safe_serialization=True)
     if loaded.defaults:  # recommended sampling settings travel with the weights

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from dagcli.builtin import TINY_NAME, TINY_RANDOM_NAME, TINY_SD_DIR, tiny_available
+from dagcli.builtin.random_models import RANDOM_MODELS
 from dagcli.errors import DagError
 from dagcli.families import family_for
 
@@ -23,7 +24,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def builtin_names() -> list[str]:
-    return [TINY_NAME, TINY_RANDOM_NAME]
+    return [TINY_NAME, *RANDOM_MODELS]
 
 
 def default_model() -> str:
@@ -95,8 +96,8 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
     check_model_name(model)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     _quiet_loading()
-    if model == TINY_RANDOM_NAME:
-        pipe, is_tiny = build_tiny_random_pipeline().to(dtype=dt), False
+    if model in RANDOM_MODELS:
+        pipe, is_tiny = RANDOM_MODELS[model](0).to(dtype=dt), False
     else:
         folder = TINY_SD_DIR if model == TINY_NAME else model
         pipe = _from_pretrained(str(folder), dt)
@@ -146,7 +147,7 @@ def _read_defaults(model: str) -> dict:
     """Recommended settings stored beside a pipeline in `dagcli.json` (the built-in model has one)."""
     folder = TINY_SD_DIR if model == TINY_NAME else Path(model)
     meta = folder / "dagcli.json"
-    if model != TINY_RANDOM_NAME and meta.is_file():
+    if model not in RANDOM_MODELS and meta.is_file():
         return json.loads(meta.read_text())
     return {}
 
@@ -159,20 +160,55 @@ def _quiet_loading() -> None:
 
 
 def _from_pretrained(name: str, dtype: torch.dtype):
-    """A pipeline from a local folder, else from the Hugging Face cache, else downloaded (when possible)."""
-    from diffusers import StableDiffusionPipeline
+    """A pipeline from a local folder, else from the Hugging Face cache, else downloaded (when possible); its
+    class is the one its model_index.json names, and must be a supported family's."""
+    from diffusers import DiffusionPipeline
 
     from dagcli.hub import cached_or_download
 
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, use_safetensors=True, dtype=dtype)
+    def load(local: bool):
+        family = _supported_family(name, local)
+        kwargs = dict(use_safetensors=True, dtype=dtype, **(family.load_kwargs if family else {}))
+        return DiffusionPipeline.from_pretrained(name, local_files_only=local, **kwargs)
+
     if Path(name).exists():
-        return _load_or_explain(lambda: StableDiffusionPipeline.from_pretrained(name, **kwargs), name)
-    return cached_or_download(
-        lambda local: StableDiffusionPipeline.from_pretrained(name, local_files_only=local, **kwargs),
-        "model",
-        name,
-        "--model PATH",
-    )
+        return _load_or_explain(lambda: load(True), name)
+    return cached_or_download(load, "model", name, "--model PATH")
+
+
+def _supported_family(name: str, local: bool):
+    """The family of the pipeline `name` per its model_index.json (None when that file cannot be read yet); an
+    unsupported pipeline class is a one-line error before any weights load."""
+    from dagcli.families import FAMILIES, pipeline_family
+
+    class_name = pipeline_class_name(name, local_only=local)
+    if class_name is None:
+        return None
+    family = pipeline_family(class_name)
+    if family is None:
+        raise DagError(f"model {name!r} is a {class_name}, which dagcli does not train; supported pipelines: "
+                       + ", ".join(sorted(FAMILIES)))
+    return family
+
+
+def pipeline_class_name(name: str, local_only: bool = True) -> str | None:
+    """The `_class_name` in a pipeline's model_index.json (built-in, folder, or hub cache), without loading
+    weights; None when it cannot be read."""
+    if name in RANDOM_MODELS:
+        return type(RANDOM_MODELS[name](0)).__name__
+    folder = TINY_SD_DIR if name == TINY_NAME else Path(name).expanduser()
+    index = folder / "model_index.json"
+    if not index.is_file():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(name, "model_index.json", local_files_only=local_only))
+        except Exception:
+            return None
+    try:
+        return json.loads(index.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _load_or_explain(load, name: str):
@@ -185,49 +221,6 @@ def _load_or_explain(load, name: str):
         raise
     except Exception as e:  # missing files, wrong format: the folder is not a usable pipeline
         raise DagError(f"cannot load model folder {name!r}: {first_line(e)}") from e
-
-
-# --- the random-weight tiny pipeline (built in code) ------------------------------------------------------
-
-TINY_RANDOM_WORDS = (
-    "a an the of on in with and small large big red green blue yellow purple orange white black pink "
-    "circle square triangle background photo painting cat dog horse bird fish"
-).split()
-
-
-def build_tiny_random_pipeline(seed: int = 0):
-    """A tiny Stable Diffusion pipeline with random weights: 32 px images, 8x8x4 latents, ~0.5 M parameters.
-
-    Deterministic for a seed. For plumbing checks and tests; its images are noise-like.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from dagcli.builtin.tokenizer import build_clip_tokenizer
-
-    tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
-            sample_size=32,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 def add_lora(denoiser: torch.nn.Module, lora, seed: int) -> torch.nn.Module:

@@ -110,7 +110,7 @@ def _toml(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def preflight(cfg, resume: bool, resume_from: Path | None, reporter=None) -> tuple[object, list[str], Path | None]:
+def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[object, list[str], Path | None]:
     """Everything that can be checked before loading a model, all problems reported at once: the model's
     defaults for what is unset, prompts, reward names and plugins, model name, the run directory, and the
     checkpoint to resume. Returns the completed config, the prompts and the checkpoint folder (or None)."""
@@ -121,7 +121,7 @@ def preflight(cfg, resume: bool, resume_from: Path | None, reporter=None) -> tup
     from dagcli.rewards import validate_spec
 
     problems: list[str] = []
-    cfg, used = fill_model_defaults(cfg)
+    cfg, _ = fill_model_defaults(cfg)
 
     def check(fn, *args):
         try:
@@ -139,8 +139,6 @@ def preflight(cfg, resume: bool, resume_from: Path | None, reporter=None) -> tup
         check(check_writable_dir, Path(cfg.output.dir))
     if problems:
         raise DagError("; ".join(problems))
-    if used and reporter is not None:  # said once everything checks out: an error stays one line
-        reporter.info(used)
     return cfg, [p.prompt for p in items], folder
 
 
@@ -177,13 +175,17 @@ def _checkpoint_to_resume(cfg, resume: bool, resume_from: Path | None) -> Path |
 
 def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=None):
     """Validate, build the trainer, print the banner, train. Returns the trainer (for tests and scripts)."""
+    from dagcli.config import fill_model_defaults
     from dagcli.trainer import Trainer
 
-    cfg, prompts, folder = preflight(cfg, resume, resume_from, reporter)
+    cfg, used = fill_model_defaults(cfg)
+    cfg, prompts, folder = preflight(cfg, resume, resume_from)
     trainer = Trainer(cfg, prompts, reporter=reporter)
     if folder is not None:
         trainer.resume(folder)
-    if trainer.is_main and reporter is not None:
+    if trainer.is_main and reporter is not None:  # said once set-up succeeded: an error stays one line
+        if used:
+            reporter.info(used)
         banner(trainer, reporter)
     trainer.train()
     return trainer

@@ -15,6 +15,19 @@ FAMILIES: dict[str, type] = {
 }
 
 
+def family_class(name: str) -> type:
+    """The family class called `name` ("sd", ...), for work that needs no loaded pipeline (export)."""
+    for cls in FAMILIES.values():
+        if cls.name == name:
+            return cls
+    raise DagError(f"unknown model family {name!r}; valid options: {', '.join(sorted(c.name for c in FAMILIES.values()))}")
+
+
+def pipeline_family(class_name: str) -> type | None:
+    """The family class of a diffusers pipeline class name (from a model_index.json), or None."""
+    return FAMILIES.get(class_name)
+
+
 def family_for(pipe, device: torch.device) -> Family:
     """The family of a loaded pipeline; an unsupported pipeline class is a one-line error listing the supported."""
     name = type(pipe).__name__
@@ -23,4 +36,4 @@ def family_for(pipe, device: torch.device) -> Family:
     return FAMILIES[name](pipe, device)
 
 
-__all__ = ["FAMILIES", "Cond", "Family", "family_for"]
+__all__ = ["FAMILIES", "Cond", "Family", "family_class", "family_for", "pipeline_family"]

@@ -48,6 +48,7 @@ class Family(Protocol):
     pipe: Any  # the diffusers pipeline
     denoiser: torch.nn.Module  # the network the LoRA trains (a UNet or a transformer)
     lora_prefix: str  # "unet" or "transformer": the key prefix of its LoRA in diffusers files
+    load_kwargs: dict  # extra `from_pretrained` arguments for its pipeline class
     default_lora_targets: tuple[str, ...]
     native_resolution: int  # pixels
     resolution_multiple: int  # image sizes must be multiples of this
@@ -68,6 +69,9 @@ class Family(Protocol):
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...  # image-layout x, time, text
     def flow_config(self, height: int, width: int): ...  # a FlowConfig sized for this model
     def save_lora(self, folder, weights: dict, metadata: dict) -> None: ...  # diffusers' LoRA file
+    # kohya single-file keys of a diffusers-format LoRA (static: export needs no loaded model); a family without a
+    # kohya convention raises DagError
+    kohya_weights: Callable[[dict, float], dict]
 
 
 @torch.no_grad()

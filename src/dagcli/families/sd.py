@@ -100,6 +100,7 @@ class SDFamily:
     name = "sd"
     lora_prefix = "unet"
     default_lora_targets = ATTENTION_TARGETS
+    load_kwargs = {"safety_checker": None, "requires_safety_checker": False}  # from_pretrained extras
 
     def __init__(self, pipe, device: torch.device):
         pipe.scheduler = ddim_scheduler(pipe.scheduler)
@@ -175,3 +176,24 @@ class SDFamily:
     def save_lora(self, folder, weights: dict, metadata: dict) -> None:
         type(self.pipe).save_lora_weights(str(folder), unet_lora_layers=weights, safe_serialization=True,
                                           unet_lora_adapter_metadata=metadata)
+
+    @staticmethod
+    def kohya_weights(weights: dict, alpha: float) -> dict:
+        """diffusers-format LoRA (`unet.` keys) -> kohya's `lora_unet_*` keys (what ComfyUI / A1111 read), with
+        the LoRA's real alpha in every `.alpha` (not diffusers' default alpha = rank)."""
+        return unet_kohya_weights(weights, alpha)
+
+
+def unet_kohya_weights(weights: dict, alpha: float) -> dict:
+    """kohya keys of a UNet LoRA given with diffusers names: `lora_unet_<module path with _>.lora_down/up.weight`."""
+    from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
+
+    from dagcli.errors import DagError
+
+    unet = {k: v for k, v in weights.items() if k.startswith("unet.")}
+    if len(unet) != len(weights):
+        other = next(k for k in weights if not k.startswith("unet."))
+        raise DagError(f"only UNet LoRAs can be exported to kohya format; found {other!r}")
+    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(unet))
+    return {key: (torch.tensor(alpha, dtype=torch.float32) if key.endswith(".alpha") else value).detach().float()
+            .contiguous() for key, value in kohya.items()}

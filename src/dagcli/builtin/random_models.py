@@ -1,0 +1,54 @@
+"""Random-weight pipelines built in code, offline, for plumbing checks and tests: `--model tiny-random` and
+friends. Each builder is deterministic for a seed; its images are noise-like."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+TINY_RANDOM_WORDS = (
+    "a an the of on in with and small large big red green blue yellow purple orange white black pink "
+    "circle square triangle background photo painting cat dog horse bird fish"
+).split()
+
+
+def build_tiny_random_pipeline(seed: int = 0):
+    """A tiny Stable Diffusion pipeline with random weights: 32 px images, 8x8x4 latents, ~0.5 M parameters.
+
+    Deterministic for a seed. For plumbing checks and tests; its images are noise-like.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dagcli.builtin.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+            sample_size=32,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# `--model` name -> builder(seed) of a pipeline with random weights
+RANDOM_MODELS: dict[str, Callable[[int], object]] = {
+    "tiny-random": build_tiny_random_pipeline,
+}
