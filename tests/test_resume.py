@@ -63,6 +63,7 @@ def test_model_defaults_fill_what_is_unset(tiny_pipeline_dir):
     tiny, _ = fill_model_defaults(load_config(None, ['model.name="tiny"']))
     assert (tiny.sampling.prompts, tiny.sampling.steps, tiny.sampling.guidance, tiny.sampling.resolution) == \
         ("shapes", 25, 3.0, 32)
+    assert tiny.sampling.eta == 1.0  # DDIM's η of the Stable Diffusion family: tiny is an SD pipeline
     sd, said = fill_model_defaults(load_config(None, [f'model.name="{tiny_pipeline_dir}"']))
     assert (sd.sampling.prompts, sd.sampling.steps, sd.sampling.guidance, sd.sampling.resolution) == \
         ("simple_animals", 50, 5.0, None)
@@ -82,7 +83,7 @@ def test_train_on_the_builtin_model_says_which_defaults_it_used(tmp_path, capsys
                             "--device", "cpu", "-o", run], capsys)
     assert code == 0, err
     said = " ".join(err.split())  # however the terminal wraps it
-    assert "from the defaults of model 'tiny': prompts 'shapes', guidance 3, resolution 32" in said
+    assert "from the defaults of model 'tiny': prompts 'shapes', guidance 3, eta 1, resolution 32" in said
     cfg = load_config(run / "config.toml")
     assert (cfg.sampling.prompts, cfg.sampling.steps, cfg.model.name) == ("shapes", 5, "tiny")
 

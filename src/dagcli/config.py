@@ -29,10 +29,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    # steps, guidance, prompts and resolution left unset take the model's defaults (`models.model_defaults`:
-    # the built-in models carry their own; Stable Diffusion: 50 steps, guidance 5, simple_animals, native size)
+    # steps, guidance, eta, prompts and resolution left unset take the model's defaults (`models.model_defaults`:
+    # the built-in models carry their own; Stable Diffusion: 50 steps, guidance 5, η 1, simple_animals, native
+    # size; each family has its reference)
     steps: int | None = None  # sampler steps per trajectory
-    eta: float = 1.0  # DDIM η; training needs η > 0 (a stochastic policy)
+    eta: float | None = None  # the sampler's noise level (DDIM η); training needs > 0 (a stochastic policy)
     guidance: float | None = None  # classifier-free guidance weight
     batch_size: int = 16  # trajectories per sampler call (per process)
     batches_per_epoch: int = 4  # sampler calls per epoch (per process)
@@ -332,7 +333,7 @@ def validate(c: Config) -> list[str]:
         ("ddpo.buffer_size", c.ddpo.buffer_size),
     ]:
         positive(name, value)
-    if not 0.0 < c.sampling.eta <= 1.0:
+    if c.sampling.eta is not None and not 0.0 < c.sampling.eta <= 1.0:
         e.append(f"sampling.eta = {c.sampling.eta}: training needs a stochastic sampler, 0 < eta <= 1")
     if not 0.0 < c.train.timestep_fraction <= 1.0:
         e.append(f"train.timestep_fraction = {c.train.timestep_fraction}: must be in (0, 1]")
@@ -381,7 +382,8 @@ def fill_model_defaults(config: Config) -> tuple[Config, str]:
     d = model_defaults(name)
     s = config.sampling
     filled = {k: v for k, v in [("prompts", d.prompts), ("steps", d.steps), ("guidance", d.guidance),
-                                ("resolution", d.resolution)] if getattr(s, k) is None and v is not None}
+                                ("eta", d.eta), ("resolution", d.resolution)]
+              if getattr(s, k) is None and v is not None}
     config = replace(replace(config, "model", name=name), "sampling", **filled)
     problems = _check_micro_batches(config)
     if problems:

@@ -118,6 +118,8 @@ class ModelDefaults:
 
     steps: int
     guidance: float
+    eta: float  # the sampler's noise level while training
+    sample_eta: float  # ... and for `dag sample` / `dag eval`
     prompts: str  # training prompt set or file
     eval_prompts: str
     resolution: int | None  # pixels; None = the model's native size
@@ -125,21 +127,23 @@ class ModelDefaults:
 
 
 def model_defaults(model: str | None) -> ModelDefaults:
-    """The `dagcli.json` beside a pipeline (the built-in models carry one), read without loading weights;
-    else Stable Diffusion's reference settings (50 DDIM steps, guidance 5, the 45 simple animals)."""
+    """The `dagcli.json` beside a pipeline (the built-in models carry one), over its family's reference settings
+    (Stable Diffusion's when the family cannot be told without loading); reads no weights."""
+    from dagcli.families import pipeline_family
+    from dagcli.families.sd import SDFamily
+
     model = model or default_model()
-    saved = _read_defaults(model)
-    if not saved:
-        return ModelDefaults(steps=50, guidance=5.0, prompts="simple_animals", eval_prompts="simple_animals",
-                             resolution=None, source="Stable Diffusion reference")
-    eval_prompts = saved.get("prompt_set", "simple_animals")
+    family = pipeline_family(pipeline_class_name(model) or "") or SDFamily
+    ref, saved = family.reference, _read_defaults(model)
     return ModelDefaults(
-        steps=int(saved.get("default_steps", 50)),
-        guidance=float(saved.get("default_guidance", 5.0)),
-        prompts=saved.get("train_prompt_set", eval_prompts),
-        eval_prompts=eval_prompts,
+        steps=int(saved.get("default_steps", ref.steps)),
+        guidance=float(saved.get("default_guidance", ref.guidance)),
+        eta=float(saved.get("default_eta", ref.train_eta)),
+        sample_eta=float(saved.get("default_sample_eta", ref.sample_eta)),
+        prompts=saved.get("train_prompt_set", saved.get("prompt_set", ref.prompts)),
+        eval_prompts=saved.get("prompt_set", ref.prompts),
         resolution=saved.get("resolution"),
-        source=f"model {model!r}",
+        source=f"model {model!r}" if saved else ref.source,
     )
 
 

@@ -44,9 +44,9 @@ def check_positive(name: str, value: int | float | None) -> None:
         raise DagError(f"{name} must be positive, got {value}")
 
 
-def check_eta(eta: float) -> None:
-    if not 0.0 <= eta <= 1.0:
-        raise DagError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta}")
+def check_eta(eta: float | None) -> None:
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise DagError(f"--eta must be in [0, 1] (0: deterministic, 1: DDIM's DDPM-like noise), got {eta}")
 
 
 def check_writable_dir(path: Path, flag: str = "--output") -> None:
@@ -66,3 +66,12 @@ def check_writable_dir(path: Path, flag: str = "--output") -> None:
             pass
     except OSError as e:
         raise DagError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e})") from e
+
+
+def sampler_defaults(loaded, steps: int | None, guidance: float | None, eta: float | None) -> dict:
+    """Steps, guidance and noise level for sampling `loaded`: the given ones, else the model's defaults."""
+    from dagcli.models import model_defaults
+
+    d = model_defaults(loaded.name)
+    return {"steps": steps or d.steps, "guidance": d.guidance if guidance is None else guidance,
+            "eta": d.sample_eta if eta is None else eta}

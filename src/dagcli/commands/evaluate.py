@@ -16,6 +16,7 @@ from dagcli.commands.common import (
     device_option,
     dtype_option,
     model_option,
+    sampler_defaults,
 )
 from dagcli.errors import DagError
 
@@ -65,7 +66,11 @@ def evaluate(
     model: str = model_option(),
     steps: int = typer.Option(None, "--steps", help=SAMPLER_DEFAULTS_HELP["steps"]),
     guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
-    eta: float = typer.Option(1.0, "--eta", help="DDIM eta in [0, 1]."),
+    eta: float = typer.Option(
+        None, "--eta",
+        help="Sampler noise in [0, 1] (DDIM's η, the flow SDE's level); 0: deterministic. "
+        "\\[default: the model's; Stable Diffusion: 1]",
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler and reward call."),
     device: str = device_option(),
     dtype: str = dtype_option(),
@@ -131,9 +136,7 @@ def _evaluate_models(prompts, prompt, ckpt, model, dtype, sampling: dict, scorin
     loaded = load_model(model, device=scoring.device, dtype=dtype)
     guidance = sampling["guidance"]
     settings = SampleSettings(
-        steps=sampling["steps"] or loaded.defaults.get("default_steps", 50),
-        guidance=guidance if guidance is not None else loaded.defaults.get("default_guidance", 5.0),
-        eta=sampling["eta"],
+        **sampler_defaults(loaded, sampling["steps"], guidance, sampling["eta"]),
         batch_size=scoring.batch_size,
         num_per_prompt=sampling["num_per_prompt"],
         seed=sampling["seed"],

@@ -15,6 +15,7 @@ from dagcli.commands.common import (
     device_option,
     dtype_option,
     model_option,
+    sampler_defaults,
 )
 from dagcli.errors import DagError
 
@@ -25,7 +26,11 @@ def sample(
     num_per_prompt: int = typer.Option(4, "--num-per-prompt", "-n", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
     steps: int = typer.Option(None, "--steps", help=SAMPLER_DEFAULTS_HELP["steps"]),
-    eta: float = typer.Option(1.0, "--eta", help="DDIM eta in [0, 1]."),
+    eta: float = typer.Option(
+        None, "--eta",
+        help="Sampler noise in [0, 1] (DDIM's η, the flow SDE's level); 0: deterministic. "
+        "\\[default: the model's; Stable Diffusion: 1]",
+    ),
     guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
     height: int = typer.Option(None, "--height", help="Image height in pixels. \\[default: the model's]"),
     width: int = typer.Option(None, "--width", help="Image width in pixels. \\[default: the model's]"),
@@ -61,14 +66,13 @@ def sample(
     reporter = default_reporter()
     loaded = load_model(model, device=device, dtype=dtype)
     for name, value in [("--height", height), ("--width", width)]:
-        if value is not None and value % loaded.pipe.vae_scale_factor:
-            raise DagError(f"{name} must be a multiple of {loaded.pipe.vae_scale_factor} for this model, got {value}")
+        if value is not None and value % loaded.family.resolution_multiple:
+            raise DagError(f"{name} must be a multiple of {loaded.family.resolution_multiple} for this model, "
+                           f"got {value}")
     if folder:
         attach_lora(loaded.pipe, folder)
     settings = SampleSettings(
-        steps=steps or loaded.defaults.get("default_steps", 50),
-        guidance=guidance if guidance is not None else loaded.defaults.get("default_guidance", 5.0),
-        eta=eta,
+        **sampler_defaults(loaded, steps, guidance, eta),
         height=height,
         width=width,
         batch_size=batch_size,

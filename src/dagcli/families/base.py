@@ -37,6 +37,18 @@ class Cond:
         return Cond({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """Sampler settings that suit a family when neither the user nor the model's dagcli.json gives them."""
+
+    steps: int
+    guidance: float
+    train_eta: float  # noise level of the sampler while training (must be > 0: a stochastic policy)
+    sample_eta: float  # noise level of `dag sample` / `dag eval`
+    prompts: str  # training prompt set
+    source: str  # where the numbers come from (said in messages and docs)
+
+
 # (x [B,...], state index j [B]) -> (guided model output, conditional model output), both float32
 Denoise = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -49,6 +61,7 @@ class Family(Protocol):
     denoiser: torch.nn.Module  # the network the LoRA trains (a UNet or a transformer)
     lora_prefix: str  # "unet" or "transformer": the key prefix of its LoRA in diffusers files
     load_kwargs: dict  # extra `from_pretrained` arguments for its pipeline class
+    reference: FamilyDefaults  # sampler settings when none are given
     default_lora_targets: tuple[str, ...]
     native_resolution: int  # pixels
     resolution_multiple: int  # image sizes must be multiples of this

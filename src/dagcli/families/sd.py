@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from dagcli.families.base import Cond, Denoise, decode_latents
+from dagcli.families.base import Cond, Denoise, FamilyDefaults, decode_latents
 from dagcli.kernels import ddim
 from dagcli.kernels.gaussian import Reduction, StepOutput, initial_noise
 
@@ -101,6 +101,8 @@ class SDFamily:
     lora_prefix = "unet"
     default_lora_targets = ATTENTION_TARGETS
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}  # from_pretrained extras
+    reference = FamilyDefaults(steps=50, guidance=5.0, train_eta=1.0, sample_eta=1.0, prompts="simple_animals",
+                               source="Stable Diffusion reference (DDPO and DAG papers)")
 
     def __init__(self, pipe, device: torch.device):
         pipe.scheduler = ddim_scheduler(pipe.scheduler)
