@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from dagcli.builtin.random_flow import build_tiny_random_flux, build_tiny_random_sd3
+
 TINY_RANDOM_WORDS = (
     "a an the of on in with and small large big red green blue yellow purple orange white black pink "
     "circle square triangle background photo painting cat dog horse bird fish"
@@ -51,4 +53,6 @@ def build_tiny_random_pipeline(seed: int = 0):
 # `--model` name -> builder(seed) of a pipeline with random weights
 RANDOM_MODELS: dict[str, Callable[[int], object]] = {
     "tiny-random": build_tiny_random_pipeline,
+    "tiny-random-sd3": build_tiny_random_sd3,
+    "tiny-random-flux": build_tiny_random_flux,
 }
