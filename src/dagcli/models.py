@@ -182,7 +182,9 @@ def _from_pretrained(name: str, dtype: torch.dtype):
 
     def load(local: bool):
         family = _supported_family(name, local)
-        kwargs = dict(use_safetensors=True, dtype=dtype, **(family.load_kwargs if family else {}))
+        # components the folder records as absent ([null, null], e.g. SD3 without T5) are passed as None
+        absent = {k: None for k, v in model_index(name, local).items() if v == [None, None]}
+        kwargs = dict(use_safetensors=True, dtype=dtype, **absent, **(family.load_kwargs if family else {}))
         return DiffusionPipeline.from_pretrained(name, local_files_only=local, **kwargs)
 
     if Path(name).exists():
@@ -210,6 +212,12 @@ def pipeline_class_name(name: str, local_only: bool = True) -> str | None:
     weights; None when it cannot be read."""
     if name in RANDOM_MODELS:
         return type(RANDOM_MODELS[name](0)).__name__
+    return model_index(name, local_only).get("_class_name")
+
+
+def model_index(name: str, local_only: bool = True) -> dict:
+    """A pipeline's model_index.json (built-in, folder, or hub cache) without loading weights; {} when it cannot
+    be read."""
     folder = TINY_SD_DIR if name == TINY_NAME else Path(name).expanduser()
     index = folder / "model_index.json"
     if not index.is_file():
@@ -218,11 +226,11 @@ def pipeline_class_name(name: str, local_only: bool = True) -> str | None:
 
             index = Path(hf_hub_download(name, "model_index.json", local_files_only=local_only))
         except Exception:
-            return None
+            return {}
     try:
-        return json.loads(index.read_text()).get("_class_name")
+        return json.loads(index.read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
 
 
 def _load_or_explain(load, name: str):

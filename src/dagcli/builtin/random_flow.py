@@ -46,7 +46,7 @@ def _t5(tokenizer):
     from transformers import T5Config, T5EncoderModel
 
     return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=2 * TEXT_DIM,
-                                   num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                                   num_layers=2, num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
                                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
 
 
@@ -58,6 +58,14 @@ def _vae(shift_factor: float, scaling_factor: float):
         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
         sample_size=32, shift_factor=shift_factor, scaling_factor=scaling_factor,
     )
+
+
+def _inference_mode(pipe):
+    """Every network in eval mode, as `from_pretrained` leaves them (T5 has dropout)."""
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe
 
 
 def build_tiny_random_sd3(seed: int = 0, t5: bool = False):
@@ -82,11 +90,11 @@ def build_tiny_random_sd3(seed: int = 0, t5: bool = False):
         text_encoder = _clip(CLIPTextModelWithProjection, tokenizer, TEXT_DIM // 2)
         text_encoder_2 = _clip(CLIPTextModelWithProjection, tokenizer, TEXT_DIM // 2)
         text_encoder_3 = _t5(t5_tokenizer) if t5 else None
-    return StableDiffusion3Pipeline(
+    return _inference_mode(StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
         text_encoder_3=text_encoder_3, tokenizer_3=t5_tokenizer if t5 else None,
-    )
+    ))
 
 
 def build_tiny_random_flux(seed: int = 0, guidance_embeds: bool = True):
@@ -112,5 +120,6 @@ def build_tiny_random_flux(seed: int = 0, guidance_embeds: bool = True):
         text_encoder_2 = _t5(t5_tokenizer)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer, transformer=transformer)
+    return _inference_mode(FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                        text_encoder_2=text_encoder_2, tokenizer_2=t5_tokenizer,
+                                        transformer=transformer))

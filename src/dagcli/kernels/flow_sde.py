@@ -97,18 +97,23 @@ def sde_step(
                       pred_x0=x - bcast(sigma.float(), x) * velocity)
 
 
-def backward_log_prob(schedule: Schedule, i: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
-                      reduction: Reduction = "mean") -> torch.Tensor:
-    """log P_B(x | x') of transition i: the noising kernel N(c·x', (σ² − c²σ'²) I), c = (1 − σ)/(1 − σ').
+def backward_kernel(schedule: Schedule, i: torch.Tensor, x_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """P_B of transition i as (mean c·x' [B,...], std [B]): N(c x', (σ² − c²σ'²) I), c = (1 − σ)/(1 − σ').
 
     If x' = (1 − σ')x0 + σ'ε then c·x' plus this noise has mean (1 − σ)x0 and variance σ²: the interpolant's
-    marginal at σ, whatever x0. No parameters.
+    marginal at σ, whatever x0. At σ = 1 it is N(0, I); from σ' = 0 it is N((1 − σ)x0, σ² I). No parameters.
     """
-    x, x_next = x.float(), x_next.float()
-    sigma, sigma_next = schedule.pair(torch.as_tensor(i).reshape(-1).expand(x.shape[0]))
+    x_next = x_next.float()
+    sigma, sigma_next = schedule.pair(torch.as_tensor(i).reshape(-1).expand(x_next.shape[0]))
     c = (1 - sigma) / (1 - sigma_next)
-    std = (sigma**2 - c**2 * sigma_next**2).sqrt().float()
-    return gaussian_log_prob(x, bcast(c.float(), x_next) * x_next, std, reduction)
+    return bcast(c.float(), x_next) * x_next, (sigma**2 - c**2 * sigma_next**2).sqrt().float()
+
+
+def backward_log_prob(schedule: Schedule, i: torch.Tensor, x: torch.Tensor, x_next: torch.Tensor,
+                      reduction: Reduction = "mean") -> torch.Tensor:
+    """log P_B(x | x') of transition i under `backward_kernel`."""
+    mean, std = backward_kernel(schedule, i, x_next)
+    return gaussian_log_prob(x.float(), mean, std, reduction)
 
 
 def pred_x0(schedule: Schedule, j: torch.Tensor, x: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
