@@ -202,3 +202,19 @@ def test_eta_above_one_is_legal_for_flows_only(tmp_path, capsys):
     assert code == 0, err
     code, _, err = run_cli(["sample", "--model", "tiny-random-flux", "-p", "x", "--eta", "-0.5"], capsys)
     assert code == 2 and "--eta must be >= 0" in err
+
+
+@pytest.mark.parametrize("preset", ["sd35-medium-24gb", "sd35-medium-48gb", "sd35-medium-80gb", "flux-dev-48gb",
+                                    "flux-dev-80gb"])
+def test_example_presets_validate_and_their_lora_targets_exist(preset):
+    from pathlib import Path
+
+    from dagcli.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / "configs" / f"{preset}.toml")  # validates
+    kind = "sd3" if preset.startswith("sd35") else "flux"
+    assert cfg.model.name == {"sd3": "stabilityai/stable-diffusion-3.5-medium",
+                              "flux": "black-forest-labs/FLUX.1-dev"}[kind]
+    names = [n for n, _ in BUILD[kind](0).transformer.named_modules()]
+    for target in cfg.lora.target_modules:
+        assert any(n.endswith("." + target) for n in names), target
