@@ -91,11 +91,9 @@ class FluxFamily(FlowFamily):
 
     def denoiser_fn(self, model, schedule, cond: Cond, guidance: float) -> Denoise:
         """(x, j) -> (velocity, velocity): x packed into tokens, the transformer's output unpacked."""
-        transformer = self.pipe.transformer
-        dtype = transformer.dtype
-        embeds, pooled = cond.tensors["embeds"].to(dtype), cond.tensors["pooled"].to(dtype)
-        text_ids = cond.tensors["text_ids"][0]
-        distilled = bool(transformer.config.guidance_embeds)
+        embeds, pooled, text_ids = cond.tensors["embeds"], cond.tensors["pooled"], cond.tensors["text_ids"][0]
+        dtype = embeds.dtype  # the transformer's input dtype, as diffusers: the text encoders'
+        distilled = bool(self.pipe.transformer.config.guidance_embeds)
 
         def denoise(x: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             b, _, h, w = x.shape

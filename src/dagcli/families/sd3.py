@@ -71,18 +71,18 @@ class SD3Family(FlowFamily):
         """(x, j) -> (guided velocity, conditional velocity): ṽ = v(∅) + w (v(c) − v(∅)) in one call on [∅; c],
         only v(c) when w <= 1 (as diffusers does)."""
         embeds, pooled = cond.tensors["embeds"], cond.tensors["pooled"]
+        dtype = embeds.dtype  # the transformer's input dtype, as diffusers: the text encoders'
         use_cfg = guidance > 1.0
         if use_cfg:
             empty = self.encode([""]).tensors
             embeds = torch.cat([empty["embeds"].expand_as(embeds), embeds])
             pooled = torch.cat([empty["pooled"].expand_as(pooled), pooled])
-        dtype = self.pipe.transformer.dtype
 
         def denoise(x: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             t = schedule.time(j).to(x.device)
             x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if use_cfg else (x, t)
-            out = model(hidden_states=x_in.to(dtype), timestep=t_in, encoder_hidden_states=embeds.to(dtype),
-                        pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
+            out = model(hidden_states=x_in.to(dtype), timestep=t_in, encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False)[0].float()
             if not use_cfg:
                 return out, out
             v_u, v_c = out.chunk(2)
