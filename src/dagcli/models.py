@@ -184,7 +184,7 @@ def _from_pretrained(name: str, dtype: torch.dtype):
         family = _supported_family(name, local)
         # components the folder records as absent ([null, null], e.g. SD3 without T5) are passed as None
         absent = {k: None for k, v in model_index(name, local).items() if v == [None, None]}
-        kwargs = dict(use_safetensors=True, dtype=dtype, **absent, **(family.load_kwargs if family else {}))
+        kwargs = {"use_safetensors": True, "dtype": dtype, **absent, **(family.load_kwargs if family else {})}
         return DiffusionPipeline.from_pretrained(name, local_files_only=local, **kwargs)
 
     if Path(name).exists():
