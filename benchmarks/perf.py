@@ -381,7 +381,7 @@ def bench_training(b: Bench) -> dict:
                  "mixed_precision": cfg.train.mixed_precision}
     b.reset_peak()
     batch, _ = trainer.collect(0)
-    pairs = select_transitions(cfg.train.seed, 0, 0, batch.traj.batch_size, a.steps, a.steps, False)
+    pairs = select_transitions(cfg.train.seed, 0, 0, batch.traj.batch_size, a.steps, 1.0, False)
     idx = pairs[:mb]
     batch_c = dataclasses.replace(batch, fl_rewards=None)
 

@@ -36,10 +36,13 @@ class EpochBatch:
     advantages: torch.Tensor | None = None  # [N] set by an algorithm's `prepare` (DDPO)
 
 
-def select_transitions(seed: int, epoch: int, rank: int, n: int, steps: int, per_trajectory: int,
+def select_transitions(seed: int, epoch: int, rank: int, n: int, steps: int, fraction: float,
                        always_last: bool) -> torch.Tensor:
-    """[M, 2] (trajectory, step) pairs to train on this epoch: `per_trajectory` random steps of each of the n
+    """[M, 2] (trajectory, step) pairs to train on this epoch: a `fraction` of the random steps of each of the n
     trajectories (the final one always among them with `always_last`), shuffled."""
+    from dagcli.config import transitions_per_trajectory
+
+    per_trajectory = transitions_per_trajectory(steps, fraction)
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank, stream=TRANSITION_STREAM))
     pairs = []
     for b in range(n):

@@ -22,7 +22,7 @@ import torch
 from dagcli.algorithms import build_algorithm
 from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.checkpoint import TrainState
-from dagcli.config import Config, dump_toml, fill_model_defaults, replace, to_dict
+from dagcli.config import Config, accumulation_steps, dump_toml, fill_model_defaults, replace, to_dict
 from dagcli.distributed import Dist
 from dagcli.errors import DagError
 from dagcli.faults import fault_point
@@ -108,9 +108,6 @@ class Trainer:
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
         return params + [p for m in self.algorithm.modules.values() for p in m.parameters()]
 
-    def transitions_per_trajectory(self) -> int:
-        return max(1, round(self.config.sampling.steps * self.config.train.timestep_fraction))
-
     # --- one epoch -------------------------------------------------------------------------------------
     def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
         """Sampling and rewards for one epoch (NaN/inf rewards dropped and counted), prepared for the algorithm."""
@@ -149,11 +146,11 @@ class Trainer:
         """Optimiser steps over this epoch's shuffled transitions, with gradient accumulation."""
         c = self.config
         pairs = select_transitions(c.train.seed, epoch, self.dist.rank, batch.traj.batch_size, c.sampling.steps,
-                                   self.transitions_per_trajectory(), c.train.always_last_step)
+                                   c.train.timestep_fraction, c.train.always_last_step)
         pairs = pairs[: self.dist.min_int(len(pairs))]  # equal step counts on every process (DDP all-reduces)
         micro = [pairs[j : j + c.train.batch_size] for j in range(0, len(pairs), c.train.batch_size)]
         micro = [m for m in micro if len(m) >= self.algorithm.min_micro_batch]
-        accum = c.train.gradient_accumulation_steps
+        accum = accumulation_steps(c.train.gradient_accumulation_steps, c.sampling.steps, c.train.timestep_fraction)
         frozen = self.algorithm.lora_frozen(epoch)
         for module in (self.denoiser, *self.algorithm.modules.values()):
             module.train()

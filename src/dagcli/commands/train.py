@@ -193,9 +193,12 @@ def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=Non
 
 def run_sizes(trainer) -> dict:
     """Derived sizes shown in the start-up banner."""
+    from dagcli.config import accumulation_steps, transitions_per_trajectory
+
     c, n_proc = trainer.config, trainer.dist.size
     per_proc = c.sampling.batch_size * c.sampling.batches_per_epoch
-    per_traj = trainer.transitions_per_trajectory()
+    per_traj = transitions_per_trajectory(c.sampling.steps, c.train.timestep_fraction)
+    accum = accumulation_steps(c.train.gradient_accumulation_steps, c.sampling.steps, c.train.timestep_fraction)
     micro = math.ceil(per_proc * per_traj / c.train.batch_size)
     counts = {f"{n}_parameters": sum(p.numel() for p in m.parameters()) for n, m in trainer.raw_modules().items()}
     return {
@@ -203,7 +206,8 @@ def run_sizes(trainer) -> dict:
         "trajectories_per_epoch": per_proc * n_proc,
         "transitions_per_trajectory": per_traj,
         "micro_batches_per_epoch": micro,
-        "optimizer_steps_per_epoch": math.ceil(micro / c.train.gradient_accumulation_steps),
+        "micro_batches_per_optimizer_step": accum,
+        "optimizer_steps_per_epoch": math.ceil(micro / accum),
         "lora_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters() if p.requires_grad),
         "denoiser_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters()),
         **counts,
@@ -228,9 +232,9 @@ def banner(trainer, reporter) -> None:
     if total % c.train.batch_size:
         reporter.warn(f"{total} transitions per epoch do not divide into micro-batches of {c.train.batch_size}; "
                       "the last one is smaller")
-    if s["micro_batches_per_epoch"] % c.train.gradient_accumulation_steps:
+    if s["micro_batches_per_epoch"] % s["micro_batches_per_optimizer_step"]:
         reporter.warn(f"{s['micro_batches_per_epoch']} micro-batches per epoch are not a multiple of "
-                      f"gradient_accumulation_steps = {c.train.gradient_accumulation_steps}; "
+                      f"{s['micro_batches_per_optimizer_step']} micro-batches per optimiser step; "
                       "the last optimiser step of each epoch accumulates fewer")
 
 
