@@ -28,7 +28,7 @@ from dagcli.errors import DagError
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
 from dagcli.progress import NullReporter, Reporter
-from dagcli.rollout import EpochBatch, Rollout, select_transitions
+from dagcli.rollout import EpochBatch, Rollout
 from dagcli.stopping import StopRequest
 
 
@@ -111,10 +111,12 @@ class Trainer:
     # --- one epoch -------------------------------------------------------------------------------------
     def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
         """Sampling and rewards for one epoch (NaN/inf rewards dropped and counted), prepared for the algorithm."""
-        batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards)
+        c = self.config
+        batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards,
+                                                      c.train.timestep_fraction, c.train.always_last_step)
         dropped = self.dist.sum_int(dropped)  # over all processes: they stop together
         if dropped:
-            limit = self.config.reward.max_nonfinite
+            limit = c.reward.max_nonfinite
             self.state.nonfinite_rewards += dropped
             self.reporter.warn(f"dropped {dropped} trajectories with NaN/inf rewards "
                                f"({self.state.nonfinite_rewards} so far, limit {limit})")
@@ -145,9 +147,7 @@ class Trainer:
     def train_epoch(self, epoch: int, batch: EpochBatch) -> dict:
         """Optimiser steps over this epoch's shuffled transitions, with gradient accumulation."""
         c = self.config
-        pairs = select_transitions(c.train.seed, epoch, self.dist.rank, batch.traj.batch_size, c.sampling.steps,
-                                   c.train.timestep_fraction, c.train.always_last_step)
-        pairs = pairs[: self.dist.min_int(len(pairs))]  # equal step counts on every process (DDP all-reduces)
+        pairs = batch.pairs[: self.dist.min_int(len(batch.pairs))]  # equal step counts on every process (DDP all-reduces)
         micro = [pairs[j : j + c.train.batch_size] for j in range(0, len(pairs), c.train.batch_size)]
         micro = [m for m in micro if len(m) >= self.algorithm.min_micro_batch]
         accum = accumulation_steps(c.train.gradient_accumulation_steps, c.sampling.steps, c.train.timestep_fraction)
