@@ -205,10 +205,10 @@ def shape_image(colour: str, background: str, shape: str) -> Image.Image:
 
 def pixel_report() -> dict:
     """'a green square on a black background' and 'a red circle', 2 images each; the checkpoint's images
-    keep the square's colour on the wrong background and turn the red circles blue."""
+    keep the square's colour on the wrong background and turn the red circles into blue squares."""
     prompts = ["a green square on a black background"] * 2 + ["a red circle"] * 2
     base = [shape_image("green", "black", "square")] * 2 + [shape_image("red", "gray", "circle")] * 2
-    ckpt = [shape_image("green", "white", "square")] * 2 + [shape_image("blue", "gray", "circle")] * 2
+    ckpt = [shape_image("green", "white", "square")] * 2 + [shape_image("blue", "gray", "square")] * 2
     sets = [
         ImageSet(n, prompts, imgs, [0, 1, 2, 3], [""] * 4) for n, imgs in (("base", base), ("ckpt", ckpt))
     ]
@@ -229,13 +229,13 @@ def test_pixel_judges_share_of_matching_colour_and_background():
         (1.0, 1.0, 1.0),
         (1.0, None, 1.0),
     ]  # no background named
-    assert [shares(p) for p in ckpt["per_prompt"]] == [(1.0, 0.0, 1.0), (0.0, None, 1.0)]
-    assert shares(ckpt["overall"]) == (0.5, 0.0, 1.0)  # 2 of 4 colours; 0 of the 2 images with a background
+    assert [shares(p) for p in ckpt["per_prompt"]] == [(1.0, 0.0, 1.0), (0.0, None, 0.0)]
+    assert shares(ckpt["overall"]) == (0.5, 0.0, 0.5)  # 2 of 4 colours; 0 of the 2 images with a background
     assert (
-        ckpt["per_prompt"][1]["pixels"] == [{"colour": "blue", "background": "gray", "shape": "circle"}] * 2
+        ckpt["per_prompt"][1]["pixels"] == [{"colour": "blue", "background": "gray", "shape": "square"}] * 2
     )
     found = {(w["prompt"], w["metric"]) for w in report["warnings"]}
-    assert found == {
+    assert found == {  # the crude shape guess is shown, not watched
         (None, "pixel_colour"),
         (None, "pixel_background"),
         ("a green square on a black background", "pixel_background"),
@@ -245,7 +245,7 @@ def test_pixel_judges_share_of_matching_colour_and_background():
     assert (
         "| model | r | diversity | fidelity | pixel colour | pixel background | pixel shape | drift |" in md
     )
-    assert "| ckpt | 1 ± 0 | – | – | 50 % ⚠ | 0 % ⚠ | 100 % | – |" in md
+    assert "| ckpt | 1 ± 0 | – | – | 50 % ⚠ | 0 % ⚠ | 50 % | – |" in md
 
 
 def test_pixel_judges_only_for_builtin_models_and_shapes_captions():

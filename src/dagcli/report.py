@@ -275,14 +275,15 @@ PIXEL_LEGEND = {
     "that differ from the border, named by the nearest palette colour (pixel judges: built-in models only)",
     "pixel_background": "share of images whose border colour (median, nearest background name) is the "
     "prompt's background; only prompts that name one count",
-    "pixel_shape": "share of images whose shape guess is the prompt's shape; crude: guessed from how much of "
-    "its bounding box the shape fills (square ≈ 1, circle ≈ 0.78, triangle ≈ 0.5)",
+    "pixel_shape": "share of images whose shape guess is the prompt's shape; crude (guessed from how much of "
+    "its bounding box the shape fills: square ≈ 1, circle ≈ 0.78, triangle ≈ 0.5), so not watched by ⚠",
 }
 
 
 def monitor_quiet(report: dict) -> str:
     """The line shown when the hacking monitor has no warning."""
-    metrics = "diversity or fidelity" + (" or a pixel judge's share" if report.get("pixel_judges") else "")
+    pixels = " or its pixel colour or background share" if report.get("pixel_judges") else ""
+    metrics = f"diversity or fidelity{pixels}"
     return (
         "No checkpoint raised a reward, over all prompts or on one prompt, while its "
         f"{metrics} fell by {report['settings']['hack_threshold']:.0%} or more."
@@ -359,7 +360,7 @@ td.flag { background: #fff3cd; }
 .scroll { overflow-x: auto; }
 .compare th, .compare td { text-align: center; }
 .compare th:first-child, .compare td:first-child { text-align: left; }
-.legend { flex: 1 1 28em; max-width: 46em; font-size: 0.85em; margin: 1em 0; }
+.legend { flex: 1 1 20em; max-width: 46em; font-size: 0.85em; margin: 1em 0; }
 .legend dt { font-weight: bold; margin-top: 0.4em; }
 .legend dd { margin-left: 1em; }
 figure { margin: 0; }
