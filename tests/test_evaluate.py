@@ -235,17 +235,19 @@ def test_pixel_judges_share_of_matching_colour_and_background():
         ckpt["per_prompt"][1]["pixels"] == [{"colour": "blue", "background": "gray", "shape": "square"}] * 2
     )
     found = {(w["prompt"], w["metric"]) for w in report["warnings"]}
-    assert found == {  # the crude shape guess is shown, not watched
+    assert found == {
         (None, "pixel_colour"),
         (None, "pixel_background"),
+        (None, "pixel_shape"),
         ("a green square on a black background", "pixel_background"),
         ("a red circle", "pixel_colour"),
+        ("a red circle", "pixel_shape"),
     }
     md = render_markdown(report)
     assert (
         "| model | r | diversity | fidelity | pixel colour | pixel background | pixel shape | drift |" in md
     )
-    assert "| ckpt | 1 ± 0 | – | – | 50 % ⚠ | 0 % ⚠ | 50 % | – |" in md
+    assert "| ckpt | 1 ± 0 | – | – | 50 % ⚠ | 0 % ⚠ | 50 % ⚠ | – |" in md
 
 
 def test_pixel_judges_only_for_builtin_models_and_shapes_captions():

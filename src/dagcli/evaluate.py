@@ -29,10 +29,8 @@ EMBED_BATCH = 32
 # What the pixel judges of the built-in models read, and the report keys of their shares.
 PIXEL_ATTRIBUTES = ("colour", "background", "shape")
 PIXEL_METRICS = tuple(f"pixel_{a}" for a in PIXEL_ATTRIBUTES)
-# Metrics whose fall, while a reward rises, the hacking monitor reports (overall and per prompt). The
-# pixel shape guess is shown but not watched: on the tiny model's samples it misreads clean triangles as
-# circles (soft edges fill the bounding box), so its shares move without the shapes changing.
-MONITORED = ("diversity", "lpips_diversity", "fidelity", "pixel_colour", "pixel_background")
+# Metrics whose fall, while a reward rises, the hacking monitor reports (overall and per prompt).
+MONITORED = ("diversity", "lpips_diversity", "fidelity", *PIXEL_METRICS)
 
 
 # --- metrics: pure functions over tensors -------------------------------------------------------------

@@ -276,14 +276,13 @@ PIXEL_LEGEND = {
     "pixel_background": "share of images whose border colour (median, nearest background name) is the "
     "prompt's background; only prompts that name one count",
     "pixel_shape": "share of images whose shape guess is the prompt's shape; crude (guessed from how much of "
-    "its bounding box the shape fills: square ≈ 1, circle ≈ 0.78, triangle ≈ 0.5), so not watched by ⚠",
+    "its bounding box the shape fills: square ≈ 1, circle ≈ 0.78, triangle ≈ 0.5): check its ⚠ on the grid",
 }
 
 
 def monitor_quiet(report: dict) -> str:
     """The line shown when the hacking monitor has no warning."""
-    pixels = " or its pixel colour or background share" if report.get("pixel_judges") else ""
-    metrics = f"diversity or fidelity{pixels}"
+    metrics = "diversity or fidelity" + (" or a pixel judge's share" if report.get("pixel_judges") else "")
     return (
         "No checkpoint raised a reward, over all prompts or on one prompt, while its "
         f"{metrics} fell by {report['settings']['hack_threshold']:.0%} or more."
