@@ -28,6 +28,7 @@ from dagcli.evaluate import (
     pairwise_cosine_distance,
     sqrtm_psd,
     uses_pixel_judges,
+    warning_lines,
 )
 from dagcli.report import render_html, render_markdown
 from eval_helpers import make_lora_run
@@ -235,19 +236,26 @@ def test_pixel_judges_share_of_matching_colour_and_background():
         ckpt["per_prompt"][1]["pixels"] == [{"colour": "blue", "background": "gray", "shape": "square"}] * 2
     )
     found = {(w["prompt"], w["metric"]) for w in report["warnings"]}
-    assert found == {
+    assert found == {  # the shape share is reported, not monitored
         (None, "pixel_colour"),
         (None, "pixel_background"),
-        (None, "pixel_shape"),
         ("a green square on a black background", "pixel_background"),
         ("a red circle", "pixel_colour"),
-        ("a red circle", "pixel_shape"),
     }
     md = render_markdown(report)
     assert (
         "| model | r | diversity | fidelity | pixel colour | pixel background | pixel shape | drift |" in md
     )
-    assert "| ckpt | 1 ± 0 | – | – | 50 % ⚠ | 0 % ⚠ | 50 % ⚠ | – |" in md
+    assert "| ckpt | 1 ± 0 | – | – | 50 % ⚠ | 0 % ⚠ | 50 % | – |" in md
+    lines = warning_lines(report["warnings"])
+    assert lines == [
+        "possible reward hacking in ckpt: r 0 -> 1 rose while pixel_colour 1 -> 0.5 (50%), "
+        "pixel_background 1 -> 0 (100%) fell",
+        "possible reward hacking in ckpt on prompt 'a green square on a black background': r 0 -> 1 rose while "
+        "pixel_background 1 -> 0 (100%) fell",
+        "possible reward hacking in ckpt on prompt 'a red circle': r 0 -> 1 rose while pixel_colour 1 -> 0 "
+        "(100%) fell",
+    ]
 
 
 def test_pixel_judges_only_for_builtin_models_and_shapes_captions():

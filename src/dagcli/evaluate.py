@@ -29,8 +29,9 @@ EMBED_BATCH = 32
 # What the pixel judges of the built-in models read, and the report keys of their shares.
 PIXEL_ATTRIBUTES = ("colour", "background", "shape")
 PIXEL_METRICS = tuple(f"pixel_{a}" for a in PIXEL_ATTRIBUTES)
-# Metrics whose fall, while a reward rises, the hacking monitor reports (overall and per prompt).
-MONITORED = ("diversity", "lpips_diversity", "fidelity", *PIXEL_METRICS)
+# Metrics whose fall, while a reward rises, the hacking monitor reports (overall and per prompt). The pixel shape
+# share is reported, not monitored: its judge misreads the base model's own triangles and would cry wolf.
+MONITORED = ("diversity", "lpips_diversity", "fidelity", "pixel_colour", "pixel_background")
 
 
 # --- metrics: pure functions over tensors -------------------------------------------------------------
@@ -193,6 +194,23 @@ def hacking_warnings(
                 }
             )
     return warnings
+
+
+def warning_lines(warnings: list[dict]) -> list[str]:
+    """One terminal line per checkpoint and prompt (or overall): the rewards that rose and the metrics that fell
+    (the report keeps one warning per reward and metric)."""
+    groups: dict[tuple, dict] = {}
+    for w in warnings:
+        g = groups.setdefault((w["model"], w.get("prompt")), {"rewards": {}, "metrics": {}})
+        g["rewards"][w["reward"]] = f"{w['reward']} {w['reward_base']:.4g} -> {w['reward_value']:.4g}"
+        g["metrics"][w["metric"]] = (f"{w['metric']} {w['metric_base']:.4g} -> {w['metric_value']:.4g} "
+                                     f"({w['relative_drop']:.0%})")
+    lines = []
+    for (model, prompt), g in groups.items():
+        where = "" if prompt is None else f" on prompt {prompt!r}"
+        lines.append(f"possible reward hacking in {model}{where}: {', '.join(g['rewards'].values())} rose while "
+                     f"{', '.join(g['metrics'].values())} fell")
+    return lines
 
 
 def model_warnings(base: dict, other: dict, threshold: float = DEFAULT_HACK_THRESHOLD) -> list[dict]:
