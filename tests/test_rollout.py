@@ -62,3 +62,41 @@ def test_forward_looking_rewards_only_for_trained_states(tmp_path, tiny_pipeline
     assert scored[0.5] == 3 + int(needed.sum()) < scored[1.0]
     assert torch.equal(half.fl_rewards[needed], full.fl_rewards[needed])
     assert torch.isnan(half.fl_rewards[~needed]).all() and torch.isfinite(full.fl_rewards).all()
+
+
+def test_a_tiny_decoder_decodes_the_x0_images_and_only_them(tmp_path, tiny_pipeline_dir):
+    """dag.x0_decoder: the forward-looking images come from the AutoencoderTiny (equal to decoding with it
+    directly), the final images still from the model's VAE."""
+    from diffusers import AutoencoderTiny
+
+    from dagcli.config import load_config, replace
+    from dagcli.families.base import decode_latents
+    from dagcli.trainer import Trainer
+
+    folder = tmp_path / "taesd"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                        num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1)).save_pretrained(folder)
+    cfg = load_config(write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square"],
+                                        output={"dir": str(tmp_path / "run")}))
+    batches = {}
+    for decoder in ("", str(folder)):
+        trainer = Trainer(replace(cfg, "dag", x0_decoder=decoder), ["a red circle", "a blue square"])
+        batches[decoder], _ = trainer.collect(0)
+    full, tiny = batches[""], batches[str(folder)]
+    assert torch.equal(full.rewards, tiny.rewards)  # same trajectories, final images from the full VAE
+    assert not torch.equal(full.fl_rewards, tiny.fl_rewards)
+    traj, rollout = tiny.traj, trainer.rollout
+    x0 = trainer.family.predict_x0(rollout.schedule, torch.tensor([2]), traj.latents[:1, 2], traj.out_cond[:1, 2])
+    by_hand = rollout.score(decode_latents(rollout.x0_vae, x0), traj.prompts[:1])[0]
+    assert torch.equal(by_hand, tiny.fl_rewards[:1, 2])
+
+
+def test_a_missing_x0_decoder_is_refused_before_loading(tmp_path, tiny_pipeline_dir, capsys):
+    from cli_helpers import run_cli
+
+    config = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"])
+    code, _, err = run_cli(["train", "--config", config, "-o", tmp_path / "run", "--set",
+                            f'dag.x0_decoder="{tmp_path}"'], capsys)
+    assert code == 2 and "has no config.json" in err and len(err.strip().splitlines()) == 1

@@ -80,6 +80,7 @@ class Rollout:
         self.seed, self.prompts, self.height, self.width = seed, prompts, height, width
         self.reduction, self.rank, self.autocast, self.reporter = reduction, rank, autocast, reporter
         self.schedule = self.family.schedule(settings.steps, height, width)
+        self.x0_vae = None  # a smaller decoder for the x̂0 images (`models.load_tiny_decoder`), None: the VAE
 
     def collect(self, epoch: int, denoiser, stored_x0: str | None, fraction: float = 1.0,
                 always_last: bool = False) -> tuple[EpochBatch, dict, int]:
@@ -146,7 +147,7 @@ class Rollout:
         scores = []
         chunk = max(1, self.settings.batch_size)
         for i in range(0, x0.shape[0], chunk):
-            images = self.family.decode(x0[i : i + chunk].to(self.model.device))
+            images = self.family.decode(x0[i : i + chunk].to(self.model.device), vae=self.x0_vae)
             scores.append(self.score(images, prompts[i : i + chunk])[0])
         result = torch.full((n * steps,), float("nan"))
         if scores:
@@ -161,7 +162,7 @@ class Rollout:
         with torch.no_grad(), self.autocast():
             out = self.family.denoiser_fn(denoiser, self.schedule, cond, guidance)(x, j)[0]
             x0 = self.family.predict_x0(self.schedule, j, x, out.float())
-            images = self.family.decode(x0)
+            images = self.family.decode(x0, vae=self.x0_vae)
         return self.score(images, prompts)[0].to(x.device)
 
     def _score(self, traj: Trajectory, stored_x0: str | None, needed: torch.Tensor):

@@ -53,7 +53,7 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------------
     def _setup(self, model) -> None:
-        from dagcli.models import add_lora, load_model
+        from dagcli.models import add_lora, load_model, load_tiny_decoder
         from dagcli.rewards import build_reward
 
         c, acc = self.config, self.accelerator
@@ -79,6 +79,8 @@ class Trainer:
                                rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter)
         self.context = self._context()
         self.algorithm = build_algorithm(c.train.algorithm, c, self.context)
+        if self.algorithm.x0_decoder:
+            self.rollout.x0_vae = load_tiny_decoder(self.algorithm.x0_decoder, self.model.device, self.model.dtype)
         groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": c.train.learning_rate}]
         self.optimizer = make_optimizer(groups + self.algorithm.param_groups(), c.train)
         names = list(self.algorithm.modules)

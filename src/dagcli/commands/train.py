@@ -116,7 +116,7 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[object, list
     checkpoint to resume. Returns the completed config, the prompts and the checkpoint folder (or None)."""
     from dagcli.commands.common import check_writable_dir
     from dagcli.config import fill_model_defaults
-    from dagcli.models import check_model_name, default_model
+    from dagcli.models import check_decoder_name, check_model_name, default_model
     from dagcli.prompts import load_prompts
     from dagcli.rewards import validate_spec
 
@@ -135,6 +135,8 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[object, list
     check(check_model_name, cfg.model.name or default_model())
     folder = check(_checkpoint_to_resume, cfg, resume, resume_from)
     check(_check_tracker, cfg.output.report_to)
+    if cfg.dag.x0_decoder:
+        check(check_decoder_name, cfg.dag.x0_decoder)
     if not problems:
         check(check_writable_dir, Path(cfg.output.dir))
     if problems:
