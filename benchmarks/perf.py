@@ -370,8 +370,6 @@ class AlgorithmVariants:
 
 
 def bench_training(b: Bench) -> dict:
-    from dagcli.rollout import select_transitions
-
     a = b.args
     mb = a.train_batches[0]
     trainer, cfg = make_trainer(b, mb)
@@ -381,7 +379,7 @@ def bench_training(b: Bench) -> dict:
                  "mixed_precision": cfg.train.mixed_precision}
     b.reset_peak()
     batch, _ = trainer.collect(0)
-    pairs = select_transitions(cfg.train.seed, 0, 0, batch.traj.batch_size, a.steps, a.steps, False)
+    pairs = batch.pairs
     idx = pairs[:mb]
     batch_c = dataclasses.replace(batch, fl_rewards=None)
 

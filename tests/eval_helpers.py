@@ -10,8 +10,11 @@ import torch
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def make_lora_run(run_dir: Path, pipeline_dir: Path, seed: int = 0, scale: float = 0.5) -> Path:
-    """Write `run_dir/checkpoints/step-000002/` (a random non-zero LoRA + meta.json) and `metrics.jsonl`."""
+def make_lora_run(run_dir: Path, pipeline_dir: Path | str, seed: int = 0, scale: float = 0.5) -> Path:
+    """Write `run_dir/checkpoints/step-000002/` (a random non-zero LoRA + meta.json) and `metrics.jsonl`.
+
+    `pipeline_dir` is a pipeline folder or a built-in model name ('tiny'); meta.json names it as the base.
+    """
     from peft import LoraConfig
 
     from dagcli.checkpoint import write_lora

@@ -105,3 +105,16 @@ def test_resume_accepts_extension_and_refuses_changes():
 
 def test_default_config_is_valid():
     assert config_from_dict({}) == Config()
+
+
+@pytest.mark.parametrize("accumulation, steps, fraction, expected", [
+    (200, 50, 1.0, 200),  # the reference: 4 sampler batches x 50 timesteps
+    (200, 50, 0.5, 100),  # 4 x 25: the same optimiser steps per epoch with half the transitions
+    (200, 50, 0.1, 20),
+    (2, 6, 0.5, 1),
+    (1, 10, 0.3, 1),  # never below one micro-batch
+])
+def test_accumulation_scales_with_the_timestep_fraction(accumulation, steps, fraction, expected):
+    from dagcli.config import accumulation_steps
+
+    assert accumulation_steps(accumulation, steps, fraction) == expected

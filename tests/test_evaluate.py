@@ -24,8 +24,11 @@ from dagcli.evaluate import (
     frechet_distance,
     frechet_from_stats,
     hacking_warnings,
+    judge_images,
     pairwise_cosine_distance,
     sqrtm_psd,
+    uses_pixel_judges,
+    warning_lines,
 )
 from dagcli.report import render_html, render_markdown
 from eval_helpers import make_lora_run
@@ -144,6 +147,156 @@ def test_evaluate_sets_numbers_and_rendering():
     )  # grid + histogram
 
 
+def test_hacking_threshold_is_inclusive():
+    base = {"rewards": {"r": {"mean": 1.0}}, "diversity": 0.5}
+    at = {"rewards": {"r": {"mean": 2.0}}, "diversity": 0.4}  # (0.5 - 0.4) / 0.5 = 20 %, 0.19999... in floats
+    assert [w["relative_drop"] for w in hacking_warnings(base, at, "ckpt")] == [pytest.approx(0.2)]
+    assert hacking_warnings(base, {**at, "diversity": 0.41}, "ckpt") == []
+
+
+# Unit vectors whose pairwise cosine distances are known: orthogonal -> 1, equal -> 0, 120° apart -> 1.5.
+E1, E2, E3, E4 = torch.eye(4)
+TRIAD = torch.tensor([[1.0, 0, 0, 0], [-0.5, 3**0.5 / 2, 0, 0], [-0.5, -(3**0.5) / 2, 0, 0]])
+PROMPTS = ["a green triangle"] * 3 + ["a red circle"] * 3
+
+
+def monitor_report(ckpt_emb: torch.Tensor) -> dict:
+    """Base: 'a green triangle' diversity 1 (orthogonal), 'a red circle' 2/3; the checkpoint's reward +10."""
+    img = Image.new("RGB", (8, 8))
+    sets = [ImageSet(label, PROMPTS, [img] * 6, list(range(6)), [""] * 6) for label in ("base", "ckpt")]
+    inputs = EvalInputs(
+        rewards={"base": {"r": torch.arange(6.0)}, "ckpt": {"r": torch.arange(6.0) + 10}},
+        embeddings={"base": torch.stack([E1, E2, E3, E1, E1, E2]), "ckpt": ckpt_emb},
+    )
+    return evaluate_sets(sets, inputs)
+
+
+def test_hacking_monitor_names_the_prompt_that_collapses_while_overall_diversity_holds():
+    # 'a green triangle' collapses 1 -> 0; 'a red circle' spreads 2/3 -> 1.5; overall 5/6 -> 3/4 (-10 %).
+    report = monitor_report(torch.cat([torch.stack([E1, E1, E1]), TRIAD]))
+    base, ckpt = (m["overall"]["diversity"] for m in report["models"])
+    assert (base, ckpt) == (pytest.approx(5 / 6), pytest.approx(3 / 4))
+    [warning] = report["warnings"]
+    assert warning["prompt"] == "a green triangle" and warning["metric"] == "diversity"
+    assert (warning["metric_base"], warning["metric_value"]) == (pytest.approx(1.0), pytest.approx(0.0))
+    assert warning["reward_base"] == pytest.approx(1.0) and warning["reward_value"] == pytest.approx(11.0)
+    assert "on prompt 'a green triangle'" in warning["message"]
+    assert "on prompt 'a green triangle'" in render_markdown(report)
+    page = render_html(report, {})
+    assert "on prompt &#x27;a green triangle&#x27;" in page and page.count("class='flag'") == 1
+
+
+def test_hacking_monitor_quiet_when_nothing_collapses():
+    report = monitor_report(torch.stack([E1, E2, E4, E2, E2, E1]))  # same diversities as the base
+    assert report["warnings"] == []
+    assert "No checkpoint raised a reward, over all prompts or on one prompt" in render_markdown(report)
+
+
+def shape_image(colour: str, background: str, shape: str) -> Image.Image:
+    """A 32x32 image drawn here (not with the data set's renderer): a filled square or disc of 16 px."""
+    from PIL import ImageDraw
+
+    from dagcli.builtin.dataset import BACKGROUNDS, COLOURS
+
+    img = Image.new("RGB", (32, 32), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(img)
+    (draw.rectangle if shape == "square" else draw.ellipse)([8, 8, 23, 23], fill=COLOURS[colour])
+    return img
+
+
+def pixel_report() -> dict:
+    """'a green square on a black background' and 'a red circle', 2 images each; the checkpoint's images
+    keep the square's colour on the wrong background and turn the red circles into blue squares."""
+    prompts = ["a green square on a black background"] * 2 + ["a red circle"] * 2
+    base = [shape_image("green", "black", "square")] * 2 + [shape_image("red", "gray", "circle")] * 2
+    ckpt = [shape_image("green", "white", "square")] * 2 + [shape_image("blue", "gray", "square")] * 2
+    sets = [
+        ImageSet(n, prompts, imgs, [0, 1, 2, 3], [""] * 4) for n, imgs in (("base", base), ("ckpt", ckpt))
+    ]
+    inputs = EvalInputs(
+        rewards={"base": {"r": torch.zeros(4)}, "ckpt": {"r": torch.ones(4)}},
+        pixels={s.label: judge_images(s.images) for s in sets},
+    )
+    return evaluate_sets(sets, inputs)
+
+
+def test_pixel_judges_share_of_matching_colour_and_background():
+    report = pixel_report()
+    base, ckpt = report["models"]
+    assert report["pixel_judges"] == ["colour", "background", "shape"]
+    shares = lambda block: tuple(block[k] for k in ("pixel_colour", "pixel_background", "pixel_shape"))  # noqa: E731
+    assert shares(base["overall"]) == (1.0, 1.0, 1.0)
+    assert [shares(p) for p in base["per_prompt"]] == [
+        (1.0, 1.0, 1.0),
+        (1.0, None, 1.0),
+    ]  # no background named
+    assert [shares(p) for p in ckpt["per_prompt"]] == [(1.0, 0.0, 1.0), (0.0, None, 0.0)]
+    assert shares(ckpt["overall"]) == (0.5, 0.0, 0.5)  # 2 of 4 colours; 0 of the 2 images with a background
+    assert (
+        ckpt["per_prompt"][1]["pixels"] == [{"colour": "blue", "background": "gray", "shape": "square"}] * 2
+    )
+    found = {(w["prompt"], w["metric"]) for w in report["warnings"]}
+    assert found == {  # the shape share is reported, not monitored
+        (None, "pixel_colour"),
+        (None, "pixel_background"),
+        ("a green square on a black background", "pixel_background"),
+        ("a red circle", "pixel_colour"),
+    }
+    md = render_markdown(report)
+    assert (
+        "| model | r | diversity | fidelity | pixel colour | pixel background | pixel shape | drift |" in md
+    )
+    assert "| ckpt | 1 ± 0 | – | – | 50 % ⚠ | 0 % ⚠ | 50 % | – |" in md
+    lines = warning_lines(report["warnings"])
+    assert lines == [
+        "possible reward hacking in ckpt: r 0 -> 1 rose while pixel_colour 1 -> 0.5 (50%), "
+        "pixel_background 1 -> 0 (100%) fell",
+        "possible reward hacking in ckpt on prompt 'a green square on a black background': r 0 -> 1 rose while "
+        "pixel_background 1 -> 0 (100%) fell",
+        "possible reward hacking in ckpt on prompt 'a red circle': r 0 -> 1 rose while pixel_colour 1 -> 0 "
+        "(100%) fell",
+    ]
+
+
+def test_pixel_judges_only_for_builtin_models_and_shapes_captions():
+    assert uses_pixel_judges("tiny", ["a cat", "a red circle"])
+    assert not uses_pixel_judges("tiny", ["a photo of a cat"])
+    assert not uses_pixel_judges("stable-diffusion-v1-5/stable-diffusion-v1-5", ["a red circle"])
+    assert not uses_pixel_judges(None, ["a red circle"])
+    sets, inputs, *_ = synthetic_sets()
+    report = evaluate_sets(sets, inputs)
+    assert report["pixel_judges"] == [] and "pixel" not in render_markdown(report)
+    assert report["models"][0]["per_prompt"][0]["pixel_colour"] is None
+
+
+def test_per_prompt_grids_side_by_side_with_a_legend(tmp_path):
+    sets, inputs, *_ = synthetic_sets()
+    report = evaluate_sets(sets, inputs)
+    images = {
+        label: {"a": [Image.new("RGB", (8, 8), (9 * k, 0, 0)) for k in range(3)]}
+        for label in ("base", "ckpt")
+    }
+    page = render_html(report, images)
+    table = re.search(r"<h3>a</h3><div class='scroll'><table class='compare'>(.*?)</table>", page).group(1)
+    header, first_row = re.findall(r"<tr>(.*?)</tr>", table)[:2]
+    assert re.findall(r"<th>(.*?)</th>", header) == ["", "base", "ckpt"]
+    assert first_row.startswith("<td>images</td>") and first_row.count("<img ") == 2  # one row, two columns
+    for needle in ("mean pairwise cosine distance", "Fréchet distance", "ridge", "1e-06", "own prompt"):
+        assert needle in page
+    # Markdown: the grids `dag sample` wrote, as the first row of a table with one column per model.
+    for label in ("base", "ckpt"):
+        (tmp_path / label).mkdir()
+        Image.new("RGB", (4, 4)).save(tmp_path / label / "grid-000-a.png")
+    report["models"][0]["per_prompt"][0]["files"] = ["base/0.png"]
+    report["models"][1]["per_prompt"][0]["files"] = ["ckpt/0.png"]
+    md = render_markdown(report, tmp_path)
+    assert (
+        "## a\n\n|  | base | ckpt |\n|---|---|---|\n| images | ![base](base/grid-000-a.png) | ![ckpt](ckpt/grid-000-a.png) |"
+        in md
+    )
+    assert "- **ridge**: 1e-06, added to the covariances' diagonals in drift" in md
+
+
 # --- end to end ---------------------------------------------------------------------------------------
 
 
@@ -202,6 +355,54 @@ def test_eval_writes_three_reports_with_embedded_images(eval_run, capsys):
     assert [p["seeds"] for p in ckpt["per_prompt"]] == [[0, 1, 2], [3, 4, 5]]
     assert base["overall"]["drift"] is None and ckpt["overall"]["drift"] > 0
     assert "| base |" in (out / "report.md").read_text()
+
+
+def test_eval_on_the_builtin_tiny_model_judges_pixels_side_by_side(tmp_path, capsys):
+    from dagcli.builtin import dataset as ds
+
+    run = make_lora_run(tmp_path / "run", "tiny", scale=0.05)
+    prompts = ["a green triangle", "a red circle on a black background"]
+    out = tmp_path / "out"
+    args = [
+        "eval",
+        "--model",
+        "tiny",
+        "--ckpt",
+        run,
+        "-p",
+        prompts[0],
+        "-p",
+        prompts[1],
+        "--reward",
+        "compressibility",
+    ]
+    args += ["-n", "2", "--steps", "3", "--batch-size", "4", "--device", "cpu", "--no-lpips", "-o", out]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["pixel_judges"] == ["colour", "background", "shape"] and report["prompts"] == prompts
+    for model in report["models"]:
+        colours, backgrounds = [], []
+        for p in model["per_prompt"]:
+            want = ds.parse_caption(p["prompt"])
+            seen = [ds.judge_pixels(Image.open(out / f).convert("RGB")) for f in p["files"]]
+            colours += [s.colour == want.colour for s in seen]
+            assert p["pixel_colour"] == pytest.approx(np.mean(colours[-2:]))
+            assert p["pixel_shape"] == pytest.approx(np.mean([s.shape == want.shape for s in seen]))
+            if want.background is None:
+                assert p["pixel_background"] is None
+            else:
+                backgrounds += [s.background == want.background for s in seen]
+                assert p["pixel_background"] == pytest.approx(np.mean(backgrounds))
+        assert model["overall"]["pixel_colour"] == pytest.approx(np.mean(colours))
+        assert model["overall"]["pixel_background"] == pytest.approx(np.mean(backgrounds))
+        assert model["overall"]["fidelity"] is not None  # the built-in tiny CLIP, beside the pixel judges
+    page, md = (out / "report.html").read_text(), (out / "report.md").read_text()
+    assert "<th>pixel colour</th><th>pixel background</th><th>pixel shape</th>" in page
+    assert page.count("<th></th><th>base</th><th>run@step-000002</th>") == 2  # a comparison per prompt
+    assert "median colour of the pixels" in page and "Fréchet distance" in page
+    grids = "| images | ![base](images/base/grid-000-a-green-triangle.png) | ![run@step-000002]("
+    assert "|  | base | run@step-000002 |" in md and grids in md
 
 
 def load_pngs(out, files):

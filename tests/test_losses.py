@@ -83,3 +83,18 @@ def test_flow_network_batch_of_one_and_shapes():
     assert out.shape == (1,) and out.dtype == torch.float32
     out3 = net(torch.randn(3, 4, 16, 16), torch.tensor([1, 500, 999]), torch.randn(3, 5, 24))
     assert out3.shape == (3,)
+
+
+def test_flow_network_has_eight_heads_in_every_attention_block():
+    """As the reference DAG code: 8 heads whatever the block's width (same parameter count as fixed-width heads)."""
+    from diffusers.models.attention_processor import Attention
+
+    config = FlowConfig(block_out_channels=(16, 32, 64, 64), cross_attention_dim=24, norm_num_groups=8)
+    net = FlowNetwork(config)
+    attentions = [m for m in net.modules() if isinstance(m, Attention)]
+    assert attentions and all(a.heads == 8 for a in attentions)
+    widths = sorted({a.inner_dim for a in attentions})
+    assert widths == [16, 32, 64]  # heads x head width = the block's channels
+    legacy = FlowNetwork(FlowConfig(**{**config.to_dict(), "attention_head_dim": 8}))  # networks saved before
+    assert sorted({a.heads for a in legacy.modules() if isinstance(a, Attention)}) == [2, 4, 8]
+    assert sum(p.numel() for p in legacy.parameters()) == sum(p.numel() for p in net.parameters())

@@ -96,3 +96,16 @@ def test_checkpoints_by_time_as_well_as_by_epoch(tiny_config, tmp_path, capsys):
     names = lambda run: sorted(p.name for p in (run / "checkpoints").iterdir())  # noqa: E731
     assert names(every_epoch) == ["step-000001", "step-000002", "step-000003"]
     assert names(only_last) == ["step-000003"]
+
+
+def test_timestep_fraction_keeps_the_optimiser_steps_per_epoch(tiny_config, tmp_path, capsys):
+    """3 trajectories x 4 steps in micro-batches of 3, 2 per optimiser step: 2 steps an epoch at fraction 1 (4
+    micro-batches), and still 2 at fraction 0.5 (2 micro-batches, 1 per step), as the reference code does."""
+    steps = {}
+    for fraction in (1.0, 0.5):
+        run = tmp_path / f"f{fraction}"
+        code, _, err = run_cli(["train", "--config", tiny_config, "--epochs", "1", "-o", run,
+                                "--train-batch-size", "3", "--set", f"train.timestep_fraction={fraction}"], capsys)
+        assert code == 0, err
+        steps[fraction] = json.loads((run / "metrics.jsonl").read_text())["optimizer_steps"]
+    assert steps == {1.0: 2, 0.5: 2}

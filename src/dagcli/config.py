@@ -62,7 +62,9 @@ class TrainConfig:
     algorithm: str = "dag-db"  # one of `dagcli.algorithms.ALGORITHMS`: dag-db | dag-kl | ddpo
     epochs: int = 100
     batch_size: int = 8  # transitions per micro-batch (per process)
-    gradient_accumulation_steps: int = 200  # micro-batches per optimiser step (reference: 4 x 50 timesteps)
+    # micro-batches per optimiser step when every transition is trained (reference: 4 x 50 timesteps); with
+    # timestep_fraction < 1 it shrinks in proportion, so an epoch takes the same number of optimiser steps
+    gradient_accumulation_steps: int = 200
     learning_rate: float = 3e-4  # LoRA
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
@@ -90,6 +92,9 @@ class DagConfig:
     proximity: float = 1.0  # λ: weight of mean (ε̃_θ − ε̃_sampling)²
     x0_source: str = "sampling"  # forward-looking x̂0: "sampling" (stored, each state once) | "current" (reference)
     x0_guidance: str = "cond"  # x̂0 from the conditional ε (reference) or the guided ε
+    # decoder of the forward-looking x̂0 images: "" = the model's VAE; else an AutoencoderTiny folder or hub id
+    # (e.g. madebyollin/taesd for SD 1.x / 2.x); final images always use the model's VAE
+    x0_decoder: str = ""
     kl_weight: float = 1.0  # DAG-KL: weight of the REINFORCE term
     clip_range: float = 1e-4  # DAG-KL: ratio clip of the REINFORCE term
     adv_clip: float = 5.0  # DAG-KL: advantages clipped to ±this
@@ -361,8 +366,19 @@ def _unset_ok(value: int | float | None) -> int | float:
     return 1 if value is None else value
 
 
+def transitions_per_trajectory(steps: int, fraction: float) -> int:
+    """How many of a trajectory's `steps` transitions are trained (`train.timestep_fraction`), at least one."""
+    return max(1, round(steps * fraction))
+
+
+def accumulation_steps(accumulation: int, steps: int, fraction: float) -> int:
+    """Micro-batches per optimiser step: `gradient_accumulation_steps` scaled by the share of each trajectory
+    trained, as the reference code does, so subsampling timesteps keeps the optimiser steps per epoch."""
+    return max(1, round(accumulation * transitions_per_trajectory(steps, fraction) / steps))
+
+
 def _check_micro_batches(c: Config) -> list[str]:
-    per_traj = max(1, round(c.sampling.steps * c.train.timestep_fraction))
+    per_traj = transitions_per_trajectory(c.sampling.steps, c.train.timestep_fraction)
     total = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
     if c.train.batch_size > 0 and total > 0 and total % c.train.batch_size:
         divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]

@@ -1,7 +1,8 @@
 """Evaluation: generate (or load) images for a base model and checkpoints, score them, compare them.
 
 The engine behind `dag eval`. Metrics are pure functions over tensors (`pairwise_cosine_distance`,
-`frechet_distance`, `fidelity`); `evaluate_sets` turns image sets into the nested dictionary written to
+`frechet_distance`, `fidelity`); on the built-in models the pixel judges of `dagcli.builtin.dataset` add
+colour, background and shape shares; `evaluate_sets` turns image sets into the nested dictionary written to
 `report.json` (see docs/evaluation.md for what every number means).
 
 An image set is everything one model produced: the base model first, then each checkpoint, all generated
@@ -21,12 +22,16 @@ import torch
 from dagcli.errors import DagError
 from dagcli.generate import read_manifest
 
-REPORT_VERSION = 1
-DEFAULT_HACK_THRESHOLD = (
-    0.2  # relative drop of diversity or fidelity that, with a reward gain, raises a warning
-)
+REPORT_VERSION = 2
+DEFAULT_HACK_THRESHOLD = 0.2  # relative drop of a monitored metric that, with a reward gain, raises a warning
 DEFAULT_RIDGE = 1e-6  # added to the diagonal of covariances before the Fréchet distance
 EMBED_BATCH = 32
+# What the pixel judges of the built-in models read, and the report keys of their shares.
+PIXEL_ATTRIBUTES = ("colour", "background", "shape")
+PIXEL_METRICS = tuple(f"pixel_{a}" for a in PIXEL_ATTRIBUTES)
+# Metrics whose fall, while a reward rises, the hacking monitor reports (overall and per prompt). The pixel shape
+# share is reported, not monitored: its judge misreads the base model's own triangles and would cry wolf.
+MONITORED = ("diversity", "lpips_diversity", "fidelity", "pixel_colour", "pixel_background")
 
 
 # --- metrics: pure functions over tensors -------------------------------------------------------------
@@ -144,18 +149,26 @@ def relative_drop(base: float | None, value: float | None) -> float | None:
     return (base - value) / abs(base)
 
 
-def hacking_warnings(
-    base: dict, other: dict, label: str, threshold: float = DEFAULT_HACK_THRESHOLD
-) -> list[dict]:
-    """Warnings for one checkpoint: a reward mean rose while diversity or fidelity fell by > threshold.
-
-    `base` and `other` are the `overall` blocks of two models in the report.
-    """
+def fallen_metrics(base: dict, other: dict, threshold: float) -> list[tuple[str, float, float, float]]:
+    """(metric, base value, value, relative drop) for each monitored metric that fell by >= threshold."""
     fallen = []
-    for metric in ("diversity", "fidelity", "lpips_diversity"):
+    for metric in MONITORED:
         drop = relative_drop(base.get(metric), other.get(metric))
-        if drop is not None and drop > threshold:
+        if drop is not None and drop >= threshold - 1e-12:  # tolerance: 0.5 -> 0.4 is a 20 % drop
             fallen.append((metric, base[metric], other[metric], drop))
+    return fallen
+
+
+def hacking_warnings(
+    base: dict, other: dict, label: str, threshold: float = DEFAULT_HACK_THRESHOLD, prompt: str | None = None
+) -> list[dict]:
+    """Warnings for one checkpoint: a reward mean rose while a monitored metric fell by >= threshold.
+
+    `base` and `other` are the `overall` blocks of two models in the report, or, with `prompt`, their
+    blocks for that prompt.
+    """
+    fallen = fallen_metrics(base, other, threshold)
+    where = "" if prompt is None else f" on prompt {prompt!r}"
     warnings = []
     for reward, stats in other.get("rewards", {}).items():
         base_mean = base.get("rewards", {}).get(reward, {}).get("mean")
@@ -165,6 +178,7 @@ def hacking_warnings(
             warnings.append(
                 {
                     "model": label,
+                    "prompt": prompt,
                     "reward": reward,
                     "reward_base": base_mean,
                     "reward_value": stats["mean"],
@@ -173,13 +187,93 @@ def hacking_warnings(
                     "metric_value": after,
                     "relative_drop": drop,
                     "message": (
-                        f"possible reward hacking in {label}: {reward} rose {base_mean:.4g} -> "
-                        f"{stats['mean']:.4g} "
-                        f"while {metric} fell {before:.4g} -> {after:.4g} ({drop:.0%} > {threshold:.0%})"
+                        f"possible reward hacking in {label}{where}: {reward} rose {base_mean:.4g} -> "
+                        f"{stats['mean']:.4g} while {metric} fell {before:.4g} -> {after:.4g} "
+                        f"({drop:.0%} >= {threshold:.0%})"
                     ),
                 }
             )
     return warnings
+
+
+def warning_lines(warnings: list[dict]) -> list[str]:
+    """One terminal line per checkpoint and prompt (or overall): the rewards that rose and the metrics that fell
+    (the report keeps one warning per reward and metric)."""
+    groups: dict[tuple, dict] = {}
+    for w in warnings:
+        g = groups.setdefault((w["model"], w.get("prompt")), {"rewards": {}, "metrics": {}})
+        g["rewards"][w["reward"]] = f"{w['reward']} {w['reward_base']:.4g} -> {w['reward_value']:.4g}"
+        g["metrics"][w["metric"]] = (f"{w['metric']} {w['metric_base']:.4g} -> {w['metric_value']:.4g} "
+                                     f"({w['relative_drop']:.0%})")
+    lines = []
+    for (model, prompt), g in groups.items():
+        where = "" if prompt is None else f" on prompt {prompt!r}"
+        lines.append(f"possible reward hacking in {model}{where}: {', '.join(g['rewards'].values())} rose while "
+                     f"{', '.join(g['metrics'].values())} fell")
+    return lines
+
+
+def model_warnings(base: dict, other: dict, threshold: float = DEFAULT_HACK_THRESHOLD) -> list[dict]:
+    """The monitor for one checkpoint against the base: over all prompts, then prompt by prompt.
+
+    `base` and `other` are model entries of the report (`label`, `overall`, `per_prompt`). A prompt can
+    collapse while the averages over all prompts hold, hence the per-prompt check.
+    """
+    warnings = hacking_warnings(base["overall"], other["overall"], other["label"], threshold)
+    base_blocks = {p["prompt"]: p for p in base["per_prompt"]}
+    for block in other["per_prompt"]:
+        if block["prompt"] in base_blocks:
+            warnings += hacking_warnings(
+                base_blocks[block["prompt"]], block, other["label"], threshold, prompt=block["prompt"]
+            )
+    return warnings
+
+
+# --- pixel judges (built-in models) -------------------------------------------------------------------
+
+
+def uses_pixel_judges(model: str | None, prompts: Sequence[str]) -> bool:
+    """Whether the pixel judges apply: a built-in model and at least one prompt that is a shapes caption."""
+    from dagcli.rewards.clip import is_tiny_model
+
+    return is_tiny_model(model) and any(caption_wants(p) is not None for p in prompts)
+
+
+def caption_wants(prompt: str):
+    """The attributes a shapes caption names (`ParsedCaption`), or None when the prompt is not one."""
+    from dagcli.builtin.dataset import parse_caption
+
+    parsed = parse_caption(prompt)
+    return parsed if parsed.colour is not None and parsed.shape is not None else None
+
+
+def judge_images(images: Sequence) -> list[dict[str, str | None]]:
+    """What each image's pixels show: {'colour', 'background', 'shape'} names (colour/shape None if blank)."""
+    from dagcli.builtin.dataset import judge_pixels
+
+    out = []
+    for image in images:
+        seen = judge_pixels(np.asarray(image.convert("RGB")))
+        out.append({a: getattr(seen, a) for a in PIXEL_ATTRIBUTES})
+    return out
+
+
+def pixel_matches(seen: dict[str, str | None], prompt: str) -> dict[str, bool | None]:
+    """Per attribute, whether the pixels show what the prompt names; None where the prompt names nothing."""
+    wants = caption_wants(prompt)
+    if wants is None:
+        return {a: None for a in PIXEL_ATTRIBUTES}
+    return {a: None if getattr(wants, a) is None else seen[a] == getattr(wants, a) for a in PIXEL_ATTRIBUTES}
+
+
+def pixel_shares(seen: Sequence[dict], prompts: Sequence[str]) -> dict[str, float | None]:
+    """'pixel_<attribute>' -> share of the images whose pixels match their prompt (None: nothing to judge)."""
+    matches = [pixel_matches(s, p) for s, p in zip(seen, prompts, strict=True)]
+    out = {}
+    for attribute, key in zip(PIXEL_ATTRIBUTES, PIXEL_METRICS, strict=True):
+        judged = [m[attribute] for m in matches if m[attribute] is not None]
+        out[key] = float(np.mean(judged)) if judged else None
+    return out
 
 
 # --- image sets ---------------------------------------------------------------------------------------
@@ -373,6 +467,7 @@ class EvalInputs:
     hack_threshold: float = DEFAULT_HACK_THRESHOLD
     ridge: float = DEFAULT_RIDGE
     settings: dict = field(default_factory=dict)
+    pixels: dict[str, list[dict]] | None = None  # label -> per image what its pixels show (built-in models)
 
 
 def unique_prompts(sets: Sequence[ImageSet]) -> list[str]:
@@ -395,11 +490,16 @@ def prompt_block(
         },
         "diversity": None,
         "fidelity": None,
+        **dict.fromkeys(PIXEL_METRICS),
         "drift": None,
         "lpips_diversity": None,
+        "pixels": None,
     }
     if inputs.lpips is not None:
         block["lpips_diversity"] = _num(inputs.lpips[s.label].get(prompt))
+    if inputs.pixels is not None:
+        block["pixels"] = [inputs.pixels[s.label][i] for i in idx]
+        block.update(pixel_shares(block["pixels"], [prompt] * len(idx)))
     if inputs.embeddings is None:
         return block
     emb = inputs.embeddings[s.label][idx]
@@ -423,9 +523,12 @@ def overall_block(
         "diversity": _mean_defined([p["diversity"] for p in per_prompt]),
         "lpips_diversity": _mean_defined([p["lpips_diversity"] for p in per_prompt]),
         "fidelity": None,
+        **dict.fromkeys(PIXEL_METRICS),
         "drift": _mean_defined([p["drift"] for p in per_prompt]),
         "drift_pooled": None,
     }
+    if inputs.pixels is not None:
+        block.update(pixel_shares(inputs.pixels[s.label], s.prompts))
     if inputs.embeddings is not None and inputs.text_embeddings is not None and len(prompts) > 1:
         targets = [prompts.index(p) for p in s.prompts]
         block["fidelity"] = _num(fidelity(inputs.embeddings[s.label], inputs.text_embeddings, targets))
@@ -452,10 +555,11 @@ def evaluate_sets(sets: Sequence[ImageSet], inputs: EvalInputs) -> dict:
         overall = overall_block(s, per_prompt, prompts, inputs, ref)
         models.append({"label": s.label, "source": s.source, "overall": overall, "per_prompt": per_prompt})
         if k > 0:
-            warnings += hacking_warnings(models[0]["overall"], overall, s.label, inputs.hack_threshold)
+            warnings += model_warnings(models[0], models[-1], inputs.hack_threshold)
     return {
         "version": REPORT_VERSION,
         "settings": {**inputs.settings, "hack_threshold": inputs.hack_threshold, "ridge": inputs.ridge},
+        "pixel_judges": list(PIXEL_ATTRIBUTES) if inputs.pixels is not None else [],
         "prompts": prompts,
         "rewards": list(next(iter(inputs.rewards.values())).keys()),
         "models": models,
@@ -474,7 +578,10 @@ def compute_inputs(
     settings: dict,
     reporter,
 ) -> EvalInputs:
-    """Score, embed and (optionally) LPIPS every set; `encoder` may be None (no embedding metrics)."""
+    """Score, embed, (optionally) LPIPS and, on the built-in models, pixel-judge every set.
+
+    `encoder` may be None (no embedding metrics).
+    """
     prompts = unique_prompts(sets)
     rewards, embeddings = {}, {} if encoder is not None else None
     with reporter.task("scoring", total=len(sets)) as advance:
@@ -492,7 +599,12 @@ def compute_inputs(
             ]
         )
     lp = lpips_tables(sets) if use_lpips else None
-    return EvalInputs(rewards, embeddings, text, lp, hack_threshold, DEFAULT_RIDGE, settings)
+    pixels = (
+        {s.label: judge_images(s.images) for s in sets}
+        if uses_pixel_judges(settings.get("model"), prompts)
+        else None
+    )
+    return EvalInputs(rewards, embeddings, text, lp, hack_threshold, DEFAULT_RIDGE, settings, pixels)
 
 
 def lpips_tables(sets: Sequence[ImageSet]) -> dict[str, dict[str, float]] | None:

@@ -29,8 +29,9 @@ def epoch_metrics(batch, train_logs: dict, timing: dict, state, dist) -> dict:
     for p, r in zip(dist.gather_strings(batch.traj.prompts), rewards.tolist(), strict=True):
         per_prompt[p].append(r)
     m["per_prompt_reward"] = {p: sum(v) / len(v) for p, v in sorted(per_prompt.items())}
-    if batch.fl_rewards is not None:
-        fl = dist.gather_floats(batch.fl_rewards.flatten())
+    if batch.fl_rewards is not None:  # the states whose x̂0 was scored (the others are NaN)
+        fl = batch.fl_rewards.flatten()
+        fl = dist.gather_floats(fl[torch.isfinite(fl)])
         m["fl_reward_mean"] = float(fl.mean()) if fl.numel() else float("nan")
     m.update(train_logs)
     m.update(timing)

@@ -245,6 +245,34 @@ def _load_or_explain(load, name: str):
         raise DagError(f"cannot load model folder {name!r}: {first_line(e)}") from e
 
 
+def check_decoder_name(name: str) -> None:
+    """Fail fast on an x̂0 decoder that is neither an AutoencoderTiny folder nor a hub id."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise DagError(f"dag.x0_decoder {name!r} has no config.json; expected an AutoencoderTiny folder")
+        return
+    if not _HUB_ID.match(name):
+        raise DagError(f"dag.x0_decoder {name!r} is neither a folder nor a hub id such as madebyollin/taesd")
+
+
+def load_tiny_decoder(name: str, device: torch.device, dtype: torch.dtype):
+    """An `AutoencoderTiny` (local folder or hub id, cache first) to decode forward-looking x̂0 images cheaply."""
+    from diffusers import AutoencoderTiny
+
+    from dagcli.hub import cached_or_download
+
+    def load(local: bool):
+        return AutoencoderTiny.from_pretrained(name, local_files_only=local, use_safetensors=True, dtype=dtype)
+
+    if Path(name).expanduser().exists():
+        decoder = _load_or_explain(lambda: load(True), name)
+    else:
+        decoder = cached_or_download(load, "x̂0 decoder", name, "--set dag.x0_decoder=PATH")
+    decoder.requires_grad_(False)
+    return decoder.to(device).eval()
+
+
 def add_lora(denoiser: torch.nn.Module, lora, seed: int) -> torch.nn.Module:
     """Attach a peft LoRA (the `[lora]` section) to the denoiser; its random init depends on the run seed only.
     The trainable weights are float32 whatever the frozen weights' dtype."""

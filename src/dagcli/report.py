@@ -17,6 +17,7 @@ from dagcli.generate import slug
 from dagcli.images import make_grid
 
 TILE_MIN, TILE_MAX = 96, 192  # pixel size of an image in the HTML grids (tiny images are enlarged)
+GRID_COLS = 4  # images per row of a model's grid in the HTML comparison
 
 
 # --- small helpers ------------------------------------------------------------------------------------
@@ -47,16 +48,19 @@ def figure_data_uri(fig) -> str:
 
 
 def thumbnail_grid(images: Sequence) -> object:
-    """One row of images at a readable size: tiny images enlarged (nearest), large ones shrunk."""
+    """Up to GRID_COLS images a row at a readable size: tiny images enlarged (nearest), large ones shrunk.
+
+    Narrow grids let every model's grid of a prompt sit side by side on one screen.
+    """
     from PIL import Image
 
-    w = images[0].width
+    w, cols = images[0].width, min(len(images), GRID_COLS)
     if w < TILE_MIN:
-        return make_grid(images, cols=len(images), upscale=max(1, TILE_MIN // w))
+        return make_grid(images, cols=cols, upscale=max(1, TILE_MIN // w))
     if w > TILE_MAX:
         h = round(images[0].height * TILE_MAX / w)
         images = [img.resize((TILE_MAX, h), Image.BICUBIC) for img in images]
-    return make_grid(images, cols=len(images))
+    return make_grid(images, cols=cols)
 
 
 def read_metrics(run_dir: str | Path | None) -> list[dict]:
@@ -135,28 +139,167 @@ def training_curves(rows: list[dict], title: str) -> str | None:
     return figure_data_uri(fig)
 
 
-# --- markdown -----------------------------------------------------------------------------------------
+# --- tables and legend (shared by markdown, HTML and the terminal) -------------------------------------
 
-METRIC_COLUMNS = ("diversity", "fidelity", "drift")
+SHARE_KEYS = ("fidelity", "pixel_colour", "pixel_background", "pixel_shape")  # fractions, shown as percent
+HEADERS = {
+    "diversity": "diversity",
+    "lpips_diversity": "lpips diversity",
+    "fidelity": "fidelity",
+    "pixel_colour": "pixel colour",
+    "pixel_background": "pixel background",
+    "pixel_shape": "pixel shape",
+    "drift": "drift",
+}
+FLAG = "⚠"
+
+
+def metric_keys(report: dict) -> list[str]:
+    """The metric columns of this report: diversity, LPIPS diversity (when measured), fidelity, the pixel
+    judges (built-in models only), drift."""
+    keys = ["diversity"]
+    if any(m["overall"].get("lpips_diversity") is not None for m in report["models"]):
+        keys.append("lpips_diversity")
+    keys.append("fidelity")
+    keys += [f"pixel_{a}" for a in report.get("pixel_judges", [])]
+    return [*keys, "drift"]
+
+
+def fmt_metric(key: str, value: float | None) -> str:
+    """A metric for a table: shares as percentages, other values with 4 significant digits."""
+    if value is None or key not in SHARE_KEYS:
+        return fmt(value)
+    return f"{100 * value:.3g} %"
+
+
+def flagged(report: dict) -> set[tuple[str, str | None, str]]:
+    """(model, prompt or None for overall, metric) of every metric the hacking monitor warned about."""
+    return {(w["model"], w.get("prompt"), w["metric"]) for w in report["warnings"]}
 
 
 def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the overall table (shared by markdown, HTML and the terminal)."""
-    lpips = any(m["overall"].get("lpips_diversity") is not None for m in report["models"])
-    header = ["model", *report["rewards"], *METRIC_COLUMNS, *(["lpips diversity"] if lpips else [])]
+    keys = metric_keys(report)
+    header = ["model", *report["rewards"], *(HEADERS[k] for k in keys)]
     rows = []
     for m in report["models"]:
         o = m["overall"]
         row = [m["label"], *[fmt_stat(o["rewards"].get(r)) for r in report["rewards"]]]
-        row += [fmt(o.get(k)) for k in METRIC_COLUMNS] + ([fmt(o.get("lpips_diversity"))] if lpips else [])
-        rows.append(row)
+        rows.append(row + [fmt_metric(k, o.get(k)) for k in keys])
     return header, rows
 
 
-def md_table(header: list[str], rows: list[list[str]]) -> str:
+def summary_flags(report: dict) -> set[tuple[int, int]]:
+    """(row, column) of the overall table's cells the hacking monitor warned about."""
+    marks, keys = flagged(report), metric_keys(report)
+    first = 1 + len(report["rewards"])
+    return {
+        (r, first + c)
+        for r, m in enumerate(report["models"])
+        for c, k in enumerate(keys)
+        if (m["label"], None, k) in marks
+    }
+
+
+def prompt_columns(report: dict, prompt: str) -> list[tuple[dict, dict]]:
+    """(model, its block for this prompt) for every model that has images of the prompt, base first."""
+    out = []
+    for m in report["models"]:
+        block = next((p for p in m["per_prompt"] if p["prompt"] == prompt), None)
+        if block is not None:
+            out.append((m, block))
+    return out
+
+
+def prompt_rows(report: dict, prompt: str) -> tuple[list[list[str]], set[tuple[int, int]]]:
+    """One prompt's comparison, one column per model: rows of (name, value per model), and flagged cells."""
+    columns, marks = prompt_columns(report, prompt), flagged(report)
+    rows = [["seeds", *[", ".join(str(x) for x in b["seeds"]) for _, b in columns]]]
+    rows += [[r, *[fmt_stat(b["rewards"].get(r)) for _, b in columns]] for r in report["rewards"]]
+    flags = set()
+    for k in metric_keys(report):
+        flags |= {(len(rows), c + 1) for c, (m, _) in enumerate(columns) if (m["label"], prompt, k) in marks}
+        rows.append([HEADERS[k], *[fmt_metric(k, b.get(k)) for _, b in columns]])
+    return rows, flags
+
+
+def legend(report: dict) -> list[tuple[str, str]]:
+    """(name, meaning) of every number on the page, with this report's settings filled in."""
+    s, keys = report["settings"], metric_keys(report)
+    embed = f" ({s['embed_model']})" if s.get("embed_model") else " (none given: not measured)"
+    items = [
+        (
+            "reward",
+            "mean ± standard deviation over the images (all of them overall, the prompt's per prompt)",
+        ),
+        (
+            "diversity",
+            f"mean pairwise cosine distance 1 − cos(eᵢ, eⱼ) of the CLIP image embeddings{embed} of one "
+            "prompt's images; overall: the mean over prompts. 0 = every image embeds alike (collapse)",
+        ),
+    ]
+    if "lpips_diversity" in keys:
+        items.append(("lpips diversity", "mean pairwise LPIPS (AlexNet) distance of one prompt's images"))
+    items.append(
+        (
+            "fidelity",
+            f"share of images whose most similar text among the {len(report['prompts'])} evaluated prompts "
+            "(CLIP cosine) is their own prompt. Relative: it catches an image that looks like another "
+            "prompt, not a lost attribute (a triangle turned blob passes while no other prompt fits better)",
+        )
+    )
+    items += [(HEADERS[k], PIXEL_LEGEND[k]) for k in keys if k in PIXEL_LEGEND]
+    items += [
+        (
+            "drift",
+            "Fréchet distance |μ₁ − μ₂|² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) between Gaussians fitted to the base's and "
+            "this model's embeddings of a prompt; overall: the mean over prompts. Larger = further from the "
+            "base; with few images mostly the shift of the mean embedding (not an FID)",
+        ),
+        (
+            "ridge",
+            f"{s.get('ridge', 0):g}, added to the covariances' diagonals in drift: with fewer images than "
+            "embedding dimensions they are singular, and the ridge keeps their matrix square root defined",
+        ),
+        (
+            FLAG,
+            f"hacking monitor: a reward's mean rose while this value fell by {s['hack_threshold']:.0%} or more "
+            "relative to the base (over all images overall, over the prompt's images per prompt)",
+        ),
+    ]
+    return items
+
+
+PIXEL_LEGEND = {
+    "pixel_colour": "share of images whose shape colour is the prompt's: the median colour of the pixels "
+    "that differ from the border, named by the nearest palette colour (pixel judges: built-in models only)",
+    "pixel_background": "share of images whose border colour (median, nearest background name) is the "
+    "prompt's background; only prompts that name one count",
+    "pixel_shape": "share of images whose shape guess is the prompt's shape; crude (guessed from how much of "
+    "its bounding box the shape fills: square ≈ 1, circle ≈ 0.78, triangle ≈ 0.5): check its ⚠ on the grid",
+}
+
+
+def monitor_quiet(report: dict) -> str:
+    """The line shown when the hacking monitor has no warning."""
+    metrics = "diversity or fidelity" + (" or a pixel judge's share" if report.get("pixel_judges") else "")
+    return (
+        "No checkpoint raised a reward, over all prompts or on one prompt, while its "
+        f"{metrics} fell by {report['settings']['hack_threshold']:.0%} or more."
+    )
+
+
+# --- markdown -----------------------------------------------------------------------------------------
+
+
+def md_table(header: list[str], rows: list[list[str]], flags: set[tuple[int, int]] = frozenset()) -> str:
+    """A Markdown table; flagged (row, column) cells get a warning sign."""
     esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(esc, r)) + " |" for r in rows])
+    for r, row in enumerate(rows):
+        cells = [esc(c) + (f" {FLAG}" if (r, k) in flags else "") for k, c in enumerate(row)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def grid_file(output: Path, model: dict, prompt: str) -> str | None:
@@ -170,41 +313,35 @@ def grid_file(output: Path, model: dict, prompt: str) -> str | None:
     return str(candidate) if (output / candidate).is_file() else None
 
 
+def md_prompt_section(report: dict, prompt: str, output: Path | None) -> list[str]:
+    """One prompt: a table with one column per model, its image grid on top (when the grid files exist)."""
+    columns = prompt_columns(report, prompt)
+    rows, flags = prompt_rows(report, prompt)
+    grids = [grid_file(output, m, prompt) if output else None for m, _ in columns]
+    if any(grids):
+        links = [f"![{m['label']}]({g})" if g else "–" for (m, _), g in zip(columns, grids, strict=True)]
+        rows = [["images", *links], *rows]
+        flags = {(r + 1, c) for r, c in flags}
+    header = ["", *[m["label"] for m, _ in columns]]
+    return [f"## {prompt or '(no prompt)'}", "", md_table(header, rows, flags), ""]
+
+
 def render_markdown(report: dict, output: Path | None = None) -> str:
-    """The report as Markdown: settings, overall table, warnings, one table per prompt."""
+    """The report as Markdown: settings, overall table, legend, warnings, one comparison table per prompt."""
     s = report["settings"]
     out = ["# Evaluation report", ""]
     out += [f"- **{k}**: `{v}`" for k, v in s.items() if v not in (None, "", [], {})]
-    out += ["", "## Overall", "", md_table(*summary_rows(report)), ""]
-    out += ["## Hacking monitor", ""]
+    out += ["", "## Overall", "", md_table(*summary_rows(report), summary_flags(report)), ""]
+    out += ["**What the numbers mean**", ""]
+    out += [f"- **{name}**: {meaning}." for name, meaning in legend(report)]
+    out += ["", "## Hacking monitor", ""]
     if report["warnings"]:
-        out += [f"- ⚠️ {w['message']}" for w in report["warnings"]]
+        out += [f"- {FLAG} {w['message']}" for w in report["warnings"]]
     else:
-        out += [
-            f"No checkpoint raised a reward while losing more than {s['hack_threshold']:.0%} of its "
-            "diversity or fidelity."
-        ]
+        out.append(monitor_quiet(report))
     out.append("")
     for prompt in report["prompts"]:
-        out += [f"## {prompt or '(no prompt)'}", ""]
-        header = ["model", *report["rewards"], *METRIC_COLUMNS, "seeds"]
-        rows, links = [], []
-        for m in report["models"]:
-            p = next((p for p in m["per_prompt"] if p["prompt"] == prompt), None)
-            if p is None:
-                continue
-            rows.append(
-                [
-                    m["label"],
-                    *[fmt_stat(p["rewards"][r]) for r in report["rewards"]],
-                    *[fmt(p.get(k)) for k in METRIC_COLUMNS],
-                    ", ".join(str(x) for x in p["seeds"]),
-                ]
-            )
-            grid = grid_file(output, m, prompt) if output else None
-            if grid:
-                links.append(f"![{m['label']}]({grid})")
-        out += [md_table(header, rows), "", *([" ".join(links), ""] if links else [])]
+        out += md_prompt_section(report, prompt, output)
     return "\n".join(out)
 
 
@@ -213,42 +350,69 @@ def render_markdown(report: dict, output: Path | None = None) -> str:
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; vertical-align: top; }
 th:first-child, td:first-child { text-align: left; }
+td.flag { background: #fff3cd; }
 .warn { background: #fff3cd; border: 1px solid #e0b000; padding: 0.5em 1em; margin: 0.5em 0; }
 .ok { color: #2a7a2a; }
 .row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
+.scroll { overflow-x: auto; }
+.compare th, .compare td { text-align: center; }
+.compare th:first-child, .compare td:first-child { text-align: left; }
+.legend { flex: 1 1 20em; max-width: 46em; font-size: 0.85em; margin: 1em 0; }
+.legend dt { font-weight: bold; margin-top: 0.4em; }
+.legend dd { margin-left: 1em; }
 figure { margin: 0; }
-figcaption { font-size: 0.85em; margin-top: 0.3em; }
 img { image-rendering: pixelated; }
 .plot img { image-rendering: auto; }
 """
 
 
-def html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(
+    header: list[str],
+    rows: list[list[str]],
+    flags: set[tuple[int, int]] = frozenset(),
+    css: str = "",
+    lead: str = "",
+) -> str:
+    """A table of escaped text cells; flagged (row, column) cells are highlighted; `lead` is a first row
+    of ready HTML cells (the image grids)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='flag'>{html.escape(c)} {FLAG}</td>"
+            if (r, k) in flags
+            else f"<td>{html.escape(c)}</td>"
+            for k, c in enumerate(row)
+        )
+        + "</tr>"
+        for r, row in enumerate(rows)
+    )
+    lead = f"<tr>{lead}</tr>" if lead else ""
+    return f"<table class='{css}'><thead><tr>{head}</tr></thead><tbody>{lead}{body}</tbody></table>"
+
+
+def html_legend(report: dict) -> str:
+    """The legend as a definition list."""
+    items = "".join(f"<dt>{html.escape(n)}</dt><dd>{html.escape(m)}.</dd>" for n, m in legend(report))
+    return f"<dl class='legend'>{items}</dl>"
 
 
 def prompt_section(report: dict, prompt: str, images: dict[str, dict[str, list]]) -> str:
-    """One prompt: the grids of every model side by side, each captioned with its numbers."""
-    figures = []
-    for m in report["models"]:
-        p = next((p for p in m["per_prompt"] if p["prompt"] == prompt), None)
+    """One prompt: a table with one column per model, its image grid on top and its numbers below."""
+    columns = prompt_columns(report, prompt)
+    rows, flags = prompt_rows(report, prompt)
+    cells = []
+    for m, _ in columns:
         pics = images.get(m["label"], {}).get(prompt)
-        if p is None or not pics:
-            continue
-        caption = "<br>".join(
-            [f"<b>{html.escape(m['label'])}</b>"]
-            + [f"{html.escape(r)}: {fmt_stat(p['rewards'][r])}" for r in report["rewards"]]
-            + [f"{k}: {fmt(p.get(k))}" for k in METRIC_COLUMNS if p.get(k) is not None]
+        alt = html.escape(f"{m['label']}: {prompt}")
+        cells.append(
+            f'<td><img src="{png_data_uri(thumbnail_grid(pics))}" alt="{alt}"></td>' if pics else "<td>–</td>"
         )
-        figures.append(
-            f'<figure><img src="{png_data_uri(thumbnail_grid(pics))}" alt="{html.escape(m["label"])}">'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
-    return f"<h3>{html.escape(prompt or '(no prompt)')}</h3><div class='row'>{''.join(figures)}</div>"
+    lead = f"<td>images</td>{''.join(cells)}" if any("<img" in c for c in cells) else ""
+    table = html_table(["", *[m["label"] for m, _ in columns]], rows, flags, css="compare", lead=lead)
+    return f"<h3>{html.escape(prompt or '(no prompt)')}</h3><div class='scroll'>{table}</div>"
 
 
 def render_html(report: dict, images: dict[str, dict[str, list]]) -> str:
@@ -267,15 +431,15 @@ def render_html(report: dict, images: dict[str, dict[str, list]]) -> str:
         )
         + "</ul>"
     )
-    parts.append("<h2>Overall</h2>" + html_table(*summary_rows(report)))
+    overall = html_table(*summary_rows(report), summary_flags(report))
+    parts.append(
+        f"<h2>Overall</h2><div class='row'><div class='scroll'>{overall}</div>{html_legend(report)}</div>"
+    )
     parts.append("<h2>Hacking monitor</h2>")
     if report["warnings"]:
-        parts += [f"<div class='warn'>⚠ {html.escape(w['message'])}</div>" for w in report["warnings"]]
+        parts += [f"<div class='warn'>{FLAG} {html.escape(w['message'])}</div>" for w in report["warnings"]]
     else:
-        parts.append(
-            f"<p class='ok'>No checkpoint raised a reward while losing more than "
-            f"{s['hack_threshold']:.0%} of its diversity or fidelity.</p>"
-        )
+        parts.append(f"<p class='ok'>{html.escape(monitor_quiet(report))}</p>")
     parts.append("<h2>Reward distributions</h2><div class='row plot'>")
     parts += [
         f"<figure><img src='{reward_histogram(report, r)}' alt='{html.escape(r)} histogram'></figure>"
@@ -294,7 +458,11 @@ def render_html(report: dict, images: dict[str, dict[str, list]]) -> str:
             for label, uri in curves
         ]
         parts.append("</div>")
-    parts.append("<h2>Per prompt</h2>")
+    parts.append(
+        "<h2>Per prompt</h2><p>One column per model; image <i>k</i> of every grid (row by row) has the same "
+        "seed, so differences come from the weights. The numbers are those of the legend, for this "
+        "prompt's images.</p>"
+    )
     parts += [prompt_section(report, p, images) for p in report["prompts"]]
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -32,14 +32,18 @@ class EpochBatch:
     traj: Trajectory  # latents [N,T+1,...], log_probs [N,T], model outputs [N,T,...], cond [N]
     rewards: torch.Tensor  # [N] terminal rewards
     components: dict[str, torch.Tensor]  # name -> [N]
-    fl_rewards: torch.Tensor | None  # [N,T] r(Decode(x̂0(x_i))) of every non-terminal state, or None
+    fl_rewards: torch.Tensor | None  # [N,T] r(Decode(x̂0(x_i))) of the states trained on (NaN elsewhere), or None
+    pairs: torch.Tensor  # [M, 2] (trajectory, step) transitions to train on, shuffled
     advantages: torch.Tensor | None = None  # [N] set by an algorithm's `prepare` (DDPO)
 
 
-def select_transitions(seed: int, epoch: int, rank: int, n: int, steps: int, per_trajectory: int,
+def select_transitions(seed: int, epoch: int, rank: int, n: int, steps: int, fraction: float,
                        always_last: bool) -> torch.Tensor:
-    """[M, 2] (trajectory, step) pairs to train on this epoch: `per_trajectory` random steps of each of the n
+    """[M, 2] (trajectory, step) pairs to train on this epoch: a `fraction` of the random steps of each of the n
     trajectories (the final one always among them with `always_last`), shuffled."""
+    from dagcli.config import transitions_per_trajectory
+
+    per_trajectory = transitions_per_trajectory(steps, fraction)
     g = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank, stream=TRANSITION_STREAM))
     pairs = []
     for b in range(n):
@@ -51,6 +55,22 @@ def select_transitions(seed: int, epoch: int, rank: int, n: int, steps: int, per
     return pairs_t[torch.randperm(len(pairs_t), generator=g)]
 
 
+def states_needed(pairs: torch.Tensor, n: int, steps: int) -> torch.Tensor:
+    """[n, steps] bool: the non-terminal states the transitions `pairs` start or end in (whose x̂0 rewards the
+    forward-looking flow reads)."""
+    needed = torch.zeros(n, steps + 1, dtype=torch.bool)
+    needed[pairs[:, 0], pairs[:, 1]] = True
+    needed[pairs[:, 0], pairs[:, 1] + 1] = True
+    return needed[:, :steps]
+
+
+def keep_pairs(pairs: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The pairs of the kept trajectories (`keep` [n] bool), renumbered to the kept trajectories' positions."""
+    new_index = torch.cumsum(keep.long(), 0) - 1
+    kept = pairs[keep[pairs[:, 0]]]
+    return torch.stack([new_index[kept[:, 0]], kept[:, 1]], 1)
+
+
 class Rollout:
     """Samples and scores a process's trajectories for an epoch; `settings` is the `[sampling]` section."""
 
@@ -60,22 +80,31 @@ class Rollout:
         self.seed, self.prompts, self.height, self.width = seed, prompts, height, width
         self.reduction, self.rank, self.autocast, self.reporter = reduction, rank, autocast, reporter
         self.schedule = self.family.schedule(settings.steps, height, width)
+        self.x0_vae = None  # a smaller decoder for the x̂0 images (`models.load_tiny_decoder`), None: the VAE
 
-    def collect(self, epoch: int, denoiser, stored_x0: str | None) -> tuple[EpochBatch, dict, int]:
-        """The epoch's trajectories and rewards (with x̂0 rewards of every state scored from the stored model
-        output `stored_x0` = "cond" | "guided" when asked), timings, and how many trajectories were dropped for a
-        NaN/inf reward (they are left out of the batch)."""
-        traj, rewards, components, fl, timing = self._sample_and_score(epoch, denoiser, stored_x0)
+    def collect(self, epoch: int, denoiser, stored_x0: str | None, fraction: float = 1.0,
+                always_last: bool = False) -> tuple[EpochBatch, dict, int]:
+        """The epoch's trajectories, rewards and the transitions to train on (a `fraction` of each trajectory's
+        steps); with `stored_x0` = "cond" | "guided", the x̂0 rewards of the states those transitions touch, scored
+        from the stored model output (each state once, no others). Also timings, and how many trajectories were
+        dropped for a NaN/inf reward (left out of the batch and its transitions)."""
+        s = self.settings
+        n = s.batch_size * s.batches_per_epoch
+        pairs = select_transitions(self.seed, epoch, self.rank, n, s.steps, fraction, always_last)
+        needed = states_needed(pairs, n, s.steps)
+        traj, rewards, components, fl, timing = self._sample_and_score(epoch, denoiser, stored_x0, needed)
         keep = torch.isfinite(rewards)
         if fl is not None:
-            keep &= torch.isfinite(fl).all(1)
+            keep &= (torch.isfinite(fl) | ~needed).all(1)
         dropped = int((~keep).sum())
         if dropped:
             idx = keep.nonzero().flatten()
             traj, rewards = traj.select(idx), rewards[keep]
             components = {k: v[keep] for k, v in components.items()}
             fl = fl[keep] if fl is not None else None
-        return EpochBatch(traj=traj, rewards=rewards, components=components, fl_rewards=fl), timing, dropped
+            pairs = keep_pairs(pairs, keep)
+        batch = EpochBatch(traj=traj, rewards=rewards, components=components, fl_rewards=fl, pairs=pairs)
+        return batch, timing, dropped
 
     def sample_epoch(self, epoch: int, denoiser, on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
         """Sample this process's trajectories for the epoch (no gradients); `on_batch` sees each sampler call's
@@ -104,20 +133,26 @@ class Rollout:
         out = self.reward(images, prompts, None)
         return out.scores.float().cpu(), {k: v.float().cpu() for k, v in out.components.items()}
 
-    def forward_looking_rewards(self, traj: Trajectory, stored_x0: str) -> torch.Tensor:
-        """r(Decode(x̂0(x_i))) [N, T] for every non-terminal state i, from the model outputs recorded while
-        sampling ("cond": the conditional output, "guided": the guided one): each state decoded and scored once."""
+    def forward_looking_rewards(self, traj: Trajectory, stored_x0: str,
+                                needed: torch.Tensor | None = None) -> torch.Tensor:
+        """r(Decode(x̂0(x_i))) [N, T] of the non-terminal states marked in `needed` [N, T] (default: all; NaN for the
+        others), from the model outputs recorded while sampling ("cond": the conditional output, "guided": the
+        guided one): each state decoded and scored once."""
         n, steps = traj.log_probs.shape
-        out = traj.out_cond if stored_x0 == "cond" else traj.out_guided
-        x = traj.latents[:, :steps].flatten(0, 1)  # [N*T, ...]
-        x0 = self.family.predict_x0(self.schedule, torch.arange(steps).repeat(n), x, out.flatten(0, 1))
-        prompts = [p for p in traj.prompts for _ in range(steps)]
+        flat = torch.arange(n * steps) if needed is None else needed.flatten().nonzero().flatten()
+        out = (traj.out_cond if stored_x0 == "cond" else traj.out_guided).flatten(0, 1)[flat]
+        x = traj.latents[:, :steps].flatten(0, 1)[flat]  # [K, ...]
+        x0 = self.family.predict_x0(self.schedule, torch.arange(steps).repeat(n)[flat], x, out)
+        prompts = [traj.prompts[k // steps] for k in flat.tolist()]
         scores = []
         chunk = max(1, self.settings.batch_size)
         for i in range(0, x0.shape[0], chunk):
-            images = self.family.decode(x0[i : i + chunk].to(self.model.device))
+            images = self.family.decode(x0[i : i + chunk].to(self.model.device), vae=self.x0_vae)
             scores.append(self.score(images, prompts[i : i + chunk])[0])
-        return torch.cat(scores).reshape(n, steps)
+        result = torch.full((n * steps,), float("nan"))
+        if scores:
+            result[flat] = torch.cat(scores)
+        return result.reshape(n, steps)
 
     def x0_rewards(self, x: torch.Tensor, j: torch.Tensor, cond, prompts: list[str], denoiser,
                    guided: bool) -> torch.Tensor:
@@ -127,16 +162,16 @@ class Rollout:
         with torch.no_grad(), self.autocast():
             out = self.family.denoiser_fn(denoiser, self.schedule, cond, guidance)(x, j)[0]
             x0 = self.family.predict_x0(self.schedule, j, x, out.float())
-            images = self.family.decode(x0)
+            images = self.family.decode(x0, vae=self.x0_vae)
         return self.score(images, prompts)[0].to(x.device)
 
-    def _score(self, traj: Trajectory, stored_x0: str | None):
+    def _score(self, traj: Trajectory, stored_x0: str | None, needed: torch.Tensor):
         with torch.no_grad():
             rewards, components = self.score(traj.images, traj.prompts)
-            fl = self.forward_looking_rewards(traj, stored_x0) if stored_x0 else None
+            fl = self.forward_looking_rewards(traj, stored_x0, needed) if stored_x0 else None
         return rewards, components, fl
 
-    def _sample_and_score(self, epoch: int, denoiser, stored_x0: str | None):
+    def _sample_and_score(self, epoch: int, denoiser, stored_x0: str | None, needed: torch.Tensor):
         """Sample the epoch and score it; with `sampling.overlap_rewards`, each sampler call's images are scored in
         a worker thread (on its own CUDA stream) while the next call samples. Timings: time_reward is the scoring
         time not hidden behind sampling."""
@@ -144,18 +179,22 @@ class Rollout:
         if not self.settings.overlap_rewards:
             traj = self.sample_epoch(epoch, denoiser)
             t1 = time.perf_counter()
-            rewards, components, fl = self._score(traj, stored_x0)
+            rewards, components, fl = self._score(traj, stored_x0, needed)
             return traj, rewards, components, fl, {"time_sampling": t1 - t0, "time_reward": time.perf_counter() - t1}
         device = self.model.device
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-        def work(part: Trajectory):
+        def work(part: Trajectory, start: int):
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                return self._score(part, stored_x0)
+                return self._score(part, stored_x0, needed[start : start + part.batch_size])
 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagcli-reward") as pool:
             futures = []
-            traj = self.sample_epoch(epoch, denoiser, on_batch=lambda part: futures.append(pool.submit(work, part)))
+
+            def submit(part: Trajectory) -> None:
+                futures.append(pool.submit(work, part, len(futures) * self.settings.batch_size))
+
+            traj = self.sample_epoch(epoch, denoiser, on_batch=submit)
             t1 = time.perf_counter()
             results = [f.result() for f in futures]
         rewards = torch.cat([r for r, _, _ in results])

@@ -22,13 +22,13 @@ import torch
 from dagcli.algorithms import build_algorithm
 from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.checkpoint import TrainState
-from dagcli.config import Config, dump_toml, fill_model_defaults, replace, to_dict
+from dagcli.config import Config, accumulation_steps, dump_toml, fill_model_defaults, replace, to_dict
 from dagcli.distributed import Dist
 from dagcli.errors import DagError
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
 from dagcli.progress import NullReporter, Reporter
-from dagcli.rollout import EpochBatch, Rollout, select_transitions
+from dagcli.rollout import EpochBatch, Rollout
 from dagcli.stopping import StopRequest
 
 
@@ -53,7 +53,7 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------------
     def _setup(self, model) -> None:
-        from dagcli.models import add_lora, load_model
+        from dagcli.models import add_lora, load_model, load_tiny_decoder
         from dagcli.rewards import build_reward
 
         c, acc = self.config, self.accelerator
@@ -79,6 +79,8 @@ class Trainer:
                                rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter)
         self.context = self._context()
         self.algorithm = build_algorithm(c.train.algorithm, c, self.context)
+        if self.algorithm.x0_decoder:
+            self.rollout.x0_vae = load_tiny_decoder(self.algorithm.x0_decoder, self.model.device, self.model.dtype)
         groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": c.train.learning_rate}]
         self.optimizer = make_optimizer(groups + self.algorithm.param_groups(), c.train)
         names = list(self.algorithm.modules)
@@ -108,16 +110,15 @@ class Trainer:
         params = [p for p in self.denoiser.parameters() if p.requires_grad]
         return params + [p for m in self.algorithm.modules.values() for p in m.parameters()]
 
-    def transitions_per_trajectory(self) -> int:
-        return max(1, round(self.config.sampling.steps * self.config.train.timestep_fraction))
-
     # --- one epoch -------------------------------------------------------------------------------------
     def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
         """Sampling and rewards for one epoch (NaN/inf rewards dropped and counted), prepared for the algorithm."""
-        batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards)
+        c = self.config
+        batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards,
+                                                      c.train.timestep_fraction, c.train.always_last_step)
         dropped = self.dist.sum_int(dropped)  # over all processes: they stop together
         if dropped:
-            limit = self.config.reward.max_nonfinite
+            limit = c.reward.max_nonfinite
             self.state.nonfinite_rewards += dropped
             self.reporter.warn(f"dropped {dropped} trajectories with NaN/inf rewards "
                                f"({self.state.nonfinite_rewards} so far, limit {limit})")
@@ -148,12 +149,10 @@ class Trainer:
     def train_epoch(self, epoch: int, batch: EpochBatch) -> dict:
         """Optimiser steps over this epoch's shuffled transitions, with gradient accumulation."""
         c = self.config
-        pairs = select_transitions(c.train.seed, epoch, self.dist.rank, batch.traj.batch_size, c.sampling.steps,
-                                   self.transitions_per_trajectory(), c.train.always_last_step)
-        pairs = pairs[: self.dist.min_int(len(pairs))]  # equal step counts on every process (DDP all-reduces)
+        pairs = batch.pairs[: self.dist.min_int(len(batch.pairs))]  # equal step counts on every process (DDP all-reduces)
         micro = [pairs[j : j + c.train.batch_size] for j in range(0, len(pairs), c.train.batch_size)]
         micro = [m for m in micro if len(m) >= self.algorithm.min_micro_batch]
-        accum = c.train.gradient_accumulation_steps
+        accum = accumulation_steps(c.train.gradient_accumulation_steps, c.sampling.steps, c.train.timestep_fraction)
         frozen = self.algorithm.lora_frozen(epoch)
         for module in (self.denoiser, *self.algorithm.modules.values()):
             module.train()

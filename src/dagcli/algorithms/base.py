@@ -47,6 +47,7 @@ class Algorithm(Protocol):
     min_micro_batch: int  # smallest micro-batch the loss is defined for
     modules: dict[str, torch.nn.Module]  # extra trained networks (the flow network), replaced by prepared ones
     stored_x0_rewards: str | None  # "cond" / "guided": rollout scores x̂0 of every state with that output
+    x0_decoder: str | None  # an AutoencoderTiny (folder or hub id) for the x̂0 images, None: the model's VAE
 
     def param_groups(self) -> list[dict]: ...  # optimiser groups of `modules`
     def lora_frozen(self, epoch: int) -> bool: ...  # no LoRA update this epoch (flow warm-up)

@@ -32,6 +32,7 @@ class Dag:
         self.name = "dag-kl" if kl else "dag-db"
         self.min_micro_batch = 2 if kl else 1  # DAG-KL's leave-one-out baseline needs two transitions
         self.stored_x0_rewards = settings.x0_guidance if settings.x0_source == "sampling" else None
+        self.x0_decoder = settings.x0_decoder or None
         self.flow_config = ctx.family.flow_config(ctx.height, ctx.width)
         with torch.random.fork_rng(devices=[]):  # the flow network's init depends on the run seed only
             torch.manual_seed(ctx.seed)

@@ -44,6 +44,7 @@ class Ddpo:
     name = "ddpo"
     min_micro_batch = 1
     stored_x0_rewards = None
+    x0_decoder = None
 
     def __init__(self, settings, ctx):
         self.settings, self.ctx = settings, ctx

@@ -1,7 +1,8 @@
 """The flow network F̃_φ(x_t, t, c): the down half of a conditional UNet, pooled to one scalar per sample.
 
-Sinusoidal timestep embedding, cross-attention to the text embeddings in every block but the last, one layer
-per block, global average pooling (so any latent size and batch size 1 work), a linear layer to a scalar.
+Sinusoidal timestep embedding, cross-attention to the text embeddings in every block but the last (8 heads in
+every block, as the reference DAG code), one layer per block, global average pooling (so any latent size and
+batch size 1 work), a linear layer to a scalar.
 Reference sizes for Stable Diffusion: channels 64/128/256/256; `flow_config_for` scales them down for small
 base models so the flow network never dwarfs the UNet it trains beside.
 """
@@ -22,8 +23,9 @@ class FlowConfig:
     block_out_channels: tuple[int, ...] = (64, 128, 256, 256)  # one down block each
     cross_attention_dim: int = 768  # the text encoder's hidden size
     in_channels: int = 4  # latent channels
-    attention_head_dim: int = 8
+    num_heads: int = 8  # attention heads in every block (head width = the block's channels / num_heads)
     norm_num_groups: int = 32
+    attention_head_dim: int = 0  # > 0: fixed head width instead (flow networks saved before num_heads existed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,9 +51,13 @@ def flow_config_for(unet_config, text_hidden_size: int, latent_size: int) -> Flo
         block_out_channels=channels,
         cross_attention_dim=text_hidden_size,
         in_channels=int(unet_config.in_channels),
-        attention_head_dim=8,
         norm_num_groups=groups,
     )
+
+
+def _heads(channels: int, wanted: int) -> int:
+    """`wanted` heads when they divide the channels, else the largest number below it that does."""
+    return next(h for h in range(min(wanted, channels), 0, -1) if channels % h == 0)
 
 
 class FlowNetwork(nn.Module):
@@ -67,6 +73,8 @@ class FlowNetwork(nn.Module):
         blocks = []
         for i, out_ch in enumerate(ch):
             kind = "DownBlock2D" if i == len(ch) - 1 else "CrossAttnDownBlock2D"
+            heads = (max(1, out_ch // config.attention_head_dim) if config.attention_head_dim
+                     else _heads(out_ch, config.num_heads))
             blocks.append(
                 get_down_block(
                     kind,
@@ -79,8 +87,8 @@ class FlowNetwork(nn.Module):
                     resnet_act_fn="silu",
                     resnet_groups=config.norm_num_groups,
                     cross_attention_dim=config.cross_attention_dim,
-                    num_attention_heads=max(1, out_ch // config.attention_head_dim),
-                    attention_head_dim=config.attention_head_dim,
+                    num_attention_heads=heads,
+                    attention_head_dim=out_ch // heads,
                     downsample_padding=1,
                 )
             )

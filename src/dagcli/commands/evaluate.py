@@ -184,7 +184,7 @@ def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None
 
 def _finish(sets, base_model, device, reporter, scoring: Scoring, settings, extra: dict) -> None:
     """Build the reward and embedder, evaluate, write the reports, print the table and warnings."""
-    from dagcli.evaluate import load_embedder, run_evaluation, settings_dict
+    from dagcli.evaluate import load_embedder, run_evaluation, settings_dict, warning_lines
     from dagcli.progress import print_table
     from dagcli.report import terminal_table
     from dagcli.rewards import build_reward
@@ -203,8 +203,8 @@ def _finish(sets, base_model, device, reporter, scoring: Scoring, settings, extr
         reporter=reporter,
     )
     print_table(terminal_table(report))
-    for w in report["warnings"]:
-        reporter.warn(w["message"])
+    for line in warning_lines(report["warnings"]):
+        reporter.warn(line)
     reporter.info(f"wrote {scoring.output / 'report.json'}, report.md and report.html")
 
 

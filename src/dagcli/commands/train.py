@@ -116,7 +116,7 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[object, list
     checkpoint to resume. Returns the completed config, the prompts and the checkpoint folder (or None)."""
     from dagcli.commands.common import check_writable_dir
     from dagcli.config import fill_model_defaults
-    from dagcli.models import check_model_name, default_model
+    from dagcli.models import check_decoder_name, check_model_name, default_model
     from dagcli.prompts import load_prompts
     from dagcli.rewards import validate_spec
 
@@ -135,6 +135,8 @@ def preflight(cfg, resume: bool, resume_from: Path | None) -> tuple[object, list
     check(check_model_name, cfg.model.name or default_model())
     folder = check(_checkpoint_to_resume, cfg, resume, resume_from)
     check(_check_tracker, cfg.output.report_to)
+    if cfg.dag.x0_decoder:
+        check(check_decoder_name, cfg.dag.x0_decoder)
     if not problems:
         check(check_writable_dir, Path(cfg.output.dir))
     if problems:
@@ -193,9 +195,12 @@ def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=Non
 
 def run_sizes(trainer) -> dict:
     """Derived sizes shown in the start-up banner."""
+    from dagcli.config import accumulation_steps, transitions_per_trajectory
+
     c, n_proc = trainer.config, trainer.dist.size
     per_proc = c.sampling.batch_size * c.sampling.batches_per_epoch
-    per_traj = trainer.transitions_per_trajectory()
+    per_traj = transitions_per_trajectory(c.sampling.steps, c.train.timestep_fraction)
+    accum = accumulation_steps(c.train.gradient_accumulation_steps, c.sampling.steps, c.train.timestep_fraction)
     micro = math.ceil(per_proc * per_traj / c.train.batch_size)
     counts = {f"{n}_parameters": sum(p.numel() for p in m.parameters()) for n, m in trainer.raw_modules().items()}
     return {
@@ -203,7 +208,8 @@ def run_sizes(trainer) -> dict:
         "trajectories_per_epoch": per_proc * n_proc,
         "transitions_per_trajectory": per_traj,
         "micro_batches_per_epoch": micro,
-        "optimizer_steps_per_epoch": math.ceil(micro / c.train.gradient_accumulation_steps),
+        "micro_batches_per_optimizer_step": accum,
+        "optimizer_steps_per_epoch": math.ceil(micro / accum),
         "lora_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters() if p.requires_grad),
         "denoiser_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters()),
         **counts,
@@ -228,9 +234,9 @@ def banner(trainer, reporter) -> None:
     if total % c.train.batch_size:
         reporter.warn(f"{total} transitions per epoch do not divide into micro-batches of {c.train.batch_size}; "
                       "the last one is smaller")
-    if s["micro_batches_per_epoch"] % c.train.gradient_accumulation_steps:
+    if s["micro_batches_per_epoch"] % s["micro_batches_per_optimizer_step"]:
         reporter.warn(f"{s['micro_batches_per_epoch']} micro-batches per epoch are not a multiple of "
-                      f"gradient_accumulation_steps = {c.train.gradient_accumulation_steps}; "
+                      f"{s['micro_batches_per_optimizer_step']} micro-batches per optimiser step; "
                       "the last optimiser step of each epoch accumulates fewer")
 
 

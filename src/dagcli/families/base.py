@@ -79,7 +79,8 @@ class Family(Protocol):
     def backward_log_prob(self, schedule, i: torch.Tensor, x: torch.Tensor, prev: torch.Tensor,
                           reduction: Reduction = "mean") -> torch.Tensor: ...  # log P_B(x_i | x_{i+1})
     def predict_x0(self, schedule, j: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor: ...
-    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...  # [B,3,H,W] float32 in [0, 1]
+    # [B,3,H,W] float32 in [0, 1], with the pipeline's VAE or another decoder of its latents (`AutoencoderTiny`)
+    def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor: ...
     def flow_inputs(self, schedule, j: torch.Tensor, x: torch.Tensor, cond: Cond
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...  # image-layout x, time, text
     def flow_config(self, height: int, width: int): ...  # a FlowConfig sized for this model

@@ -1,0 +1,134 @@
+"""Regenerate the README's `make demo` figures: the table, the reward curve and the sample grids.
+
+    python benchmarks/demo_figures.py                 # train + evaluate as `make demo` does, 2 threads
+    python benchmarks/demo_figures.py --threads 1     # the numbers depend on the thread count (float rounding)
+    python benchmarks/demo_figures.py --reuse         # only re-read runs/demo (after `make demo`)
+
+Runs the same two commands as `make demo`, then writes `benchmarks/results/demo.json`,
+`docs/demo-reward-curve.png`, `docs/demo-samples.png` and the table between the `demo-table` markers of
+README.md (with the thread count and the wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ROOT / "runs" / "demo"
+# the commands of `make demo` (Makefile), run with the `dag` of this Python
+TRAIN = ["train", "--config", "examples/demo-compressibility.toml", "--output", "runs/demo"]
+EVAL = ["eval", "--prompts", "examples/prompts/demo.txt", "--ckpt", "runs/demo", "--reward", "compressibility,clip",
+        "--num-per-prompt", "8", "--steps", "10", "--guidance", "3", "--output", "runs/demo/eval"]
+START, END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
+
+
+def run_demo(threads: int) -> float:
+    """`make demo`'s train and eval commands with `threads` torch threads; returns the wall time in seconds."""
+    import shutil
+
+    shutil.rmtree(RUN, ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    for args in (TRAIN, EVAL):
+        subprocess.run([sys.executable, "-m", "dagcli", *args], cwd=ROOT, env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def rows(report: dict) -> list[dict]:
+    """Base and trained model: compressibility mean ± std, tiny-CLIP score, diversity, fidelity."""
+    out = []
+    for model in report["models"]:
+        o = model["overall"]
+        out.append({"label": model["label"], "compressibility": o["rewards"]["compressibility"],
+                    "clip": o["rewards"]["clip"]["mean"], "diversity": o["diversity"], "fidelity": o["fidelity"]})
+    return out
+
+
+def table(results: dict) -> str:
+    trajectories = results["trajectories"]
+    lines = ["| | compressibility (−kB) | tiny-CLIP score | diversity | prompt fidelity |", "|---|---|---|---|---|"]
+    for i, r in enumerate(results["rows"]):
+        name = "base model" if i == 0 else f"after {trajectories} trajectories"
+        comp = f"{r['compressibility']['mean']:.3f} ± {r['compressibility']['std']:.3f}".replace("-", "−")
+        comp = f"**{comp}**" if i else comp
+        lines.append(f"| {name} | {comp} | {r['clip']:.3f} | {r['diversity']:.3f} | {r['fidelity']:.2f} |")
+    seconds = results["seconds"]
+    when = f"{seconds // 60:.0f} min {seconds % 60:.0f} s" if seconds else "time not measured (--reuse)"
+    lines.append("")
+    lines.append(f"Measured by `python benchmarks/demo_figures.py --threads {results['threads']}` "
+                 f"({results['threads']} torch thread(s); train and evaluate: {when}).")
+    return "\n".join(lines)
+
+
+def reward_curve(metrics: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [m["trajectories_seen"] for m in metrics]
+    mean = [m["reward_mean"] for m in metrics]
+    std = [m["reward_std"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.plot(x, mean, marker="o", lw=1.5)
+    ax.fill_between(x, [m - s for m, s in zip(mean, std, strict=True)],
+                    [m + s for m, s in zip(mean, std, strict=True)], alpha=0.2)
+    ax.set_xlabel("trajectories seen")
+    ax.set_ylabel("compressibility (−kB)")
+    ax.set_title("make demo: DAG-DB on the built-in model, reward per epoch (mean ± std)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def samples_figure(samples: Path, path: Path) -> None:
+    """The training run's sample grids (fixed prompts and seeds) at the first and last saved epochs."""
+    from PIL import Image
+
+    from dagcli.images import labelled_rows
+
+    grids = sorted(samples.glob("epoch-*.png"))
+    first, last = grids[0], grids[-1]
+    rows_ = [(f"epoch {int(g.stem.split('-')[1])}", [Image.open(g).convert("RGB")]) for g in (first, last)]
+    labelled_rows(rows_, label_width=90).save(path)
+
+
+def update_readme(text: str) -> None:
+    readme = ROOT / "README.md"
+    s = readme.read_text()
+    if START not in s or END not in s:
+        raise SystemExit(f"README.md has no {START} ... {END} markers")
+    head, rest = s.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the numbers depend on it)")
+    p.add_argument("--reuse", action="store_true", help="read runs/demo as it is instead of running the demo")
+    args = p.parse_args(argv)
+    seconds = 0.0 if args.reuse else run_demo(args.threads)
+    report = json.loads((RUN / "eval" / "report.json").read_text())
+    metrics = [json.loads(line) for line in (RUN / "metrics.jsonl").read_text().splitlines()]
+    results = {"command": "python benchmarks/demo_figures.py" + (f" --threads {args.threads}"),
+               "threads": args.threads, "seconds": round(seconds, 1), "rows": rows(report),
+               "trajectories": metrics[-1]["trajectories_seen"],
+               "reward_per_epoch": [m["reward_mean"] for m in metrics]}
+    (ROOT / "benchmarks" / "results" / "demo.json").write_text(json.dumps(results, indent=1) + "\n")
+    reward_curve(metrics, ROOT / "docs" / "demo-reward-curve.png")
+    samples_figure(RUN / "samples", ROOT / "docs" / "demo-samples.png")
+    update_readme(table(results))
+    print(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
