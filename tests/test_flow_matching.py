@@ -198,7 +198,8 @@ def test_db_residual_of_a_hand_built_two_step_chain():
     reward, fl = 0.25, torch.tensor([[0.1, -0.3]])  # terminal reward; r(x̂0) of states 0 and 1
     traj = Trajectory(latents=torch.stack(xs, 1), log_probs=torch.zeros(1, 2), out_guided=torch.stack(vs, 1),
                       out_cond=torch.stack(vs, 1), cond=cond, prompts=["a red circle"], eta=eta)
-    batch = EpochBatch(traj=traj, rewards=torch.tensor([reward]), components={}, fl_rewards=fl)
+    batch = EpochBatch(traj=traj, rewards=torch.tensor([reward]), components={}, fl_rewards=fl,
+                       pairs=torch.tensor([[0, 0], [0, 1]]))
     i = torch.tensor([0, 1])
     x, x_next, v = torch.cat(xs[:2]), torch.cat(xs[1:]), torch.cat(vs)
     step = family.step(schedule, i, x, v, eta, prev=x_next)

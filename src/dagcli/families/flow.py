@@ -114,8 +114,8 @@ class FlowFamily:
     def predict_x0(self, schedule, j, x, out) -> torch.Tensor:
         return flow_sde.pred_x0(schedule, j, x, out)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.pipe.vae, latents)
+    def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
+        return decode_latents(vae if vae is not None else self.pipe.vae, latents)
 
     # --- the flow network and LoRA files -----------------------------------------------------------------
     def flow_inputs(self, schedule, j, x, cond: Cond):
