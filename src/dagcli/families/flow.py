@@ -127,8 +127,8 @@ class FlowFamily:
         from dagcli.algorithms.flow import flow_config_for
 
         config = self.pipe.transformer.config
-        width_ = int(config.num_attention_heads * config.attention_head_dim)
-        like_unet = SimpleNamespace(block_out_channels=(width_, 2 * width_), in_channels=self.latent_channels)
+        inner = int(config.num_attention_heads * config.attention_head_dim)
+        like_unet = SimpleNamespace(block_out_channels=(inner, 2 * inner), in_channels=self.latent_channels)
         _, h, w = self.latent_shape(height, width)
         return flow_config_for(like_unet, int(config.joint_attention_dim), min(h, w))
 

@@ -83,7 +83,7 @@ def sde_step(
     """
     x, velocity = x.float(), velocity.float()
     sigma, sigma_next = schedule.pair(torch.as_tensor(i).reshape(-1).expand(x.shape[0]))
-    dt = sigma_next - sigma  # exact: the float32 difference of two float32 levels
+    dt = sigma_next - sigma  # exact in float64; rounded to float32 it is diffusers' float32 difference
     s2 = sde_std(sigma, sigma_next, eta) ** 2
     x_coef = bcast((1 + s2 * dt / (2 * sigma)).float(), x)
     v_coef = bcast(((1 + s2 * (1 - sigma) / (2 * sigma)) * dt).float(), x)
