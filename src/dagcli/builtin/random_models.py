@@ -20,7 +20,7 @@ def build_tiny_random_pipeline(seed: int = 0):
 
     Deterministic for a seed. For plumbing checks and tests; its images are noise-like.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     from dagcli.builtin.tokenizer import build_clip_tokenizer
@@ -28,11 +28,8 @@ def build_tiny_random_pipeline(seed: int = 0):
     tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-        )
+        unet = tiny_unet(layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
         vae = tiny_vae()
         text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
@@ -40,6 +37,14 @@ def build_tiny_random_pipeline(seed: int = 0):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def tiny_unet(**config):
+    """A random UNet on 8x8x4 latents, two blocks 32 and 64 wide; `config` gives its blocks and conditioning."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**{"sample_size": 8, "in_channels": 4, "out_channels": 4,
+                                   "block_out_channels": (32, 64), "norm_num_groups": 8, **config})
 
 
 def tiny_vae(**overrides):

@@ -160,22 +160,21 @@ def build_tiny_random_sdxl(seed: int = 0):
 
     Deterministic for a seed. For plumbing checks and tests; its images are noise-like.
     """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from dagcli.builtin.random_models import TINY_RANDOM_WORDS, tiny_text_config, tiny_vae
+    from dagcli.builtin.random_models import TINY_RANDOM_WORDS, tiny_text_config, tiny_unet, tiny_vae
     from dagcli.builtin.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
     tokenizer_2 = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-            cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8,
+        unet = tiny_unet(  # SDXL's layout: no attention in the first down block, 2 layers per block
+            layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
         )
         vae = tiny_vae(scaling_factor=0.13025)
         text_encoder = CLIPTextModel(tiny_text_config(tokenizer, num_hidden_layers=3))
