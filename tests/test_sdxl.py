@@ -63,6 +63,10 @@ def test_family_sizes_scheduler_and_defaults(sdxl, tmp_path):
     assert family.native_resolution == 8 * 4 == sdxl.resolution  # UNet sample size x VAE factor
     assert isinstance(sdxl.pipe.scheduler, DDIMScheduler) and not sdxl.pipe.scheduler.config.clip_sample
     assert family.flow_config(32, 32).cross_attention_dim == 64  # the UNet's: both encoders' 32 side by side
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    one_by_one = family.decode(z)  # the pipeline's VAE decodes one image at a time, another decoder the batch
+    assert one_by_one.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(one_by_one, family.decode(z, vae=sdxl.pipe.vae), rtol=0, atol=1e-5)
     defaults = model_defaults(MODEL)
     assert (defaults.steps, defaults.guidance, defaults.eta) == (50, 5.0, 1.0)
     assert "Stable Diffusion XL" in defaults.source

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from dagcli.families.base import Cond, Denoise, FamilyDefaults, decode_latents
+from dagcli.families.base import Cond, Denoise, FamilyDefaults
 from dagcli.families.sd import PromptEncoder, SDFamily, guided_unet, unet_kohya_weights
 
 # kohya's sd-scripts trains SDXL on the original (LDM) UNet: its LoRA names are module paths of that UNet
@@ -67,10 +67,13 @@ class SDXLFamily(SDFamily):
         if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
             vae.to(torch.float32)  # SDXL's VAE overflows in float16 (as diffusers, decode in float32)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """One image at a time: at 1024 px the VAE decoder needs about 1.5 GiB per image (bf16), so a batch of 8
-        would need 12 GiB at once (diffusers' VAE slicing)."""
-        return torch.cat([decode_latents(self.pipe.vae, z) for z in latents.split(1)])
+    def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
+        """With the pipeline's VAE one image at a time: at 1024 px its decoder needs about 1.5 GiB per image (bf16),
+        a batch of 8 would need 12 GiB at once (diffusers' VAE slicing). Another decoder (`dag.x0_decoder`, a
+        small `AutoencoderTiny`) decodes the batch."""
+        if vae is not None:
+            return super().decode(latents, vae)
+        return torch.cat([super(SDXLFamily, self).decode(z) for z in latents.split(1)])
 
     def unconditional(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeds [1, L, D], pooled [B, P]) of classifier-free guidance's unconditional branch."""
