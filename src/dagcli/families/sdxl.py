@@ -141,7 +141,7 @@ def _ldm_block_path(parts: list[str]) -> str:
         if j >= n:
             raise ValueError(j)
         return _join(f"input_blocks.{1 + block * (n + 1) + j}.{int(kind == 'attentions')}", kind, rest)
-    if kind == "upsamplers":  # after the last layer's resnet and attention (SDXL's up blocks all have both)
+    if kind == "upsamplers":  # after the last layer's resnet and attention (SDXL upsamples only in attention blocks)
         return ".".join([f"output_blocks.{block * (n + 1) + n}.2", *rest])
     if j > n:
         raise ValueError(j)
@@ -155,6 +155,15 @@ def _join(prefix: str, kind: str, rest: list[str]) -> str:
     elif kind != "attentions":
         raise KeyError(kind)
     return ".".join([prefix, *rest])
+
+
+# the scheduler config SDXL base 1.0 ships (scheduler/scheduler_config.json)
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
 
 
 def build_tiny_random_sdxl(seed: int = 0):
@@ -187,12 +196,3 @@ def build_tiny_random_sdxl(seed: int = 0):
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
                                      add_watermarker=False)
-
-
-# the scheduler config SDXL base 1.0 ships (scheduler/scheduler_config.json)
-SDXL_SCHEDULER = {
-    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
