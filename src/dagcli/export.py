@@ -2,8 +2,9 @@
 
     diffusers  a folder with `pytorch_lora_weights.safetensors`; `pipe.load_lora_weights(folder)` reads it
     kohya      one `.safetensors` file with `lora_unet_*.lora_down.weight` / `.lora_up.weight` / `.alpha` keys,
-               the convention of kohya-ss, AUTOMATIC1111 and ComfyUI (SD 1.x/2.x UNets, diffusers module names)
-    merged     the base pipeline with the LoRA fused into its weights (`StableDiffusionPipeline.from_pretrained`)
+               the convention of kohya-ss, AUTOMATIC1111 and ComfyUI (module names per family: diffusers' for
+               SD 1.x/2.x, the original UNet's for SDXL)
+    merged     the base pipeline with the LoRA fused into its weights (its class's `from_pretrained` loads it)
 
 Every function takes a checkpoint folder (see `dagcli.checkpoint.resolve_checkpoint`) and returns what it wrote.
 """

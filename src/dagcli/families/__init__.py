@@ -8,10 +8,12 @@ import torch
 from dagcli.errors import DagError
 from dagcli.families.base import Cond, Family
 from dagcli.families.sd import SDFamily
+from dagcli.families.sdxl import SDXLFamily
 
 # diffusers pipeline class name -> family
 FAMILIES: dict[str, type] = {
     "StableDiffusionPipeline": SDFamily,
+    "StableDiffusionXLPipeline": SDXLFamily,
 }
 
 
