@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-slow lint venv clean bench-quick
+.PHONY: demo test test-slow lint venv clean bench-quick mutations
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ test: lint
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# Break the training arithmetic on purpose, one change at a time, and check that the tests catch each (minutes).
+mutations: $(STAMP)
+	$(BIN)/python tests/mutations.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,7 +77,8 @@ def test_run_one_evaluates_along_training(compare, tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     overrides = ["sampling.batch_size=2", "sampling.batches_per_epoch=1", "sampling.steps=2", "train.batch_size=2",
-                 f'sampling.prompts="{prompts}"', 'reward.spec="colorfulness"']
+                 f'sampling.prompts="{prompts}"', 'reward.spec="colorfulness"',
+                 "output.checkpoint_every=1"]  # a checkpoint per epoch, to evaluate independently below
     before = torch.get_num_threads()
     run = compare.run_one(ROOT / compare.PRESETS["compressibility"], "ddpo", 0, 2, tmp_path, 2, overrides,
                           eval_every=1, threads=1)
@@ -85,7 +87,31 @@ def test_run_one_evaluates_along_training(compare, tmp_path) -> None:
     assert [p["trajectories"] for p in run["evals"]] == [0, 2, 4]
     assert [p["trajectories"] for p in run["curve"]] == [2, 4]
     assert all(math.isfinite(p["eval_reward"]) and p["diversity"] >= 0 for p in run["evals"])
-    assert run["eval_reward"] == run["evals"][-1]["eval_reward"]
+    # each point scores the model as it was then: the base model, then the checkpoints saved after epochs 1, 2
+    rewards = [p["eval_reward"] for p in run["evals"]]
+    by_hand = [eval_reward_by_hand(tmp_path / "ddpo-s0", step, ["a blue square", "a red circle"]) for step in (0, 1, 2)]
+    assert rewards == pytest.approx(by_hand, rel=1e-5)
+    assert run["eval_reward"] == pytest.approx(by_hand[-1], rel=1e-5)
+
+
+def eval_reward_by_hand(run_dir: Path, step: int, prompts: list[str]) -> float:
+    """Mean colourfulness of 2 images per prompt with the evaluation's seeds, from the built-in model with the
+    LoRA saved at `step` (none for 0) loaded as a user would, scored with numpy."""
+    from dagcli.checkpoint import attach_lora
+    from dagcli.models import load_model
+    from dagcli.sampling import generators_for, sample_batch
+
+    model = load_model("tiny", device="cpu")
+    if step:
+        attach_lora(model.pipe, run_dir / "checkpoints" / f"step-{step:06d}")
+    rows = [p for p in prompts for _ in range(2)]
+    seeds = [10_000_000 + i for i in range(len(rows))]  # the evaluation's held-out seeds for run seed 0
+    with torch.no_grad():
+        images = sample_batch(model, rows, generators_for(seeds), steps=2, guidance=3.0, eta=1.0).images
+    x = images.double().clamp(0, 1).numpy() * 255
+    rg, yb = x[:, 0] - x[:, 1], 0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]  # Hasler-Suesstrunk colourfulness
+    m = np.hypot(rg.std((1, 2)), yb.std((1, 2))) + 0.3 * np.hypot(rg.mean((1, 2)), yb.mean((1, 2)))
+    return float(m.mean())
 
 
 def test_merge_refuses_files_of_different_rewards(compare, tmp_path) -> None:

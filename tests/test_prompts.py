@@ -67,14 +67,31 @@ def test_missing_source_lists_sets():
         load_prompts("definitely-missing.txt")
 
 
+# str.splitlines() ends a line at any of these; a prompt cannot contain them
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+PROMPT = (st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufeff" + LINE_BREAKS),
+                  min_size=1, max_size=30)
+          .map(str.strip).filter(lambda s: s and not s.startswith("#")))
+PAD = st.sampled_from(["", " ", "\t", "  \t"])
+LINE = st.one_of(
+    st.tuples(st.just("prompt"), PROMPT),
+    st.tuples(st.just("blank"), st.just("")),
+    st.tuples(st.just("comment"), st.text(st.characters(blacklist_categories=("Cs",),
+                                                        blacklist_characters="\x00" + LINE_BREAKS),
+                                          max_size=20).map(lambda s: "#" + s)),
+)
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufeff"), max_size=30), max_size=12))
-def test_text_parsing_fuzz(tmp_path_factory, lines):
+@given(st.lists(st.tuples(LINE, PAD, PAD, st.sampled_from(["\n", "\r\n"])), max_size=12), st.booleans())
+def test_text_parsing_fuzz(tmp_path_factory, lines, bom):
+    """A file built from known prompts, padded, between blank and comment lines: exactly the prompts come back."""
+    text = "".join(f"{left}{content}{right}{end}" for (_, content), left, right, end in lines)
     f = tmp_path_factory.mktemp("fuzz") / "p.txt"
-    f.write_text("\n".join(lines), encoding="utf-8")
-    expected = [s.strip() for s in "\n".join(lines).splitlines() if s.strip() and not s.strip().startswith("#")]
+    f.write_bytes((("\ufeff" if bom else "") + text).encode("utf-8"))
+    expected = [content for (kind, content), *_ in lines if kind == "prompt"]
     if expected:
         assert [p.prompt for p in load_prompts(f)] == expected
     else:
-        with pytest.raises(DagError):
+        with pytest.raises(DagError, match="no prompts"):
             load_prompts(f)

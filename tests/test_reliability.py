@@ -157,11 +157,10 @@ def bad_cases(d: Path, model: str) -> list[tuple[list, str]]:
 
 
 def test_bad_input_table(files, tiny_pipeline_dir, capsys):
-    cases = bad_cases(files, str(tiny_pipeline_dir))
-    assert len(cases) >= 30
+    before = {p: p.read_bytes() for p in files.rglob("*") if p.is_file()}
     failures = []
     runtime = {"scorer exploded", "shape"}  # these fail after the banner: only the error line is checked
-    for args, needle in cases:
+    for args, needle in bad_cases(files, str(tiny_pipeline_dir)):
         code, _, err = run_cli(args, capsys)
         lines = err.strip().splitlines()
         errors = [line for line in lines if line.startswith("error:")]
@@ -169,6 +168,9 @@ def test_bad_input_table(files, tiny_pipeline_dir, capsys):
         if code != 2 or not one_line or "Traceback" in err:
             failures.append(f"{args[:1] + [str(a)[-30:] for a in args[1:]]}: code={code} err={err.strip()[:300]!r}")
     assert not failures, "\n".join(failures)
+    # nothing lost on disk: every file there before (the run and its checkpoint among them) is still there, unchanged
+    changed = [str(p.relative_to(files)) for p, data in before.items() if not p.is_file() or p.read_bytes() != data]
+    assert not changed, changed
 
 
 def test_debug_flag_shows_traceback(capsys):

@@ -286,11 +286,11 @@ def test_unknown_names_and_options_list_the_valid_ones():
 
 
 def test_list_rewards_matches_registry():
-    names = [r.name for r in list_rewards()]
-    assert set(REWARDS) <= set(names)
-    for required in ["aesthetic", "clip", "compressibility", "incompressibility", "pickscore"]:
-        assert required in names
-    assert all(r.description and r.unit and r.needs for r in list_rewards())
+    builtin = ["aesthetic", "clip", "colorfulness", "compressibility", "incompressibility", "pickscore"]
+    rows = list_rewards()
+    assert [r.name for r in rows[: len(builtin)]] == builtin  # the built-ins first, sorted by name
+    assert sorted(REWARDS) == builtin
+    assert all(r.description and r.unit and r.needs for r in rows)
 
 
 # ---------------------------------------------------------------- plugins

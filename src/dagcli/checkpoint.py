@@ -124,6 +124,9 @@ def lora_state_dict(denoiser) -> dict:
     from peft import get_peft_model_state_dict
 
     weights = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    # diffusers renames only the attention projections (to_q.lora_A -> to_q.lora.down) and its loader converts a
+    # file only when its first key is not in peft form: every other target (conv1, proj_in, ...) gets the same form
+    weights = {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in weights.items()}
     return {k: v.detach().float().cpu().contiguous() for k, v in weights.items()}
 
 

@@ -93,7 +93,7 @@ class DagConfig:
     x0_source: str = "sampling"  # forward-looking x̂0: "sampling" (stored, each state once) | "current" (reference)
     x0_guidance: str = "cond"  # x̂0 from the conditional ε (reference) or the guided ε
     # decoder of the forward-looking x̂0 images: "" = the model's VAE; else an AutoencoderTiny folder or hub id
-    # (e.g. madebyollin/taesd for SD 1.x / 2.x); final images always use the model's VAE
+    # (e.g. madebyollin/taesd for SD 1.x / 2.x; "tiny-taesd" for the built-in model); final images use the VAE
     x0_decoder: str = ""
     kl_weight: float = 1.0  # DAG-KL: weight of the REINFORCE term
     clip_range: float = 1e-4  # DAG-KL: ratio clip of the REINFORCE term

@@ -2,9 +2,10 @@
 
     diffusers  a folder with `pytorch_lora_weights.safetensors`; `pipe.load_lora_weights(folder)` reads it
     kohya      one `.safetensors` file with `<name>.lora_down.weight` / `.lora_up.weight` / `.alpha` keys, named
-               by the family's convention: `lora_unet_*` for SD 1.x/2.x UNets (kohya-ss, AUTOMATIC1111,
-               ComfyUI), `lora_transformer_*` with diffusers module names for SD3 and FLUX (what ComfyUI reads)
-    merged     the base pipeline with the LoRA fused into its weights (its pipeline class's `from_pretrained`)
+               by the family's convention: `lora_unet_*` for UNets (kohya-ss, AUTOMATIC1111, ComfyUI; diffusers'
+               module names for SD 1.x/2.x, the original UNet's for SDXL), `lora_transformer_*` with diffusers
+               module names for SD3 and FLUX (what ComfyUI reads)
+    merged     the base pipeline with the LoRA fused into its weights (its class's `from_pretrained` loads it)
 
 Every function takes a checkpoint folder (see `dagcli.checkpoint.resolve_checkpoint`) and returns what it wrote.
 """

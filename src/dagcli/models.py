@@ -245,15 +245,25 @@ def _load_or_explain(load, name: str):
         raise DagError(f"cannot load model folder {name!r}: {first_line(e)}") from e
 
 
+TINY_DECODER_NAME = "tiny-taesd"  # the built-in model's small decoder (`builtin/tiny_decoder.py`)
+
+
+def _decoder_path(name: str) -> Path:
+    from dagcli.builtin.tiny_decoder import TINY_DECODER_DIR
+
+    return TINY_DECODER_DIR if name == TINY_DECODER_NAME else Path(name).expanduser()
+
+
 def check_decoder_name(name: str) -> None:
     """Fail fast on an x̂0 decoder that is neither an AutoencoderTiny folder nor a hub id."""
-    path = Path(name).expanduser()
+    path = _decoder_path(name)
     if path.exists():
         if not (path / "config.json").is_file():
             raise DagError(f"dag.x0_decoder {name!r} has no config.json; expected an AutoencoderTiny folder")
         return
     if not _HUB_ID.match(name):
-        raise DagError(f"dag.x0_decoder {name!r} is neither a folder nor a hub id such as madebyollin/taesd")
+        raise DagError(f"dag.x0_decoder {name!r} is neither {TINY_DECODER_NAME!r} (the built-in model's), a folder, "
+                       "nor a hub id such as madebyollin/taesd")
 
 
 def load_tiny_decoder(name: str, device: torch.device, dtype: torch.dtype):
@@ -262,11 +272,13 @@ def load_tiny_decoder(name: str, device: torch.device, dtype: torch.dtype):
 
     from dagcli.hub import cached_or_download
 
-    def load(local: bool):
-        return AutoencoderTiny.from_pretrained(name, local_files_only=local, use_safetensors=True, dtype=dtype)
+    source = str(_decoder_path(name)) if _decoder_path(name).exists() else name
 
-    if Path(name).expanduser().exists():
-        decoder = _load_or_explain(lambda: load(True), name)
+    def load(local: bool):
+        return AutoencoderTiny.from_pretrained(source, local_files_only=local, use_safetensors=True, dtype=dtype)
+
+    if source != name or Path(source).exists():
+        decoder = _load_or_explain(lambda: load(True), source)
     else:
         decoder = cached_or_download(load, "x̂0 decoder", name, "--set dag.x0_decoder=PATH")
     decoder.requires_grad_(False)

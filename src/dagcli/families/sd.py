@@ -18,11 +18,14 @@ ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 class PromptEncoder:
-    """Text embeddings [L, D] per prompt, cached; the empty prompt gives the unconditional embedding."""
+    """Text conditioning per prompt (name -> tensor), cached; the empty prompt gives the unconditional one.
+
+    Stable Diffusion's is the text encoder's last hidden states, `embeds` [L, D]; subclasses add their own tensors.
+    """
 
     def __init__(self, tokenizer, text_encoder, device: torch.device):
         self.tokenizer, self.text_encoder, self.device = tokenizer, text_encoder, device
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
 
     def truncated(self, prompt: str) -> bool:
         """True when the prompt is longer than the tokenizer's window (its tail is dropped)."""
@@ -37,25 +40,32 @@ class PromptEncoder:
                  f"are truncated, e.g. {example!r}")
         return len(long)
 
+    def token_ids(self, tokenizer, prompts: list[str]) -> torch.Tensor:
+        """[N, L] token ids padded and truncated to the tokenizer's window, on the encoders' device."""
+        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids.to(self.device)
+
+    def embed(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Uncached conditioning of `prompts`: name -> [N, ...]."""
+        ids = self.token_ids(self.tokenizer, prompts)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = (ids != self.tokenizer.pad_token_id).long()
+        return {"embeds": self.text_encoder(ids, attention_mask=mask)[0]}
+
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
-        """[B, L, D] embeddings, in the text encoder's dtype, on its device."""
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """name -> [B, ...] for the prompts, in the text encoders' dtype, on their device."""
         missing = sorted({p for p in prompts if p not in self._cache})
         if missing:
-            ids = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            mask = None
-            if getattr(self.text_encoder.config, "use_attention_mask", False):
-                mask = (ids != self.tokenizer.pad_token_id).long()
-            embeds = self.text_encoder(ids, attention_mask=mask)[0]
-            for p, e in zip(missing, embeds, strict=True):
-                self._cache[p] = e
-        return torch.stack([self._cache[p] for p in prompts])
+            out = self.embed(missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = {k: v[i] for k, v in out.items()}
+        return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in self._cache[prompts[0]]}
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, L, D] text embeddings (what the UNet cross-attends to)."""
+        return self.encode(prompts)["embeds"]
 
 
 def guided_unet(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, **added) -> Callable:
@@ -86,12 +96,14 @@ def guided_unet(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float,
 
 
 def ddim_scheduler(scheduler):
-    """The sampler is DDIM whatever scheduler a pipeline ships with: same β schedule."""
+    """The sampler is DDIM whatever scheduler a pipeline ships with: same β schedule. A latent's x̂0 is never
+    clipped unless the shipped config says so (DDIM's own default, clipping to [-1, 1], is for pixel models;
+    an Euler scheduler built in code carries no `clip_sample`)."""
     from diffusers import DDIMScheduler
 
     if isinstance(scheduler, DDIMScheduler):
         return scheduler
-    return DDIMScheduler.from_config(scheduler.config)
+    return DDIMScheduler.from_config({"clip_sample": False, **scheduler.config})
 
 
 class SDFamily:
@@ -129,7 +141,7 @@ class SDFamily:
 
     # --- prompts -----------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> Cond:
-        return Cond({"embeds": self.encoder(list(prompts))})
+        return Cond(self.encoder.encode(list(prompts)))
 
     def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int:
         return self.encoder.warn_truncated(prompts, warn)
@@ -172,8 +184,8 @@ class SDFamily:
     def flow_config(self, height: int, width: int):
         from dagcli.algorithms.flow import flow_config_for
 
-        latent = min(height, width) // self.resolution_multiple
-        return flow_config_for(self.pipe.unet.config, self.pipe.text_encoder.config.hidden_size, latent)
+        latent = min(height, width) // self.resolution_multiple  # it cross-attends to what the UNet attends to
+        return flow_config_for(self.pipe.unet.config, int(self.pipe.unet.config.cross_attention_dim), latent)
 
     def save_lora(self, folder, weights: dict, metadata: dict) -> None:
         type(self.pipe).save_lora_weights(str(folder), unet_lora_layers=weights, safe_serialization=True,
@@ -186,8 +198,9 @@ class SDFamily:
         return unet_kohya_weights(weights, alpha)
 
 
-def unet_kohya_weights(weights: dict, alpha: float) -> dict:
-    """kohya keys of a UNet LoRA given with diffusers names: `lora_unet_<module path with _>.lora_down/up.weight`."""
+def unet_kohya_weights(weights: dict, alpha: float, module_name: Callable[[str], str] | None = None) -> dict:
+    """kohya keys of a UNet LoRA given with diffusers names: `lora_unet_<module path with _>.lora_down/up.weight`;
+    `module_name` renames the module paths first (a family whose kohya names follow another UNet layout)."""
     from diffusers.utils.state_dict_utils import convert_all_state_dict_to_peft, convert_state_dict_to_kohya
 
     from dagcli.errors import DagError
@@ -196,6 +209,15 @@ def unet_kohya_weights(weights: dict, alpha: float) -> dict:
     if len(unet) != len(weights):
         other = next(k for k in weights if not k.startswith("unet."))
         raise DagError(f"only UNet LoRAs can be exported to kohya format; found {other!r}")
-    kohya = convert_state_dict_to_kohya(convert_all_state_dict_to_peft(unet))
+    peft = convert_all_state_dict_to_peft(unet)  # unet.<module path>.lora_A/B.weight
+    if module_name is not None:
+        peft = {_renamed(key, module_name): value for key, value in peft.items()}
+    kohya = convert_state_dict_to_kohya(peft)
     return {key: (torch.tensor(alpha, dtype=torch.float32) if key.endswith(".alpha") else value).detach().float()
             .contiguous() for key, value in kohya.items()}
+
+
+def _renamed(key: str, module_name: Callable[[str], str]) -> str:
+    """`unet.<path>.lora_A.weight` with its module path renamed."""
+    path, sep, tail = key.removeprefix("unet.").rpartition(".lora_")
+    return f"unet.{module_name(path)}{sep}{tail}"
