@@ -33,7 +33,7 @@ class SamplingConfig:
     # the built-in models carry their own; Stable Diffusion: 50 steps, guidance 5, η 1, simple_animals, native
     # size; each family has its reference)
     steps: int | None = None  # sampler steps per trajectory
-    eta: float | None = None  # the sampler's noise level (DDIM η); training needs > 0 (a stochastic policy)
+    eta: float | None = None  # the sampler's noise level (DDIM η <= 1, the flow SDE's a); training needs > 0
     guidance: float | None = None  # classifier-free guidance weight
     batch_size: int = 16  # trajectories per sampler call (per process)
     batches_per_epoch: int = 4  # sampler calls per epoch (per process)
@@ -338,8 +338,8 @@ def validate(c: Config) -> list[str]:
         ("ddpo.buffer_size", c.ddpo.buffer_size),
     ]:
         positive(name, value)
-    if c.sampling.eta is not None and not 0.0 < c.sampling.eta <= 1.0:
-        e.append(f"sampling.eta = {c.sampling.eta}: training needs a stochastic sampler, 0 < eta <= 1")
+    if c.sampling.eta is not None and c.sampling.eta <= 0.0:  # the family's upper bound: `fill_model_defaults`
+        e.append(f"sampling.eta = {c.sampling.eta}: training needs a stochastic sampler, eta > 0")
     if not 0.0 < c.train.timestep_fraction <= 1.0:
         e.append(f"train.timestep_fraction = {c.train.timestep_fraction}: must be in (0, 1]")
     for name, value in [("dag.beta", c.dag.beta), ("dag.proximity", c.dag.proximity),
@@ -402,6 +402,8 @@ def fill_model_defaults(config: Config) -> tuple[Config, str]:
               if getattr(s, k) is None and v is not None}
     config = replace(replace(config, "model", name=name), "sampling", **filled)
     problems = _check_micro_batches(config)
+    if d.max_eta is not None and config.sampling.eta is not None and config.sampling.eta > d.max_eta:
+        problems.append(f"sampling.eta = {config.sampling.eta}: this model's sampler needs 0 < eta <= {d.max_eta:g}")
     if problems:
         raise DagError("invalid configuration: " + "; ".join(problems))
     if not filled:

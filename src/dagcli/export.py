@@ -1,9 +1,10 @@
 """Export a trained LoRA for other tools: diffusers folder, kohya single file, or a merged full pipeline.
 
     diffusers  a folder with `pytorch_lora_weights.safetensors`; `pipe.load_lora_weights(folder)` reads it
-    kohya      one `.safetensors` file with `lora_unet_*.lora_down.weight` / `.lora_up.weight` / `.alpha` keys,
-               the convention of kohya-ss, AUTOMATIC1111 and ComfyUI (module names per family: diffusers' for
-               SD 1.x/2.x, the original UNet's for SDXL)
+    kohya      one `.safetensors` file with `<name>.lora_down.weight` / `.lora_up.weight` / `.alpha` keys, named
+               by the family's convention: `lora_unet_*` for UNets (kohya-ss, AUTOMATIC1111, ComfyUI; diffusers'
+               module names for SD 1.x/2.x, the original UNet's for SDXL), `lora_transformer_*` with diffusers
+               module names for SD3 and FLUX (what ComfyUI reads)
     merged     the base pipeline with the LoRA fused into its weights (its class's `from_pretrained` loads it)
 
 Every function takes a checkpoint folder (see `dagcli.checkpoint.resolve_checkpoint`) and returns what it wrote.
@@ -25,7 +26,7 @@ KOHYA_SUFFIX = ".safetensors"
 
 @dataclass
 class LoraInfo:
-    """A checkpoint's LoRA weights (diffusers key names, `unet.` prefix) and the settings that scale them."""
+    """A checkpoint's LoRA weights (diffusers key names, `unet.` or `transformer.` prefix) and their scale."""
 
     weights: dict  # name -> tensor
     rank: int
@@ -66,10 +67,11 @@ def _rank_alpha(weights: dict, file_meta: dict, meta_lora: dict) -> tuple[int, f
         except json.JSONDecodeError:
             adapter = {}
     down = next((v for k, v in weights.items() if k.endswith(".lora.down.weight") or ".lora_A." in k), None)
-    rank = adapter.get("unet.r", meta_lora.get("rank", down.shape[0] if down is not None else None))
+    prefix = next((k.removesuffix(".r") for k in adapter if k.endswith(".r")), "unet")  # "unet", "transformer"
+    rank = adapter.get(f"{prefix}.r", meta_lora.get("rank", down.shape[0] if down is not None else None))
     if rank is None:
         raise DagError("cannot tell the LoRA rank: no lora.down weights and no rank in the checkpoint metadata")
-    alpha = adapter.get("unet.lora_alpha", meta_lora.get("alpha", rank))
+    alpha = adapter.get(f"{prefix}.lora_alpha", meta_lora.get("alpha", rank))
     return int(rank), float(alpha)
 
 

@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion pipeline by hub id, local folder or built-in name; devices and dtypes.
+"""Load a text-to-image pipeline of a supported family by hub id, local folder or built-in name; devices and dtypes.
 
 Every command loads its model through `load_model`, so offline behaviour and errors are the same everywhere.
 """
@@ -86,9 +86,9 @@ def check_model_name(model: str) -> None:
 
 
 def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp32") -> LoadedModel:
-    """Load a `StableDiffusionPipeline` with frozen weights in `dtype` on `device`.
+    """Load a pipeline of a supported family with frozen weights in `dtype` on `device`.
 
-    `model` is a built-in name ('tiny', 'tiny-random'), a local diffusers folder, or a hub id. Hub ids are
+    `model` is a built-in name ('tiny', 'tiny-random', ...), a local diffusers folder, or a hub id. Hub ids are
     read from the local Hugging Face cache first and only then downloaded; offline, a one-line `DagError`
     says how to provide the weights.
     """
@@ -124,16 +124,17 @@ class ModelDefaults:
     eval_prompts: str
     resolution: int | None  # pixels; None = the model's native size
     source: str  # where they come from, for the run's messages
+    sample_steps: int = 0  # steps of `dag sample` / `dag eval` (0: as `steps`)
+    max_eta: float | None = 1.0  # the largest noise level the family's sampler is defined for (None: no bound)
 
 
 def model_defaults(model: str | None) -> ModelDefaults:
     """The `dagcli.json` beside a pipeline (the built-in models carry one), over its family's reference settings
     (Stable Diffusion's when the family cannot be told without loading); reads no weights."""
-    from dagcli.families import pipeline_family
     from dagcli.families.sd import SDFamily
 
     model = model or default_model()
-    family = pipeline_family(pipeline_class_name(model) or "") or SDFamily
+    family = known_family(model) or SDFamily
     ref, saved = family.reference, _read_defaults(model)
     return ModelDefaults(
         steps=int(saved.get("default_steps", ref.steps)),
@@ -144,7 +145,16 @@ def model_defaults(model: str | None) -> ModelDefaults:
         eval_prompts=saved.get("prompt_set", ref.prompts),
         resolution=saved.get("resolution"),
         source=f"model {model!r}" if saved else ref.source,
+        sample_steps=int(saved.get("default_sample_steps", saved.get("default_steps", ref.sample_steps or ref.steps))),
+        max_eta=ref.max_eta,
     )
+
+
+def known_family(model: str | None) -> type | None:
+    """The family class of `model` when its pipeline class can be read without loading weights, else None."""
+    from dagcli.families import pipeline_family
+
+    return pipeline_family(pipeline_class_name(model or default_model()) or "")
 
 
 def _read_defaults(model: str) -> dict:
@@ -172,7 +182,9 @@ def _from_pretrained(name: str, dtype: torch.dtype):
 
     def load(local: bool):
         family = _supported_family(name, local)
-        kwargs = dict(use_safetensors=True, dtype=dtype, **(family.load_kwargs if family else {}))
+        # components the folder records as absent ([null, null], e.g. SD3 without T5) are passed as None
+        absent = {k: None for k, v in model_index(name, local).items() if v == [None, None]}
+        kwargs = {"use_safetensors": True, "dtype": dtype, **absent, **(family.load_kwargs if family else {})}
         return DiffusionPipeline.from_pretrained(name, local_files_only=local, **kwargs)
 
     if Path(name).exists():
@@ -200,6 +212,12 @@ def pipeline_class_name(name: str, local_only: bool = True) -> str | None:
     weights; None when it cannot be read."""
     if name in RANDOM_MODELS:
         return type(RANDOM_MODELS[name](0)).__name__
+    return model_index(name, local_only).get("_class_name")
+
+
+def model_index(name: str, local_only: bool = True) -> dict:
+    """A pipeline's model_index.json (built-in, folder, or hub cache) without loading weights; {} when it cannot
+    be read."""
     folder = TINY_SD_DIR if name == TINY_NAME else Path(name).expanduser()
     index = folder / "model_index.json"
     if not index.is_file():
@@ -208,11 +226,11 @@ def pipeline_class_name(name: str, local_only: bool = True) -> str | None:
 
             index = Path(hf_hub_download(name, "model_index.json", local_files_only=local_only))
         except Exception:
-            return None
+            return {}
     try:
-        return json.loads(index.read_text()).get("_class_name")
+        return json.loads(index.read_text())
     except (OSError, json.JSONDecodeError):
-        return None
+        return {}
 
 
 def _load_or_explain(load, name: str):

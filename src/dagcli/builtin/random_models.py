@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from dagcli.builtin.random_flow import build_tiny_random_flux, build_tiny_random_sd3
 from dagcli.families.sdxl import build_tiny_random_sdxl
 
 TINY_RANDOM_WORDS = (
@@ -73,5 +74,7 @@ def tiny_text_config(tokenizer, **overrides):
 # `--model` name -> builder(seed) of a pipeline with random weights
 RANDOM_MODELS: dict[str, Callable[[int], object]] = {
     "tiny-random": build_tiny_random_pipeline,
+    "tiny-random-sd3": build_tiny_random_sd3,
+    "tiny-random-flux": build_tiny_random_flux,
     "tiny-random-sdxl": build_tiny_random_sdxl,
 }

@@ -44,9 +44,20 @@ def check_positive(name: str, value: int | float | None) -> None:
         raise DagError(f"{name} must be positive, got {value}")
 
 
-def check_eta(eta: float | None) -> None:
-    if eta is not None and not 0.0 <= eta <= 1.0:
-        raise DagError(f"--eta must be in [0, 1] (0: deterministic, 1: DDIM's DDPM-like noise), got {eta}")
+def check_eta(eta: float | None, model: str | None = None) -> None:
+    """--eta is >= 0 and at most the bound of the model family's sampler (DDIM: 1; flows: none); the family is
+    read without loading weights (a hub model not yet downloaded: only the sign is checked)."""
+    from dagcli.models import known_family
+
+    if eta is None:
+        return
+    family = known_family(model)
+    bound = family.reference.max_eta if family is not None else None
+    if bound is not None and not 0.0 <= eta <= bound:
+        raise DagError(f"--eta must be in [0, {bound:g}] for this model (0: deterministic, {bound:g}: DDIM's "
+                       f"DDPM-like noise), got {eta}")
+    if eta < 0:
+        raise DagError(f"--eta must be >= 0 (0: the deterministic ODE / DDIM sampler), got {eta}")
 
 
 def check_writable_dir(path: Path, flag: str = "--output") -> None:
@@ -73,5 +84,5 @@ def sampler_defaults(loaded, steps: int | None, guidance: float | None, eta: flo
     from dagcli.models import model_defaults
 
     d = model_defaults(loaded.name)
-    return {"steps": steps or d.steps, "guidance": d.guidance if guidance is None else guidance,
+    return {"steps": steps or d.sample_steps or d.steps, "guidance": d.guidance if guidance is None else guidance,
             "eta": d.sample_eta if eta is None else eta}

@@ -68,8 +68,8 @@ def evaluate(
     guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
     eta: float = typer.Option(
         None, "--eta",
-        help="Sampler noise in [0, 1] (DDIM's η, the flow SDE's level); 0: deterministic. "
-        "\\[default: the model's; Stable Diffusion: 1]",
+        help="Sampler noise: DDIM's η in [0, 1], the flow SDE's level >= 0; 0: deterministic. "
+        "\\[default: the model's; Stable Diffusion: 1, SD3 and FLUX: 0]",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler and reward call."),
     device: str = device_option(),
@@ -106,7 +106,6 @@ def evaluate(
         return
     for name, value in [("--num-per-prompt", num_per_prompt), ("--steps", steps)]:
         check_positive(name, value)
-    check_eta(eta)
     sampling = dict(num_per_prompt=num_per_prompt, seed=seed, steps=steps, guidance=guidance, eta=eta)
     _evaluate_models(prompts, prompt or [], ckpt or [], model, dtype, sampling, scoring)
 
@@ -127,6 +126,7 @@ def _evaluate_models(prompts, prompt, ckpt, model, dtype, sampling: dict, scorin
     model = model or next(iter(trained_on.values()), None)
     if model:
         check_model_name(model)
+    check_eta(sampling["eta"], model)
     check_writable_dir(scoring.output)
 
     reporter = default_reporter()

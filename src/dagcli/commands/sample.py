@@ -28,8 +28,8 @@ def sample(
     steps: int = typer.Option(None, "--steps", help=SAMPLER_DEFAULTS_HELP["steps"]),
     eta: float = typer.Option(
         None, "--eta",
-        help="Sampler noise in [0, 1] (DDIM's η, the flow SDE's level); 0: deterministic. "
-        "\\[default: the model's; Stable Diffusion: 1]",
+        help="Sampler noise: DDIM's η in [0, 1], the flow SDE's level >= 0; 0: deterministic. "
+        "\\[default: the model's; Stable Diffusion: 1, SD3 and FLUX: 0]",
     ),
     guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
     height: int = typer.Option(None, "--height", help="Image height in pixels. \\[default: the model's]"),
@@ -55,12 +55,12 @@ def sample(
     for name, value in [("--num-per-prompt", num_per_prompt), ("--steps", steps), ("--batch-size", batch_size),
                         ("--height", height), ("--width", width)]:
         check_positive(name, value)
-    check_eta(eta)
     folder = resolve_checkpoint(ckpt) if ckpt else None
     meta = read_meta(folder) if folder else {}
     model = model or meta.get("base_model")
     if model:
         check_model_name(model)
+    check_eta(eta, model)
     check_writable_dir(output)
 
     reporter = default_reporter()

@@ -7,12 +7,16 @@ import torch
 
 from dagcli.errors import DagError
 from dagcli.families.base import Cond, Family
+from dagcli.families.flux import FluxFamily
 from dagcli.families.sd import SDFamily
+from dagcli.families.sd3 import SD3Family
 from dagcli.families.sdxl import SDXLFamily
 
 # diffusers pipeline class name -> family
 FAMILIES: dict[str, type] = {
     "StableDiffusionPipeline": SDFamily,
+    "StableDiffusion3Pipeline": SD3Family,
+    "FluxPipeline": FluxFamily,
     "StableDiffusionXLPipeline": SDXLFamily,
 }
 

@@ -47,6 +47,8 @@ class FamilyDefaults:
     sample_eta: float  # noise level of `dag sample` / `dag eval`
     prompts: str  # training prompt set
     source: str  # where the numbers come from (said in messages and docs)
+    sample_steps: int | None = None  # steps of `dag sample` / `dag eval` when they differ from training's
+    max_eta: float | None = 1.0  # the largest noise level the sampler is defined for (DDIM: 1); None: no bound
 
 
 # (x [B,...], state index j [B]) -> (guided model output, conditional model output), both float32

@@ -1,0 +1,91 @@
+"""Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`): CLIP-L and CLIP-G (token and pooled embeddings) and an
+optional T5 (a pipeline without one gets zeros in its place, as diffusers does), an MMDiT transformer predicting
+the velocity, classifier-free guidance, sigmas shifted by the scheduler's `shift` (3.0 for SD3.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dagcli.families.base import Cond, Denoise, FamilyDefaults
+from dagcli.families.flow import FlowFamily, warn_long_prompts
+
+T5_TOKENS = 256  # diffusers' default `max_sequence_length` for SD3
+
+
+class SD3Family(FlowFamily):
+    """SD3 / SD3.5; training defaults are Flow-GRPO's for SD3.5 Medium."""
+
+    name = "sd3"
+    reference = FamilyDefaults(
+        steps=10, guidance=4.5, train_eta=0.7, sample_eta=0.0, prompts="simple_animals", sample_steps=40,
+        max_eta=None,
+        source="Flow-GRPO's SD3.5 Medium settings (config/base.py, config/grpo.py of yifan123/flow_grpo)",
+    )
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def resolution_multiple(self) -> int:
+        return int(self.pipe.vae_scale_factor * self.pipe.transformer.config.patch_size)
+
+    @property
+    def native_resolution(self) -> int:
+        return int(self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor)
+
+    @property
+    def t5_tokens(self) -> int:
+        """T5's window: diffusers' default, or the tokenizer's when shorter."""
+        tokenizer = self.pipe.tokenizer_3
+        return T5_TOKENS if tokenizer is None else min(T5_TOKENS, int(tokenizer.model_max_length))
+
+    # --- prompts -----------------------------------------------------------------------------------------
+    def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.t5_tokens)
+        return {"embeds": embeds, "pooled": pooled}
+
+    def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int:
+        if self.pipe.text_encoder_3 is not None:
+            return warn_long_prompts(self.pipe.tokenizer_3, self.t5_tokens, "T5 text encoder", prompts, warn)
+        tokenizer = self.pipe.tokenizer
+        return warn_long_prompts(tokenizer, tokenizer.model_max_length, "CLIP text encoders", prompts, warn)
+
+    # --- the chain ---------------------------------------------------------------------------------------
+    def schedule_kwargs(self, steps: int, height: int, width: int) -> dict:
+        """`mu` for a scheduler with resolution-dependent shifting, as `StableDiffusion3Pipeline` computes it."""
+        config = self.pipe.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return {}
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        patch = self.pipe.transformer.config.patch_size
+        _, h, w = self.latent_shape(height, width)
+        return {"mu": calculate_shift((h // patch) * (w // patch), config.get("base_image_seq_len", 256),
+                                      config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                      config.get("max_shift", 1.16))}
+
+    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float) -> Denoise:
+        """(x, j) -> (guided velocity, conditional velocity): ṽ = v(∅) + w (v(c) − v(∅)) in one call on [∅; c],
+        only v(c) when w <= 1 (as diffusers does)."""
+        embeds, pooled = cond.tensors["embeds"], cond.tensors["pooled"]
+        dtype = embeds.dtype  # the transformer's input dtype, as diffusers: the text encoders'
+        use_cfg = guidance > 1.0
+        if use_cfg:
+            empty = self.encode([""]).tensors
+            embeds = torch.cat([empty["embeds"].expand_as(embeds), embeds])
+            pooled = torch.cat([empty["pooled"].expand_as(pooled), pooled])
+
+        def denoise(x: torch.Tensor, j: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            t = schedule.time(j).to(x.device)
+            x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if use_cfg else (x, t)
+            out = model(hidden_states=x_in.to(dtype), timestep=t_in, encoder_hidden_states=embeds,
+                        pooled_projections=pooled, return_dict=False)[0].float()
+            if not use_cfg:
+                return out, out
+            v_u, v_c = out.chunk(2)
+            return v_u + guidance * (v_c - v_u), v_c
+
+        return denoise
