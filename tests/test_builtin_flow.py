@@ -12,18 +12,10 @@ from PIL import Image
 
 from cli_helpers import run_cli, write_tiny_config
 from dagcli.builtin import TINY_FLOW_DIR, TINY_FLOW_NAME, TINY_SD_DIR
+from test_builtin import _one_torch_thread  # noqa: F401 (autouse: one torch thread, as there)
 
 MAX_FOLDER_BYTES = 15 * 1024 * 1024  # safetensors of the tiny-flow folder, shared VAE / text encoders included
 PROMPT = "a red triangle on a gray background"
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run far faster on one thread than on two busy shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +59,17 @@ def test_model_defaults_come_from_its_dagcli_json() -> None:
         saved["default_steps"], saved["default_guidance"], saved["default_eta"], saved["default_sample_eta"], 32)
     assert (d.prompts, d.eval_prompts, d.source) == ("shapes", "shapes-heldout", "model 'tiny-flow'")
     assert known_family(TINY_FLOW_NAME).name == "sd3" and d.max_eta is None
+
+
+def test_shipped_folder_comes_from_the_scripts_default_configuration(plain_pipe) -> None:
+    from dataclasses import asdict
+
+    from dagcli.builtin.train_flow import FlowConfig
+
+    saved = json.loads((TINY_FLOW_DIR / "dagcli.json").read_text())
+    assert saved["train_config"] == json.loads(json.dumps(asdict(FlowConfig())))
+    assert plain_pipe.scheduler.config.shift == FlowConfig().shift
+    assert plain_pipe.transformer.config.num_layers == FlowConfig().layers
 
 
 def test_dagcli_ode_images_equal_the_plain_pipelines(plain_pipe, tmp_path, capsys) -> None:

@@ -4,8 +4,8 @@
 
 It reuses the `tiny` model's parts, frozen, so the two compare on equal terms: the data set and captions, the
 VAE (4x8x8 latents; `shift_factor` / `scaling_factor` are set to the mean / 1 / std of the training latents),
-the tokenizer and two text encoders built from the tiny CLIP's text tower (its projection gives the pooled
-embedding). Only an `SD3Transformer2DModel` is trained:
+the tokenizer and two text towers (the tiny CLIP's, and `tiny`'s fine-tuned copy of it), each with the CLIP's
+text projection for the pooled embedding. Only an `SD3Transformer2DModel` is trained:
 
 1. render the training images, encode them with the VAE (posterior means), normalise;
 2. encode every caption once, exactly as `StableDiffusion3Pipeline.encode_prompt` does without T5;
@@ -73,7 +73,7 @@ class FlowConfig:
     logit_mean: float = 0.0  # t = sigmoid(N(logit_mean, logit_std))
     logit_std: float = 1.0
     ema_decay: float = 0.999
-    shift: float = 1.0  # the scheduler's sigma shift at inference (training samples t directly)
+    shift: float = 2.0  # the scheduler's sigma shift at inference only (training samples t directly)
     # Inference defaults written to dagcli.json
     default_guidance: float = 3.0
     default_steps: int = 10
