@@ -12,6 +12,7 @@ writes. Everything random in an epoch is seeded by (seed, epoch, rank), so a res
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dagcli.algorithms import build_algorithm
+from dagcli.algorithms import ALGORITHMS, build_algorithm
 from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.checkpoint import TrainState
 from dagcli.config import Config, accumulation_steps, dump_toml, fill_model_defaults, replace, to_dict
@@ -76,7 +77,8 @@ class Trainer:
                                    options=dict(c.reward.options), strict_finite=False)
         self.rollout = Rollout(self.model, self.reward, c.sampling, seed=c.train.seed, prompts=self.prompts,
                                height=self.resolution, width=self.resolution, reduction=c.train.reduction,
-                               rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter)
+                               rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter,
+                               group_size=ALGORITHMS[c.train.algorithm].group_size(c))
         self.context = self._context()
         self.algorithm = build_algorithm(c.train.algorithm, c, self.context)
         if self.algorithm.x0_decoder:
@@ -97,7 +99,17 @@ class Trainer:
 
         return Context(family=self.family, schedule=self.rollout.schedule, device=self.model.device,
                        height=self.resolution, width=self.resolution, steps=c.sampling.steps, seed=c.train.seed,
-                       reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards)
+                       reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards,
+                       reference_step=self.reference_step)
+
+    @torch.no_grad()
+    def reference_step(self, mb: MicroBatch):
+        """The base model's step on a micro-batch's stored transitions: the same network with its LoRA disabled."""
+        c, raw = self.config, self.raw_denoiser
+        with self.accelerator.autocast(), lora_disabled(raw):
+            out, _ = self.family.denoiser_fn(raw, self.rollout.schedule, mb.cond, c.sampling.guidance)(mb.x, mb.step_index)
+        return self.family.step(self.rollout.schedule, mb.step_index, mb.x, out, c.sampling.eta, prev=mb.x_next,
+                                reduction=c.train.reduction)
 
     @property
     def raw_denoiser(self) -> torch.nn.Module:
@@ -284,6 +296,16 @@ class Trainer:
         self.state = TrainState.from_dict(state)
         self.algorithm.load_state_dict(self.state.algorithm)
         self.reporter.info(f"resumed from {folder} (epoch {self.state.epoch})")
+
+@contextlib.contextmanager
+def lora_disabled(denoiser: torch.nn.Module):
+    """The denoiser without its LoRA inside the block (peft's adapter switch: no copy of the weights)."""
+    denoiser.disable_adapters()
+    try:
+        yield denoiser
+    finally:
+        denoiser.enable_adapters()
+
 
 def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW) over parameter groups, settings from the `[train]` section."""
