@@ -119,8 +119,7 @@ def sample_backgrounds(model, prompts: Sequence[str], per_prompt: int, *, steps:
     return out
 
 
-def targets_for(base_labels: dict[str, list[str]], values: dict[str, float], beta_eff: float
+def targets_for(base_shares: dict[str, dict[str, float]], values: dict[str, float], beta_eff: float
                 ) -> dict[str, dict[str, float]]:
-    """prompt -> the GFlowNet target shares, from the base model's sampled backgrounds."""
-    names = background_names()
-    return {p: target_shares(shares(got, names), values, beta_eff) for p, got in base_labels.items()}
+    """prompt -> the GFlowNet target shares, from the base model's shares of each background (prompt -> shares)."""
+    return {p: target_shares(base, values, beta_eff) for p, base in base_shares.items()}
