@@ -450,6 +450,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="an override for one algorithm only, e.g. grpo:train.learning_rate=3e-4")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs in parallel, one process each (default: the number of CPU cores, at most 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: CPU cores / jobs; 1 on a machine shared with others)")
     p.add_argument("--quick", action="store_true",
                    help=f"compressibility and modes, {QUICK_EPOCHS} epochs, 2 runs at a time: < 10 min on 2 cores")
     p.add_argument("--name", default="", help="suffix of the result files, e.g. 'grpo-lr3e-4'")
@@ -483,7 +485,7 @@ def main() -> None:
         return
     rewards = args.reward or ["compressibility", "modes"]
     for reward in rewards:
-        compare_reward(reward, args, jobs, max(1, cores // jobs))
+        compare_reward(reward, args, jobs, args.threads or max(1, cores // jobs))
 
 
 def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: int) -> dict:
