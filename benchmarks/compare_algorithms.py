@@ -149,8 +149,9 @@ def mode_metrics(images: torch.Tensor, rows: list[str], mode_targets: dict) -> d
     for prompt, background in zip(rows, image_backgrounds(images), strict=True):
         labels.setdefault(prompt, []).append(background)
     report = modes.mode_report(labels, mode_targets["targets"], mode_targets["rewarded"])
-    return {"tv": report["tv"], "modes_kept": report["modes_kept"], "modes_possible": report["modes_possible"],
-            "shares": report["shares"]}
+    return {"tv": report["tv"], "split_tv": report["split_tv"], "modes_kept": report["modes_kept"],
+            "modes_possible": report["modes_possible"], "shares": report["shares"],
+            "per_prompt_shares": {p: r["shares"] for p, r in report["per_prompt"].items()}}
 
 
 SMOOTH = 3  # epochs: the final reward and the reward curve used for "trajectories to reach" are 3-epoch means
@@ -253,6 +254,8 @@ def summarize_algorithm(mine: list[dict], level: float | None, eval_level: float
         out.update({
             "tv": mean_std([r["tv"] for r in mine]),
             "tv_at_eval_level": at_level("tv"),
+            "split_tv": mean_std([r.get("split_tv") for r in mine]),
+            "split_tv_at_eval_level": at_level("split_tv") if all("split_tv" in r for r in mine) else mean_std([]),
             "modes_kept": sum(r["modes_kept"] for r in mine),
             "modes_possible": sum(r["modes_possible"] for r in mine),
             "shares": {b: mean_std([r["shares"][b] for r in mine]) for b in mine[0]["shares"]},
@@ -272,7 +275,9 @@ def plot(runs: list[dict], summary: dict, reward: str, path: Path, base: dict | 
     _plot_curves(axes[0], runs, summary, reward, ref)
     _plot_along_training(axes[1], runs, summary, reward, ref, "diversity", "diversity (pairwise CLIP distance)")
     if with_modes:
-        _plot_along_training(axes[2], runs, summary, reward, ref, "tv", "TV distance of background shares to target")
+        key = "split_tv" if all("split_tv" in e for r in runs for e in r.get("evals", [])) else "tv"
+        _plot_along_training(axes[2], runs, summary, reward, ref, key, f"{key.replace('_', ' ')} to the target "
+                             "(background shares)")
         _plot_shares(axes[3], summary, base)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -346,7 +351,8 @@ def table(summary: dict) -> str:
     head = (f"| algorithm | initial reward | final reward | trajectories to {ref}'s final level | eval reward | "
             f"diversity | diversity at {ref}'s eval reward | fidelity | train s/run |")
     if modes_cols:
-        head += f" TV to target | TV at {ref}'s eval reward | rewarded modes kept |"
+        head += (f" TV to target | TV at {ref}'s eval reward | split TV (rewarded only) | split TV at {ref}'s eval "
+                 "reward | rewarded modes kept |")
     lines = [head, "|---" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
     for algo, s in summary["algorithms"].items():
         lines.append(_row(algo, s, modes_cols))
@@ -364,8 +370,9 @@ def _row(algo: str, s: dict, modes_cols: bool) -> str:
            f"{_fmt(s['eval_reward'])} | {_fmt(s['diversity'])} | {at_level(s['diversity_at_eval_level'])} | "
            f"{_fmt(s['fidelity'])} | {_fmt(s.get('train_seconds', {'mean': None}), 0)} |")
     if modes_cols:
-        row += (f" {_fmt(s['tv'])} | {at_level(s['tv_at_eval_level'])} | "
-                f"{s['modes_kept']}/{s['modes_possible']} |" if "tv" in s else " – | – | – |")
+        row += (f" {_fmt(s['tv'])} | {at_level(s['tv_at_eval_level'])} | {_fmt(s['split_tv'])} | "
+                f"{at_level(s['split_tv_at_eval_level'])} | {s['modes_kept']}/{s['modes_possible']} |"
+                if "tv" in s else " – | – | – | – | – |")
     return row
 
 

@@ -58,11 +58,12 @@ def test_summary_with_grpo_reference_and_mode_metrics(compare) -> None:
         last = evals[-1]
         return {"algorithm": algo, "curve": curve, "evals": evals, "eval_reward": last["eval_reward"],
                 "diversity": last["diversity"], "fidelity": 1.0, "train_seconds": 1.0, "tv": last["tv"],
+                "split_tv": last["split_tv"],
                 "modes_kept": last["modes_kept"], "modes_possible": 6,
                 "shares": {"black": 0.5, "white": 0.5, "gray": 0.0, "brown": 0.0}}
 
     def point(reward, tv, kept):
-        return {"eval_reward": reward, "diversity": 0.1, "tv": tv, "modes_kept": kept}
+        return {"eval_reward": reward, "diversity": 0.1, "tv": tv, "split_tv": tv / 2, "modes_kept": kept}
 
     runs = [run("grpo", [0.4, 0.6, 0.8, 0.8, 0.8], [point(0.4, 0.5, 6), point(0.8, 0.4, 3)]),
             run("ddpo", [0.4, 0.5, 0.5, 0.5, 0.5], [point(0.4, 0.5, 6), point(0.5, 0.45, 6)]),
@@ -71,6 +72,7 @@ def test_summary_with_grpo_reference_and_mode_metrics(compare) -> None:
     assert s["reference"] == "grpo" and s["level"] == pytest.approx(0.8) and s["eval_level"] == pytest.approx(0.8)
     db = s["algorithms"]["dag-db"]
     assert db["tv_at_eval_level"]["mean"] == pytest.approx(0.5 + (0.8 - 0.4) / 0.6 * (0.1 - 0.5))  # interpolated
+    assert db["split_tv_at_eval_level"]["mean"] == pytest.approx(db["tv_at_eval_level"]["mean"] / 2)
     assert db["modes_kept"] == 6 and s["algorithms"]["grpo"]["modes_kept"] == 3
     assert s["algorithms"]["ddpo"]["runs_reaching_level"] == 0
     assert compare.summarize(runs, "ddpo")["level"] == pytest.approx(0.5)
@@ -107,6 +109,8 @@ def test_run_one_with_grpo_reports_mode_metrics(compare, tmp_path) -> None:
     for point in run["evals"]:
         assert 0.0 <= point["tv"] <= 1.0 and 0 <= point["modes_kept"] <= point["modes_possible"] == 2
         assert sum(point["shares"].values()) == pytest.approx(1.0)
+        assert point["per_prompt_shares"]["a red circle"] == point["shares"]  # one prompt
+        assert 0.0 <= point["split_tv"] <= 1.0
         # the reward is 1 exactly for the rewarded backgrounds: its mean is their share
         assert point["eval_reward"] == pytest.approx(point["shares"]["black"] + point["shares"]["white"])
 

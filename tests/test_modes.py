@@ -84,6 +84,18 @@ def test_mode_report_per_prompt_and_mean():
     assert r["per_prompt"]["a"]["tv"] == pytest.approx(0.25) and r["per_prompt"]["b"]["tv"] == pytest.approx(1.0)
     assert (r["modes_kept"], r["modes_possible"]) == (2, 3)  # a keeps both, b loses its only one
     assert r["tv"] == pytest.approx(0.625) and r["shares"]["gray"] == pytest.approx(0.5)
+    # among the rewarded backgrounds: a splits 0.75 / 0.25 against 0.5 / 0.5; b has no rewarded sample at all
+    assert r["per_prompt"]["a"]["split_tv"] == pytest.approx(0.25) and r["per_prompt"]["b"]["split_tv"] == 1.0
+    assert r["split_tv"] == pytest.approx(0.625)
+
+
+def test_split_tv_ignores_the_reward_level():
+    target = {"black": 0.6, "white": 0.4, "gray": 0.0}
+    low = {"black": 0.3, "white": 0.2, "gray": 0.5}  # half the samples rewarded, split as the target
+    assert modes.split_tv(low, target, ["black", "white"]) == pytest.approx(0.0)
+    assert modes.tv_distance(low, target) == pytest.approx(0.5)  # the full TV is the unrewarded share
+    one_mode = {"black": 0.9, "white": 0.0, "gray": 0.1}
+    assert modes.split_tv(one_mode, target, ["black", "white"]) == pytest.approx(0.4)
 
 
 def test_sample_backgrounds_reads_every_sample(tiny_model):

@@ -64,6 +64,16 @@ def tv_distance(p: dict[str, float], q: dict[str, float]) -> float:
     return 0.5 * sum(abs(p.get(b, 0.0) - q.get(b, 0.0)) for b in set(p) | set(q))
 
 
+def split_tv(share: dict[str, float], target: dict[str, float], rewarded: Sequence[str]) -> float:
+    """TV distance between how the samples and the target split among the rewarded backgrounds only (each
+    renormalised over them): how well the modes are balanced, whatever the reward level. 1 when no sample has a
+    rewarded background."""
+    got, want = sum(share.get(b, 0.0) for b in rewarded), sum(target.get(b, 0.0) for b in rewarded)
+    if got <= 0 or want <= 0:
+        return 1.0
+    return tv_distance({b: share.get(b, 0.0) / got for b in rewarded}, {b: target.get(b, 0.0) / want for b in rewarded})
+
+
 def modes_kept(share: dict[str, float], target: dict[str, float], rewarded: Sequence[str],
                fraction: float = MODE_FRACTION) -> tuple[int, int]:
     """(kept, possible): rewarded modes whose share is ≥ `fraction` of their target share, among those with a
@@ -75,19 +85,22 @@ def modes_kept(share: dict[str, float], target: dict[str, float], rewarded: Sequ
 
 def mode_report(labels: dict[str, list[str]], targets: dict[str, dict[str, float]],
                 rewarded: Sequence[str]) -> dict:
-    """Per prompt (labels: prompt -> its samples' backgrounds) the shares, TV distance to the target and modes kept;
-    and their means over prompts (`modes_kept` / `modes_possible` are summed)."""
+    """Per prompt (labels: prompt -> its samples' backgrounds) the shares, TV distance to the target (also among
+    the rewarded backgrounds only: `split_tv`) and modes kept; and their means over prompts (`modes_kept` /
+    `modes_possible` are summed). With a 0/1 reward, TV ≥ 1 − mean reward: the split TV isolates the balance."""
     names = background_names()
     per_prompt = {}
     for prompt, got in labels.items():
         s = shares(got, names)
         kept, possible = modes_kept(s, targets[prompt], rewarded)
-        per_prompt[prompt] = {"shares": s, "tv": tv_distance(s, targets[prompt]), "modes_kept": kept,
+        per_prompt[prompt] = {"shares": s, "tv": tv_distance(s, targets[prompt]),
+                              "split_tv": split_tv(s, targets[prompt], rewarded), "modes_kept": kept,
                               "modes_possible": possible}
     n = max(len(per_prompt), 1)
     rows = per_prompt.values()
     return {
         "tv": sum(r["tv"] for r in rows) / n,
+        "split_tv": sum(r["split_tv"] for r in rows) / n,
         "modes_kept": sum(r["modes_kept"] for r in rows),
         "modes_possible": sum(r["modes_possible"] for r in rows),
         "shares": {b: sum(r["shares"][b] for r in rows) / n for b in names},
