@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from cli_helpers import write_tiny_config
@@ -17,7 +16,6 @@ from cli_helpers import write_tiny_config
 HERE = Path(__file__).parent
 
 
-@pytest.mark.slow
 def test_two_processes_train_grpo_in_step(tmp_path, tiny_pipeline_dir):
     cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square", "a green triangle"],
                             sampling={"batch_size": 4}, train={"epochs": 2, "algorithm": "grpo"},

@@ -271,7 +271,7 @@ def test_weighted_sum_equals_sum_of_scaled_components(images):
 
 
 def test_unknown_names_and_options_list_the_valid_ones():
-    with pytest.raises(DagError, match="unknown reward 'aesthetics'.*aesthetic, clip") as info:
+    with pytest.raises(DagError, match="unknown reward 'aesthetics'.*aesthetic, background-modes, clip") as info:
         build_reward("aesthetics")
     with pytest.raises(DagError, match="unknown reward 'aesthetics'"):
         validate_spec("clip:1,aesthetics:2")
