@@ -240,3 +240,23 @@ def test_bad_grpo_settings_are_one_line(grpo_config, tmp_path, capsys, sets, nee
     code, _, err = run_cli(["train", "--config", grpo_config, "-o", tmp_path / "bad", *sets], capsys)
     assert code == 2 and needle in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+# --- every family ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux"])
+def test_grpo_trains_every_family_with_the_base_model_as_reference(model, tmp_path):
+    """SDXL (DDIM) and the flow families (SDE step): the reference step is the family's own step with the LoRA off,
+    KL exactly 0 at a zero-initialised LoRA, then positive once the LoRA has moved."""
+    from dagcli.trainer import Trainer
+
+    cfg = write_tiny_config(tmp_path, model, ["a red circle", "a blue square"], sampling={"batch_size": 4},
+                            train={"algorithm": "grpo", "learning_rate": 5e-2}, grpo={"group_size": 2},
+                            lora={"init": "true"}, output={"dir": str(tmp_path / "run")})
+    trainer = Trainer(load_config(cfg), ["a red circle", "a blue square"])
+    batch, _ = trainer.collect(0)
+    pairs = torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3]])
+    loss, logs = trainer.micro_batch_loss(batch, pairs, epoch=0)
+    assert logs["kl_loss"] == 0.0 and torch.isfinite(loss).all()
+    out = trainer.train_epoch(0, batch)
+    assert math.isfinite(out["policy_loss"]) and out["grad_norm_lora"] > 0
+    assert trainer.micro_batch_loss(batch, pairs, epoch=1)[1]["kl_loss"] > 0

@@ -286,7 +286,8 @@ def test_unknown_names_and_options_list_the_valid_ones():
 
 
 def test_list_rewards_matches_registry():
-    builtin = ["aesthetic", "clip", "colorfulness", "compressibility", "incompressibility", "pickscore"]
+    builtin = ["aesthetic", "background-modes", "clip", "colorfulness", "compressibility", "incompressibility",
+               "pickscore"]
     rows = list_rewards()
     assert [r.name for r in rows[: len(builtin)]] == builtin  # the built-ins first, sorted by name
     assert sorted(REWARDS) == builtin
