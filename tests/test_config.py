@@ -118,3 +118,15 @@ def test_accumulation_scales_with_the_timestep_fraction(accumulation, steps, fra
     from dagcli.config import accumulation_steps
 
     assert accumulation_steps(accumulation, steps, fraction) == expected
+
+
+def test_lora_targets_default_to_the_model_familys():
+    from dagcli.config import fill_model_defaults
+
+    sd, _ = fill_model_defaults(load_config(None, ['model.name="tiny-random"']))
+    assert sd.lora.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    flux, _ = fill_model_defaults(load_config(None, ['model.name="tiny-random-flux"']))
+    assert flux.lora.target_modules == ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                        "add_v_proj", "to_add_out")
+    given, _ = fill_model_defaults(load_config(None, ['model.name="tiny-random-flux"', 'lora.target_modules=["to_q"]']))
+    assert given.lora.target_modules == ("to_q",)

@@ -55,7 +55,9 @@ class LoraConfig:
     rank: int = 4
     alpha: float = 4.0
     init: str = "gaussian"  # peft init_lora_weights: gaussian | true (kaiming A, zero B)
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # the modules the LoRA adapts; unset: the model family's (SD / SDXL: the attention projections to_q, to_k,
+    # to_v, to_out.0; SD3 / FLUX: those and the text stream's add_q/k/v_proj, to_add_out, as Flow-GRPO)
+    target_modules: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -374,7 +376,7 @@ def validate(c: Config) -> list[str]:
     if c.train.batch_size < need:
         e.append(f"train.batch_size = {c.train.batch_size}: {c.train.algorithm} needs at least {need} "
                  "(its leave-one-out baseline)")
-    if not c.lora.target_modules:
+    if c.lora.target_modules is not None and not c.lora.target_modules:
         e.append("lora.target_modules is empty")
     e.extend(_check_groups(c))
     return e
@@ -435,6 +437,8 @@ def fill_model_defaults(config: Config) -> tuple[Config, str]:
                                 ("eta", d.eta), ("resolution", d.resolution)]
               if getattr(s, k) is None and v is not None}
     config = replace(replace(config, "model", name=name), "sampling", **filled)
+    if config.lora.target_modules is None:
+        config = replace(config, "lora", target_modules=d.lora_targets)
     problems = _check_micro_batches(config)
     if d.max_eta is not None and config.sampling.eta is not None and config.sampling.eta > d.max_eta:
         problems.append(f"sampling.eta = {config.sampling.eta}: this model's sampler needs 0 < eta <= {d.max_eta:g}")

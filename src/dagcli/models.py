@@ -126,6 +126,7 @@ class ModelDefaults:
     source: str  # where they come from, for the run's messages
     sample_steps: int = 0  # steps of `dag sample` / `dag eval` (0: as `steps`)
     max_eta: float | None = 1.0  # the largest noise level the family's sampler is defined for (None: no bound)
+    lora_targets: tuple[str, ...] = ()  # the family's default LoRA targets
 
 
 def model_defaults(model: str | None) -> ModelDefaults:
@@ -147,6 +148,7 @@ def model_defaults(model: str | None) -> ModelDefaults:
         source=f"model {model!r}" if saved else ref.source,
         sample_steps=int(saved.get("default_sample_steps", saved.get("default_steps", ref.sample_steps or ref.steps))),
         max_eta=ref.max_eta,
+        lora_targets=tuple(family.default_lora_targets),
     )
 
 
