@@ -318,6 +318,25 @@ def replace(config: Config, section: str, **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
+POSITIVE_KEYS = (
+    "sampling.steps", "sampling.resolution", "sampling.batch_size", "sampling.batches_per_epoch", "train.epochs",
+    "train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate", "dag.flow_learning_rate",
+    "train.max_grad_norm", "lora.rank", "lora.alpha", "output.checkpoint_every", "output.keep_last", "dag.clip_range",
+    "dag.adv_clip", "ddpo.clip_range", "ddpo.adv_clip", "ddpo.buffer_size", "grpo.clip_range", "grpo.adv_clip",
+    "grpo.std_eps",
+)  # unset (None: the model's default, filled in later) passes
+NON_NEGATIVE_KEYS = (
+    "dag.beta", "dag.proximity", "dag.beta_ramp_epochs", "output.sample_every", "dag.flow_warmup_epochs",
+    "dag.kl_weight", "reward.max_nonfinite", "grpo.kl_weight", "sampling.guidance", "output.checkpoint_minutes",
+)
+
+
+def _value(c: Config, key: str):
+    """The value of a dotted `section.key`."""
+    section, name = key.split(".")
+    return getattr(getattr(c, section), name)
+
+
 def validate(c: Config) -> list[str]:
     """Every value-level problem of a config (types are already checked)."""
     e: list[str] = []
@@ -342,34 +361,15 @@ def validate(c: Config) -> list[str]:
     one_of("output.report_to", c.output.report_to, ("none", "tensorboard", "wandb"))
     one_of("lora.init", c.lora.init, ("gaussian", "true"))
     one_of("grpo.std", c.grpo.std, GRPO_STD)
-    for name, value in [
-        ("sampling.steps", _unset_ok(c.sampling.steps)), ("sampling.resolution", _unset_ok(c.sampling.resolution)),
-        ("sampling.batch_size", c.sampling.batch_size),
-        ("sampling.batches_per_epoch", c.sampling.batches_per_epoch), ("train.epochs", c.train.epochs),
-        ("train.batch_size", c.train.batch_size),
-        ("train.gradient_accumulation_steps", c.train.gradient_accumulation_steps),
-        ("train.learning_rate", c.train.learning_rate), ("dag.flow_learning_rate", c.dag.flow_learning_rate),
-        ("train.max_grad_norm", c.train.max_grad_norm), ("lora.rank", c.lora.rank), ("lora.alpha", c.lora.alpha),
-        ("output.checkpoint_every", c.output.checkpoint_every), ("output.keep_last", c.output.keep_last),
-        ("dag.clip_range", c.dag.clip_range), ("dag.adv_clip", c.dag.adv_clip),
-        ("ddpo.clip_range", c.ddpo.clip_range), ("ddpo.adv_clip", c.ddpo.adv_clip),
-        ("ddpo.buffer_size", c.ddpo.buffer_size), ("grpo.clip_range", c.grpo.clip_range),
-        ("grpo.adv_clip", c.grpo.adv_clip), ("grpo.std_eps", c.grpo.std_eps),
-    ]:
-        positive(name, value)
+    for name in POSITIVE_KEYS:
+        positive(name, _unset_ok(_value(c, name)))
     if c.sampling.eta is not None and c.sampling.eta <= 0.0:  # the family's upper bound: `fill_model_defaults`
         e.append(f"sampling.eta = {c.sampling.eta}: training needs a stochastic sampler, eta > 0")
     if not 0.0 < c.train.timestep_fraction <= 1.0:
         e.append(f"train.timestep_fraction = {c.train.timestep_fraction}: must be in (0, 1]")
-    for name, value in [("dag.beta", c.dag.beta), ("dag.proximity", c.dag.proximity),
-                        ("dag.beta_ramp_epochs", c.dag.beta_ramp_epochs), ("output.sample_every", c.output.sample_every),
-                        ("dag.flow_warmup_epochs", c.dag.flow_warmup_epochs),
-                        ("dag.kl_weight", c.dag.kl_weight), ("reward.max_nonfinite", c.reward.max_nonfinite),
-                        ("grpo.kl_weight", c.grpo.kl_weight),
-                        ("sampling.guidance", _unset_ok(c.sampling.guidance)),
-                        ("output.checkpoint_minutes", c.output.checkpoint_minutes)]:
-        if value < 0:
-            e.append(f"{name} = {value}: must not be negative")
+    for name in NON_NEGATIVE_KEYS:
+        if _unset_ok(_value(c, name)) < 0:
+            e.append(f"{name} = {_value(c, name)}: must not be negative")
     if c.sampling.steps is not None:  # else checked once the model's default is known
         e.extend(_check_micro_batches(c))
     need = ALGORITHMS[c.train.algorithm].min_micro_batch if c.train.algorithm in ALGORITHMS else 1

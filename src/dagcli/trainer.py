@@ -12,7 +12,6 @@ writes. Everything random in an epoch is seeded by (seed, epoch, rank), so a res
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
 from dataclasses import asdict
@@ -28,6 +27,8 @@ from dagcli.distributed import Dist
 from dagcli.errors import DagError
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
+from dagcli.models import add_lora, load_model, load_tiny_decoder, lora_disabled
+from dagcli.optim import make_optimizer
 from dagcli.progress import NullReporter, Reporter
 from dagcli.rollout import EpochBatch, Rollout
 from dagcli.stopping import StopRequest
@@ -54,7 +55,6 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------------
     def _setup(self, model) -> None:
-        from dagcli.models import add_lora, load_model, load_tiny_decoder
         from dagcli.rewards import build_reward
 
         c, acc = self.config, self.accelerator
@@ -297,26 +297,4 @@ class Trainer:
         self.algorithm.load_state_dict(self.state.algorithm)
         self.reporter.info(f"resumed from {folder} (epoch {self.state.epoch})")
 
-@contextlib.contextmanager
-def lora_disabled(denoiser: torch.nn.Module):
-    """The denoiser without its LoRA inside the block (peft's adapter switch: no copy of the weights)."""
-    denoiser.disable_adapters()
-    try:
-        yield denoiser
-    finally:
-        denoiser.enable_adapters()
-
-
-def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over parameter groups, settings from the `[train]` section."""
-    kwargs = dict(betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay, eps=train.adam_epsilon)
-    if train.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise DagError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-__all__ = ["Trainer", "TrainState", "make_optimizer"]
+__all__ = ["Trainer", "TrainState"]
