@@ -7,6 +7,8 @@ import tomllib
 import pytest
 
 from dagcli.config import (
+    NON_NEGATIVE_KEYS,
+    POSITIVE_KEYS,
     Config,
     config_from_dict,
     dump_toml,
@@ -25,6 +27,16 @@ def test_config_from_dict_sets_given_keys_and_keeps_defaults():
     assert (c.train.algorithm, c.train.epochs, c.ddpo.clip_range) == ("ddpo", 3, 1e-3)
     assert c.dag.beta == 7.0 and isinstance(c.dag.beta, float)  # ints are accepted for floats
     assert c.train.learning_rate == 3e-4 and c.sampling.steps is None  # defaults; steps comes from the model
+
+
+@pytest.mark.parametrize("key, value, message", [
+    *[(k, 0, "must be positive") for k in POSITIVE_KEYS],
+    *[(k, -1, "must not be negative") for k in NON_NEGATIVE_KEYS],
+])
+def test_range_checks_name_the_key(key, value, message):
+    section, name = key.split(".")
+    with pytest.raises(DagError, match=rf"{key} = -?[0-9.]+: {message}"):
+        config_from_dict({section: {name: value}})
 
 
 def test_config_from_dict_reports_every_problem_at_once():
