@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from cli_helpers import write_tiny_config
+from cli_helpers import train_two_processes, write_tiny_config
 
 HERE = Path(__file__).parent
 
@@ -20,14 +17,7 @@ def test_two_processes_train_grpo_in_step(tmp_path, tiny_pipeline_dir):
     cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square", "a green triangle"],
                             sampling={"batch_size": 4}, train={"epochs": 2, "algorithm": "grpo"},
                             grpo={"group_size": 2}, output={"dir": str(tmp_path / "run")})
-    dumps = tmp_path / "dumps"
-    dumps.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "dist_train.py"), str(cfg), str(dumps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(dumps / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = train_two_processes(cfg, tmp_path / "dumps")
     a, b = ranks[0]["lora"], ranks[1]["lora"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
