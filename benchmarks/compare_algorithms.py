@@ -1,6 +1,7 @@
 """DAG-DB, DAG-KL, GRPO and DDPO on the same model, reward, prompts and sampling budget, over several seeds.
 
-    python benchmarks/compare_algorithms.py --quick                 # < 10 minutes on 2 CPU cores
+    python benchmarks/compare_algorithms.py --quick                 # the modes reward, 6 epochs: < 10 min on 2 cores
+    python benchmarks/compare_algorithms.py --quick --reward compressibility
     python benchmarks/compare_algorithms.py                         # compressibility and modes, 16 epochs, 3 seeds
     python benchmarks/compare_algorithms.py --reward clip --algo-set grpo:train.learning_rate=3e-3
     python benchmarks/compare_algorithms.py --model tiny-flow       # another built-in model (its own algorithm set)
@@ -51,6 +52,7 @@ PRESETS = {"compressibility": "examples/demo-compressibility.toml", "clip": "exa
            "modes": "examples/demo-modes.toml"}
 EVAL_PER_PROMPT = {"modes": 48}  # shares need more samples per prompt than a mean reward (default: 8)
 BASE_SAMPLES = 2000  # base-model samples per prompt behind the target shares
+BASE_CACHE = ROOT / "benchmarks" / "results"  # where the base model's shares are kept (modes-base-<model>.json)
 COLOURS = {"dag-db": "tab:blue", "dag-kl": "tab:green", "grpo": "tab:orange", "ddpo": "tab:red",
            "base": "tab:gray", "target": "black"}
 
@@ -376,10 +378,11 @@ def _row(algo: str, s: dict, modes_cols: bool) -> str:
     return row
 
 
-def base_modes(preset: Path, overrides: list[str], per_prompt: int, output: Path) -> dict:
+def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: Path = BASE_CACHE) -> dict:
     """The base model's background shares per prompt (`per_prompt` samples each, the preset's sampler settings) and
-    the GFlowNet target shares for its reward and β (`modes.effective_beta`); cached in
-    `output/modes-base-<model>.json` and sampled again when a setting differs."""
+    the GFlowNet target shares for its reward and β (`modes.effective_beta`). The shares are cached in
+    `cache_dir/modes-base-<model>.json` (whatever --output is) and sampled again when a setting differs; the
+    targets depend on the run's β and go into each comparison's result instead."""
     from dagcli.config import fill_model_defaults
     from dagcli.models import load_model
     from dagcli.prompts import load_prompts
@@ -394,7 +397,7 @@ def base_modes(preset: Path, overrides: list[str], per_prompt: int, output: Path
     reward = background_modes(**dict(cfg.reward.options).get("background-modes", {}))
     key = {"model": cfg.model.name, "prompts": prompts, "steps": s.steps, "guidance": s.guidance, "eta": s.eta,
            "resolution": s.resolution, "per_prompt": per_prompt}
-    cache = output / f"modes-base-{cfg.model.name}.json"
+    cache = cache_dir / f"modes-base-{cfg.model.name}.json"
     record = json.loads(cache.read_text()) if cache.is_file() else {}
     if record.get("key") != key:
         model = load_model(cfg.model.name, device="cpu")
@@ -405,26 +408,41 @@ def base_modes(preset: Path, overrides: list[str], per_prompt: int, output: Path
         record = {"key": key, "latent_dims": dims, "seconds": time.perf_counter() - started,
                   "counts": {p: {b: v.count(b) for b in names} for p, v in labels.items()},
                   "shares": {p: modes.shares(v, names) for p, v in labels.items()}}
+        cache.write_text(json.dumps(record, indent=1))
     values = {b: reward.value_of(b) for b in modes.background_names()}
     beta_eff = modes.effective_beta(cfg.dag.beta, cfg.train.reduction, record["latent_dims"])
     record.update({"beta": cfg.dag.beta, "reduction": cfg.train.reduction, "beta_eff": beta_eff,
                    "values": values, "rewarded": list(reward.colours),
                    "targets": modes.targets_for(record["shares"], values, beta_eff)})
     record["base_tv"] = sum(modes.tv_distance(record["shares"][p], record["targets"][p]) for p in prompts) / len(prompts)
-    cache.write_text(json.dumps(record, indent=1))
     return record
 
 
-def merge(files: list[Path], output: Path, name: str, reference: str | None = None) -> dict:
-    """Summarise the runs of several result files (one reward) as one comparison; writes JSON and PNG."""
+def merge_source(spec: str | Path) -> tuple[Path, set[str] | None]:
+    """`FILE` or `FILE:ALGO,ALGO` (only those algorithms' runs of the file) -> (file, algorithms or None)."""
+    path, sep, tail = str(spec).rpartition(":")
+    names = set(tail.split(",")) if sep else set()
+    if sep and names <= set(ALGORITHMS):
+        return Path(path), names
+    return Path(spec), None
+
+
+def merge(specs: list, output: Path, name: str, reference: str | None = None) -> dict:
+    """Summarise the runs of several result files (one reward; `FILE:ALGO,...` keeps some algorithms' runs of a
+    file) as one comparison; writes JSON and PNG."""
+    sources = [merge_source(s) for s in specs]
+    files = [f for f, _ in sources]
     results = [json.loads(f.read_text()) for f in files]
+    for result, (_, keep) in zip(results, sources, strict=True):
+        if keep is not None:
+            result["runs"] = [run for run in result["runs"] if run["algorithm"] in keep]
     rewards = {r["reward"] for r in results}
     if len(rewards) != 1:
         raise ValueError(f"the files hold different rewards ({', '.join(sorted(rewards))}); merge one reward")
     reward = rewards.pop()
     runs = [run for r in results for run in r["runs"]]
     summary = summarize(runs, reference)
-    result = {**results[0], "merged_from": [str(f) for f in files], "summary": summary, "runs": runs,
+    result = {**results[0], "merged_from": [str(f) for f in specs], "summary": summary, "runs": runs,
               "wall_seconds": sum(r["wall_seconds"] for r in results)}
     # one file and no name: its summary and plot are rewritten in place (after a change to the summary)
     path = files[0] if len(files) == 1 and not name else output / f"compare-{reward}-{name or 'merged'}.json"
@@ -460,11 +478,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: CPU cores / jobs; 1 on a machine shared with others)")
     p.add_argument("--quick", action="store_true",
-                   help=f"compressibility and modes, {QUICK_EPOCHS} epochs, 2 runs at a time: < 10 min on 2 cores")
+                   help=f"{QUICK_EPOCHS} epochs and, unless --reward says otherwise, the modes reward only: < 10 min on 2 "
+                        "cores")
     p.add_argument("--name", default="", help="suffix of the result files, e.g. 'grpo-lr3e-4'")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON[:ALGO,...]",
                    help="no training: summarise the runs of earlier result files of one reward together (one file and no "
-                        "--name: rewrite its summary in place)")
+                        "--name: rewrite its summary in place); FILE:grpo,ddpo takes only those algorithms' runs")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--runs-dir", type=Path, default=Path("/tmp/dagcli-compare"))
     args = p.parse_args(argv)
@@ -490,7 +509,7 @@ def main() -> None:
             print(f"--merge: {type(e).__name__}: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         return
-    rewards = args.reward or ["compressibility", "modes"]
+    rewards = args.reward or (["modes"] if args.quick else ["compressibility", "modes"])
     for reward in rewards:
         compare_reward(reward, args, jobs, args.threads or max(1, cores // jobs))
 
@@ -502,7 +521,7 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else load_config(preset).train.epochs)
     eval_every = args.eval_every if args.eval_every is not None else (3 if args.quick else 4)
     per_prompt = args.eval_per_prompt or EVAL_PER_PROMPT.get(reward, 8)
-    base = base_modes(preset, overrides, args.base_samples, args.output) if reward == "modes" else None
+    base = base_modes(preset, overrides, args.base_samples) if reward == "modes" else None
     mode_targets = {"targets": base["targets"], "rewarded": base["rewarded"]} if base else None
     stamp = int(time.time())
     tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs, out_dir=args.runs_dir / reward / f"{stamp}",

@@ -93,8 +93,10 @@ def test_base_modes_samples_once_and_computes_targets(compare, tmp_path) -> None
         if sum(kept.values()):  # β_eff = 12,800: the base restricted to the rewarded backgrounds
             expected = {b: kept.get(b, 0.0) / sum(kept.values()) for b in shares}
             assert record["targets"][prompt] == pytest.approx(expected)
-    again = compare.base_modes(ROOT / compare.PRESETS["modes"], overrides, 4, tmp_path)
+    again = compare.base_modes(ROOT / compare.PRESETS["modes"], [*overrides, "dag.beta=0.01"], 4, tmp_path)
     assert again["seconds"] == record["seconds"]  # read from the cache, not sampled again
+    assert again["beta_eff"] == pytest.approx(2.56)  # targets follow this run's β, not the cached run's
+    assert "targets" not in json.loads((tmp_path / "modes-base-tiny.json").read_text())
 
 
 def test_run_one_with_grpo_reports_mode_metrics(compare, tmp_path) -> None:
@@ -135,6 +137,12 @@ def test_merge_summarises_runs_of_several_files(compare, tmp_path) -> None:
     assert level == pytest.approx((-1.0 + 0.05 / 3 - 1.0 + 0.1 / 3 - 0.95) / 3)
     assert merged["summary"]["algorithms"]["dag-db"]["runs_reaching_level"] == 1
     assert merged["summary"]["reference"] == "ddpo"
+    # FILE:ALGO keeps only those runs of a file: here DDPO's runs of a file holding DAG-DB's and DDPO's
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({**result("ddpo", -0.95), "runs": [result(a, -0.9)["runs"][0] for a in ("dag-db", "ddpo")]}))
+    only = compare.merge([f"{both}:ddpo", files[0]], tmp_path, "filtered")
+    assert [r["algorithm"] for r in only["runs"]] == ["ddpo", "dag-db"]
+    assert compare.merge_source(f"{both}:nope") == (Path(f"{both}:nope"), None)  # not algorithm names: a path
 
 
 def test_run_one_evaluates_along_training(compare, tmp_path) -> None:
