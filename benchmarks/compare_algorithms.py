@@ -50,6 +50,8 @@ REFERENCES = ("grpo", "ddpo")  # the level is the final reward of the first of t
 QUICK_EPOCHS = 6
 PRESETS = {"compressibility": "examples/demo-compressibility.toml", "clip": "examples/demo-clip.toml",
            "modes": "examples/demo-modes.toml"}
+MODEL_PRESETS = {"tiny-flow": {"compressibility": "examples/demo-flow-compressibility.toml",
+                               "modes": "examples/demo-flow-modes.toml"}}  # a model's own sampler settings
 EVAL_PER_PROMPT = {"modes": 48}  # shares need more samples per prompt than a mean reward (default: 8)
 BASE_SAMPLES = 2000  # base-model samples per prompt behind the target shares
 BASE_CACHE = ROOT / "benchmarks" / "results"  # where the base model's shares are kept (modes-base-<model>.json)
@@ -516,7 +518,8 @@ def main() -> None:
 
 def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: int) -> dict:
     """Every (algorithm, seed) run of one reward, in `jobs` worker processes; writes the result JSON and plot."""
-    preset = ROOT / PRESETS[reward]
+    preset_name = MODEL_PRESETS.get(args.model, {}).get(reward, PRESETS[reward])
+    preset = ROOT / preset_name
     overrides = [f'model.name="{args.model}"', *args.overrides]
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else load_config(preset).train.epochs)
     eval_every = args.eval_every if args.eval_every is not None else (3 if args.quick else 4)
@@ -539,7 +542,7 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
                   f"fidelity {run['fidelity']}, {run['train_seconds']:.0f}s", flush=True)
     summary = summarize(runs, args.reference)
     result = {
-        "reward": reward, "preset": PRESETS[reward], "model": args.model, "epochs": epochs, "seeds": args.seeds,
+        "reward": reward, "preset": preset_name, "model": args.model, "epochs": epochs, "seeds": args.seeds,
         "overrides": args.overrides, "algo_overrides": args.per_algo, "quick": args.quick, "jobs": jobs,
         "threads_per_job": threads, "eval_per_prompt": per_prompt, "wall_seconds": time.perf_counter() - started,
         "command": "python benchmarks/compare_algorithms.py " + " ".join(sys.argv[1:]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ from dagcli.config import (
     to_dict,
 )
 from dagcli.errors import DagError
+
+ROOT = Path(__file__).parents[1]
 
 
 def test_config_from_dict_sets_given_keys_and_keeps_defaults():
@@ -142,3 +145,11 @@ def test_lora_targets_default_to_the_model_familys():
                                         "add_v_proj", "to_add_out")
     given, _ = fill_model_defaults(load_config(None, ['model.name="tiny-random-flux"', 'lora.target_modules=["to_q"]']))
     assert given.lora.target_modules == ("to_q",)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_loads_and_its_prompt_file_exists(path):
+    cfg = load_config(path)  # raises on an unknown key or a bad value
+    prompts = cfg.sampling.prompts
+    if prompts and prompts.endswith((".txt", ".jsonl")):  # else a built-in prompt set's name
+        assert (ROOT / prompts).is_file(), prompts  # examples name their files from the repository root
