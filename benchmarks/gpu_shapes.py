@@ -430,6 +430,7 @@ def parse_args(argv=None):
     p.add_argument("--flux-layers", default=None, help="FLUX.1-dev's double,single blocks (19,38)")
     p.add_argument("--model-budget", type=float, default=150, help="seconds per model before its parts are skipped")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", default="wall", choices=["wall", "process"], help="as perf.py's")
     p.add_argument("--out", default=str(HERE / "results" / "gpu-shapes.json"))
     o = p.parse_args(argv)
     if o.tiny:
@@ -446,11 +447,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     o = parse_args(argv)
-    if o.threads:
-        torch.set_num_threads(o.threads)
-    if o.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    perf.set_up_torch(o.threads, o.device)
     b = perf.Bench(o)
     for name in o.models:
         b.t_start = time.perf_counter()  # each model has its own budget
