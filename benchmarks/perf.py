@@ -65,7 +65,8 @@ class Bench:
         return self.args.time_budget > 0 and time.perf_counter() - self.t_start > self.args.time_budget
 
     def time(self, fn: Callable[[], object]) -> float:
-        clock = time.process_time if getattr(self.args, "clock", "wall") == "process" and not self.cuda else time.perf_counter
+        process = getattr(self.args, "clock", "wall") == "process" and not self.cuda
+        clock = time.process_time if process else time.perf_counter
         self.sync()
         t0 = clock()
         fn()
