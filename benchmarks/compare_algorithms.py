@@ -1,16 +1,23 @@
-"""DAG-DB vs DAG-KL vs DDPO on the same model, reward, prompts and sampling budget, over several seeds.
+"""DAG-DB, DAG-KL, GRPO and DDPO on the same model, reward, prompts and sampling budget, over several seeds.
 
-    python benchmarks/compare_algorithms.py --quick                 # < 10 minutes on 2 CPU cores
-    python benchmarks/compare_algorithms.py                         # both rewards, 16 epochs, 3 seeds
-    python benchmarks/compare_algorithms.py --reward clip --algo-set ddpo:train.learning_rate=3e-3
+    python benchmarks/compare_algorithms.py --quick                 # the modes reward, 6 epochs: < 10 min on 2 cores
+    python benchmarks/compare_algorithms.py --quick --reward compressibility
+    python benchmarks/compare_algorithms.py                         # compressibility and modes, 16 epochs, 3 seeds
+    python benchmarks/compare_algorithms.py --reward clip --algo-set grpo:train.learning_rate=3e-3
+    python benchmarks/compare_algorithms.py --model tiny-flow       # another built-in model (its own algorithm set)
 
 For every (reward, algorithm, seed) it trains in a worker process (`--jobs` at a time, one thread each on a
 2-core machine) and records the reward of each epoch against the trajectories seen so far. Before training,
 every `--eval-every` epochs and at the end it samples fixed held-out seeds for the training prompts and
 measures reward, diversity (mean pairwise cosine distance of CLIP image embeddings within a prompt) and
 prompt fidelity (the image's best-matching caption among the prompts is its own), with `dag eval`'s metrics,
-so diversity can be compared at equal reward. Writes `benchmarks/results/compare-<reward>[-quick][-NAME].json`,
-a PNG plot beside it, and prints a summary table."""
+so diversity can be compared at equal reward. With the `modes` reward (`background-modes`: black or white
+backgrounds rewarded, prompts that name none) it also counts each background's share of the evaluation samples
+and compares them with the GFlowNet target, computed from the base model's own shares (`--base-samples` per
+prompt, cached in `benchmarks/results/modes-base-<model>.json`; see `dagcli.modes`): total-variation distance and
+rewarded modes kept. The reference level is the final reward of `--reference` (GRPO by default). Writes
+`benchmarks/results/compare-<reward>[-<model>][-quick][-NAME].json`, a PNG plot beside it, and prints a summary
+table."""
 
 from __future__ import annotations
 
@@ -30,31 +37,46 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from dagcli import modes  # noqa: E402
 from dagcli.config import load_config, replace  # noqa: E402
 from dagcli.evaluate import default_embed_model, fidelity, pairwise_cosine_distance  # noqa: E402
 from dagcli.rewards.clip import load_clip  # noqa: E402
+from dagcli.rewards.modes import image_backgrounds  # noqa: E402
 from dagcli.sampling import generators_for, sample_batch  # noqa: E402
 
-ALGORITHMS = ("dag-db", "dag-kl", "ddpo")
+ALGORITHMS = ("dag-db", "dag-kl", "grpo", "ddpo")
+MODEL_ALGORITHMS = {"tiny": ("dag-db", "grpo", "ddpo"), "tiny-flow": ("dag-db", "dag-kl", "grpo", "ddpo")}
+REFERENCES = ("grpo", "ddpo")  # the level is the final reward of the first of these that ran (or --reference)
 QUICK_EPOCHS = 6
-PRESETS = {"compressibility": "examples/demo-compressibility.toml", "clip": "examples/demo-clip.toml"}
+PRESETS = {"compressibility": "examples/demo-compressibility.toml", "clip": "examples/demo-clip.toml",
+           "modes": "examples/demo-modes.toml"}
+MODEL_PRESETS = {"tiny-flow": {"compressibility": "examples/demo-flow-compressibility.toml",
+                               "modes": "examples/demo-flow-modes.toml"}}  # a model's own sampler settings
+EVAL_PER_PROMPT = {"modes": 48}  # shares need more samples per prompt than a mean reward (default: 8)
+BASE_SAMPLES = 2000  # base-model samples per prompt behind the target shares
+BASE_CACHE = ROOT / "benchmarks" / "results"  # where the base model's shares are kept (modes-base-<model>.json)
+COLOURS = {"dag-db": "tab:blue", "dag-kl": "tab:green", "grpo": "tab:orange", "ddpo": "tab:red",
+           "base": "tab:gray", "target": "black"}
 
 
 def run_one(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path, eval_per_prompt: int,
-            overrides: list[str], eval_every: int = 0, threads: int | None = None) -> dict:
+            overrides: list[str], eval_every: int = 0, threads: int | None = None,
+            mode_targets: dict | None = None) -> dict:
     """Train one configuration, evaluating it every `eval_every` epochs (and before training and at the end);
-    returns its reward curve, its evaluation points and the final metrics."""
+    returns its reward curve, its evaluation points and the final metrics. `mode_targets` ({"targets": prompt ->
+    target shares, "rewarded": backgrounds}) adds the mode metrics to every evaluation."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train_and_evaluate(preset, algorithm, seed, epochs, out_dir, eval_per_prompt, overrides, eval_every)
+        return _train_and_evaluate(preset, algorithm, seed, epochs, out_dir, eval_per_prompt, overrides, eval_every,
+                                   mode_targets)
     finally:
         torch.set_num_threads(before)  # an in-process caller keeps its own thread count
 
 
 def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path, eval_per_prompt: int,
-                        overrides: list[str], eval_every: int) -> dict:
+                        overrides: list[str], eval_every: int, mode_targets: dict | None) -> dict:
     from dagcli.commands.train import preflight
     from dagcli.trainer import Trainer
 
@@ -70,7 +92,7 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
 
     def evaluation(epoch: int) -> dict:
         return {"epoch": epoch, "trajectories": trainer.state.trajectories_seen,
-                **evaluate(trainer, embedder, prompts_eval, eval_per_prompt, seed)}
+                **evaluate(trainer, embedder, prompts_eval, eval_per_prompt, seed, mode_targets)}
 
     stops = sorted({*range(eval_every, epochs, eval_every), epochs}) if eval_every else [epochs]
     points = [evaluation(0)] if eval_every else []
@@ -92,9 +114,11 @@ def _run_task(task: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(trainer, encoder, prompts: list[str], per_prompt: int, seed: int) -> dict:
-    """Reward, diversity and fidelity of fresh samples (seeds disjoint from training) of the trained LoRA;
-    `encoder` embeds images and prompts (a `dagcli.rewards.clip.ClipEncoder`)."""
+def evaluate(trainer, encoder, prompts: list[str], per_prompt: int, seed: int,
+             mode_targets: dict | None = None) -> dict:
+    """Reward, diversity and fidelity of fresh samples (seeds disjoint from training) of the trained LoRA, and with
+    `mode_targets` the backgrounds' shares against them (`mode_metrics`); `encoder` embeds images and prompts (a
+    `dagcli.rewards.clip.ClipEncoder`)."""
     c = trainer.config
     denoiser = trainer.raw_denoiser
     denoiser.eval()
@@ -113,12 +137,25 @@ def evaluate(trainer, encoder, prompts: list[str], per_prompt: int, seed: int) -
     text = encoder.embed_texts(prompts).double().cpu()
     targets = [prompts.index(p) for p in rows]
     diversity = [pairwise_cosine_distance(emb[j * per_prompt : (j + 1) * per_prompt]) for j in range(len(prompts))]
-    return {
+    out = {
         "eval_reward": float(rewards_t.mean()),
         "eval_reward_std": float(rewards_t.std()),
         "diversity": float(sum(diversity) / len(diversity)),
         "fidelity": fidelity(emb, text, targets) if len(prompts) > 1 else None,
     }
+    return out if mode_targets is None else {**out, **mode_metrics(images_t, rows, mode_targets)}
+
+
+def mode_metrics(images: torch.Tensor, rows: list[str], mode_targets: dict) -> dict:
+    """Background shares of the images (one prompt per row), their TV distance to the target shares and the
+    rewarded modes kept, averaged (TV, shares) or summed (modes) over prompts; see `dagcli.modes`."""
+    labels: dict[str, list[str]] = {}
+    for prompt, background in zip(rows, image_backgrounds(images), strict=True):
+        labels.setdefault(prompt, []).append(background)
+    report = modes.mode_report(labels, mode_targets["targets"], mode_targets["rewarded"])
+    return {"tv": report["tv"], "split_tv": report["split_tv"], "modes_kept": report["modes_kept"],
+            "modes_possible": report["modes_possible"], "shares": report["shares"],
+            "per_prompt_shares": {p: r["shares"] for p, r in report["per_prompt"].items()}}
 
 
 SMOOTH = 3  # epochs: the final reward and the reward curve used for "trajectories to reach" are 3-epoch means
@@ -142,16 +179,21 @@ def trajectories_to_reach(curve: list[dict], level: float) -> int | None:
     return None
 
 
-def diversity_at(evals: list[dict], level: float) -> float | None:
-    """Diversity where the evaluation reward first reaches `level`, interpolated linearly between the two
-    evaluation points around it (None if it never does)."""
+def value_at(evals: list[dict], level: float, key: str = "diversity") -> float | None:
+    """`key` (diversity, TV distance, ...) where the evaluation reward first reaches `level`, interpolated linearly
+    between the two evaluation points around it (None if it never does)."""
     for a, b in zip(evals, evals[1:], strict=False):
         if a["eval_reward"] >= level:
-            return a["diversity"]
+            return a[key]
         if b["eval_reward"] >= level:
             w = (level - a["eval_reward"]) / (b["eval_reward"] - a["eval_reward"])
-            return a["diversity"] + w * (b["diversity"] - a["diversity"])
+            return a[key] + w * (b[key] - a[key])
     return None
+
+
+def diversity_at(evals: list[dict], level: float) -> float | None:
+    """Diversity where the evaluation reward first reaches `level` (see `value_at`)."""
+    return value_at(evals, level, "diversity")
 
 
 def mean_std(values: list[float]) -> dict:
@@ -162,43 +204,90 @@ def mean_std(values: list[float]) -> dict:
     return {"mean": float(t.mean()), "std": float(t.std()) if len(vals) > 1 else 0.0, "n": len(vals)}
 
 
-def summarize(runs: list[dict]) -> dict:
-    """Per algorithm, mean ± std over seeds; the reward level is DDPO's final mean reward (last 3 epochs)."""
-    def final_reward(run):
-        return smoothed(run["curve"])[-1]["reward"]
+def final_reward(run: dict) -> float:
+    """The run's mean training reward over its last `SMOOTH` epochs."""
+    return smoothed(run["curve"])[-1]["reward"]
 
-    ddpo = [final_reward(r) for r in runs if r["algorithm"] == "ddpo"]
-    level = sum(ddpo) / len(ddpo) if ddpo else None
-    ddpo_eval = [r["eval_reward"] for r in runs if r["algorithm"] == "ddpo"]
-    eval_level = sum(ddpo_eval) / len(ddpo_eval) if ddpo_eval else None
-    out = {"level": level, "eval_level": eval_level, "algorithms": {}}
+
+def pick_reference(runs: list[dict], reference: str | None = None) -> str | None:
+    """The algorithm whose final reward is the level: `reference` if it ran, else the first of `REFERENCES`."""
+    ran = {r["algorithm"] for r in runs}
+    for name in ([reference] if reference else []) + list(REFERENCES):
+        if name in ran:
+            return name
+    return None
+
+
+def summarize(runs: list[dict], reference: str | None = None) -> dict:
+    """Per algorithm, mean ± std over seeds; the reward level is the reference's final mean reward (last 3 epochs)
+    and its final evaluation reward (see `pick_reference`)."""
+    ref = pick_reference(runs, reference)
+    mine_ref = [r for r in runs if r["algorithm"] == ref]
+    level = sum(final_reward(r) for r in mine_ref) / len(mine_ref) if mine_ref else None
+    eval_level = sum(r["eval_reward"] for r in mine_ref) / len(mine_ref) if mine_ref else None
+    out = {"reference": ref, "level": level, "eval_level": eval_level, "algorithms": {}}
     for algo in ALGORITHMS:
         mine = [r for r in runs if r["algorithm"] == algo]
-        if not mine:
-            continue
-        reach = [trajectories_to_reach(r["curve"], level) for r in mine] if level is not None else []
-        out["algorithms"][algo] = {
-            "final_reward": mean_std([final_reward(r) for r in mine]),
-            "eval_reward": mean_std([r["eval_reward"] for r in mine]),
-            "diversity": mean_std([r["diversity"] for r in mine]),
-            "fidelity": mean_std([r["fidelity"] for r in mine]),
-            "trajectories_to_ddpo_level": mean_std([x for x in reach if x is not None]),
-            "diversity_at_ddpo_eval_level": mean_std(
-                [diversity_at(r.get("evals", []), eval_level) for r in mine] if eval_level is not None else []),
-            "train_seconds": mean_std([r["train_seconds"] for r in mine]),
-            "runs_reaching_level": sum(x is not None for x in reach),
-            "runs": len(mine),
-            "initial_reward": mean_std([r["curve"][0]["reward"] for r in mine]),
-        }
+        if mine:
+            out["algorithms"][algo] = summarize_algorithm(mine, level, eval_level)
     return out
 
 
-def plot(runs: list[dict], summary: dict, reward: str, path: Path) -> None:
+def summarize_algorithm(mine: list[dict], level: float | None, eval_level: float | None) -> dict:
+    """One algorithm's runs: rewards, trajectories to the level, diversity (and mode metrics) at the eval level."""
+    reach = [trajectories_to_reach(r["curve"], level) for r in mine] if level is not None else []
+
+    def at_level(key):
+        if eval_level is None:
+            return mean_std([])
+        return mean_std([value_at(r.get("evals", []), eval_level, key) for r in mine])
+
+    out = {
+        "final_reward": mean_std([final_reward(r) for r in mine]),
+        "eval_reward": mean_std([r["eval_reward"] for r in mine]),
+        "diversity": mean_std([r["diversity"] for r in mine]),
+        "fidelity": mean_std([r["fidelity"] for r in mine]),
+        "trajectories_to_level": mean_std([x for x in reach if x is not None]),
+        "diversity_at_eval_level": at_level("diversity"),
+        "train_seconds": mean_std([r["train_seconds"] for r in mine]),
+        "runs_reaching_level": sum(x is not None for x in reach),
+        "runs": len(mine),
+        "initial_reward": mean_std([r["curve"][0]["reward"] for r in mine]),
+    }
+    if all("tv" in r for r in mine):
+        out.update({
+            "tv": mean_std([r["tv"] for r in mine]),
+            "tv_at_eval_level": at_level("tv"),
+            "split_tv": mean_std([r.get("split_tv") for r in mine]),
+            "split_tv_at_eval_level": at_level("split_tv") if all("split_tv" in r for r in mine) else mean_std([]),
+            "modes_kept": sum(r["modes_kept"] for r in mine),
+            "modes_possible": sum(r["modes_possible"] for r in mine),
+            "shares": {b: mean_std([r["shares"][b] for r in mine]) for b in mine[0]["shares"]},
+        })
+    return out
+
+
+def plot(runs: list[dict], summary: dict, reward: str, path: Path, base: dict | None = None) -> None:
+    """Reward vs trajectories and diversity vs reward; with mode metrics also TV distance vs reward and the final
+    background shares against the base model's and the target's (`base`: the base-shares record)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4))
-    ax, bx = fig.subplots(1, 2)
-    colours = {"dag-db": "tab:blue", "dag-kl": "tab:green", "ddpo": "tab:red"}
+    with_modes = any("tv" in r for r in runs)
+    fig = Figure(figsize=(10, 8) if with_modes else (10, 4))
+    axes = fig.subplots(2, 2).flatten() if with_modes else fig.subplots(1, 2)
+    ref = (summary.get("reference") or "reference").upper()
+    _plot_curves(axes[0], runs, summary, reward, ref)
+    _plot_along_training(axes[1], runs, summary, reward, ref, "diversity", "diversity (pairwise CLIP distance)")
+    if with_modes:
+        key = "split_tv" if all("split_tv" in e for r in runs for e in r.get("evals", [])) else "tv"
+        _plot_along_training(axes[2], runs, summary, reward, ref, key, f"{key.replace('_', ' ')} to the target "
+                             "(background shares)")
+        _plot_shares(axes[3], summary, base)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_curves(ax, runs: list[dict], summary: dict, reward: str, ref: str) -> None:
     for algo in ALGORITHMS:
         curves = [r["curve"] for r in runs if r["algorithm"] == algo]
         if not curves:
@@ -207,146 +296,267 @@ def plot(runs: list[dict], summary: dict, reward: str, path: Path) -> None:
         ys = torch.tensor([[p["reward"] for p in c] for c in curves])
         m = ys.mean(0)
         s = ys.std(0) if len(curves) > 1 else torch.zeros_like(m)
-        ax.plot(x, m, label=algo, color=colours[algo])
-        ax.fill_between(x, m - s, m + s, alpha=0.2, color=colours[algo])
+        ax.plot(x, m, label=algo, color=COLOURS[algo])
+        ax.fill_between(x, m - s, m + s, alpha=0.2, color=COLOURS[algo])
     if summary["level"] is not None:
-        ax.axhline(summary["level"], ls="--", color="grey", lw=1, label="DDPO final")
+        ax.axhline(summary["level"], ls="--", color="grey", lw=1, label=f"{ref} final")
     ax.set_xlabel("trajectories seen")
     ax.set_ylabel(f"mean {reward} reward")
     ax.set_title("reward vs sampling budget (mean ± std over seeds)")
     ax.legend()
+
+
+def _plot_along_training(ax, runs: list[dict], summary: dict, reward: str, ref: str, key: str, label: str) -> None:
     for algo in ALGORITHMS:
         evals = [r["evals"] for r in runs if r["algorithm"] == algo and r.get("evals")]
         if not evals:
             continue
         k = min(len(e) for e in evals)
         rew = [sum(e[i]["eval_reward"] for e in evals) / len(evals) for i in range(k)]
-        div = [sum(e[i]["diversity"] for e in evals) / len(evals) for i in range(k)]
-        bx.plot(rew, div, marker="o", label=algo, color=colours[algo])
-        bx.annotate(f"ep {evals[0][k - 1]['epoch']}", (rew[-1], div[-1]), fontsize=7)
+        val = [sum(e[i][key] for e in evals) / len(evals) for i in range(k)]
+        ax.plot(rew, val, marker="o", label=algo, color=COLOURS[algo])
+        ax.annotate(f"ep {evals[0][k - 1]['epoch']}", (rew[-1], val[-1]), fontsize=7)
     if summary.get("eval_level") is not None:
-        bx.axvline(summary["eval_level"], ls="--", color="grey", lw=1, label="DDPO final")
-    bx.set_xlabel(f"eval {reward} reward (fresh seeds)")
-    bx.set_ylabel("diversity (pairwise CLIP distance)")
-    bx.set_title("diversity vs reward along training (mean over seeds)")
-    bx.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.axvline(summary["eval_level"], ls="--", color="grey", lw=1, label=f"{ref} final")
+    ax.set_xlabel(f"eval {reward} reward (fresh seeds)")
+    ax.set_ylabel(label)
+    ax.set_title(f"{key} vs reward along training (mean over seeds)")
+    ax.legend()
+
+
+def _plot_shares(ax, summary: dict, base: dict | None) -> None:
+    """Grouped bars: each background's share (mean over prompts) for the base model, the target and each
+    algorithm at the end (mean over seeds)."""
+    names = list(modes.background_names())
+    rows = {}
+    if base is not None:
+        rows["base"] = [sum(s[b] for s in base["shares"].values()) / len(base["shares"]) for b in names]
+        rows["target"] = [sum(t[b] for t in base["targets"].values()) / len(base["targets"]) for b in names]
+    for algo, s in summary["algorithms"].items():
+        if "shares" in s:
+            rows[algo] = [s["shares"][b]["mean"] for b in names]
+    width = 0.8 / max(len(rows), 1)
+    for k, (label, values) in enumerate(rows.items()):
+        ax.bar([i + k * width for i in range(len(names))], values, width, label=label, color=COLOURS.get(label))
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+    ax.set_ylabel("share of samples (mean over prompts)")
+    ax.set_title("background shares at the end")
+    ax.legend()
+
+
+def _fmt(d: dict, digits: int = 3) -> str:
+    return "–" if d.get("mean") is None else f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
 def table(summary: dict) -> str:
-    def fmt(d, digits=3):
-        return "–" if d["mean"] is None else f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
-
-    def at_level(s):
-        d = s.get("diversity_at_ddpo_eval_level", {"mean": None, "n": 0})
-        return "never reached" if d["mean"] is None else f"{fmt(d)} ({d['n']}/{s['runs']} runs)"
-
-    lines = ["| algorithm | initial reward | final reward | trajectories to DDPO's final level | eval reward | "
-             "diversity | diversity at DDPO's eval reward | fidelity | train s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    """The summary as a Markdown table (mode columns when the runs have them)."""
+    ref = summary.get("reference") or "the reference"
+    modes_cols = any("tv" in s for s in summary["algorithms"].values())
+    head = (f"| algorithm | initial reward | final reward | trajectories to {ref}'s final level | eval reward | "
+            f"diversity | diversity at {ref}'s eval reward | fidelity | train s/run |")
+    if modes_cols:
+        head += (f" TV to target | TV at {ref}'s eval reward | split TV (rewarded only) | split TV at {ref}'s eval "
+                 "reward | rewarded modes kept |")
+    lines = [head, "|---" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
     for algo, s in summary["algorithms"].items():
-        reach = s["trajectories_to_ddpo_level"]
-        reach_txt = "never" if reach["mean"] is None else f"{reach['mean']:.0f} ± {reach['std']:.0f}"
-        reach_txt += f" ({s['runs_reaching_level']}/{s['runs']} runs)"
-        lines.append(f"| {algo} | {fmt(s['initial_reward'])} | {fmt(s['final_reward'])} | {reach_txt} | "
-                     f"{fmt(s['eval_reward'])} | {fmt(s['diversity'])} | "
-                     f"{at_level(s)} | {fmt(s['fidelity'])} | "
-                     f"{fmt(s.get('train_seconds', {'mean': None}), 0)} |")
+        lines.append(_row(algo, s, modes_cols))
     return "\n".join(lines)
 
 
-def merge(files: list[Path], output: Path, name: str) -> dict:
-    """Summarise the runs of several result files (one reward) as one comparison; writes JSON and PNG."""
+def _row(algo: str, s: dict, modes_cols: bool) -> str:
+    def at_level(d):
+        return "never reached" if d["mean"] is None else f"{_fmt(d)} ({d['n']}/{s['runs']} runs)"
+
+    reach = s["trajectories_to_level"]
+    reach_txt = "never" if reach["mean"] is None else f"{reach['mean']:.0f} ± {reach['std']:.0f}"
+    reach_txt += f" ({s['runs_reaching_level']}/{s['runs']} runs)"
+    row = (f"| {algo} | {_fmt(s['initial_reward'])} | {_fmt(s['final_reward'])} | {reach_txt} | "
+           f"{_fmt(s['eval_reward'])} | {_fmt(s['diversity'])} | {at_level(s['diversity_at_eval_level'])} | "
+           f"{_fmt(s['fidelity'])} | {_fmt(s.get('train_seconds', {'mean': None}), 0)} |")
+    if modes_cols:
+        row += (f" {_fmt(s['tv'])} | {at_level(s['tv_at_eval_level'])} | {_fmt(s['split_tv'])} | "
+                f"{at_level(s['split_tv_at_eval_level'])} | {s['modes_kept']}/{s['modes_possible']} |"
+                if "tv" in s else " – | – | – | – | – |")
+    return row
+
+
+def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: Path = BASE_CACHE) -> dict:
+    """The base model's background shares per prompt (`per_prompt` samples each, the preset's sampler settings) and
+    the GFlowNet target shares for its reward and β (`modes.effective_beta`). The shares are cached in
+    `cache_dir/modes-base-<model>.json` (whatever --output is) and sampled again when a setting differs; the
+    targets depend on the run's β and go into each comparison's result instead."""
+    from dagcli.config import fill_model_defaults
+    from dagcli.models import load_model
+    from dagcli.prompts import load_prompts
+    from dagcli.rewards.modes import background_modes
+
+    cfg, _ = fill_model_defaults(load_config(preset, overrides))
+    if cfg.reward.spec != "background-modes":
+        raise ValueError(f"{preset}: the modes comparison needs reward.spec = 'background-modes', not "
+                         f"{cfg.reward.spec!r}")
+    s = cfg.sampling
+    prompts = sorted({p.prompt for p in load_prompts(s.prompts)})
+    reward = background_modes(**dict(cfg.reward.options).get("background-modes", {}))
+    key = {"model": cfg.model.name, "prompts": prompts, "steps": s.steps, "guidance": s.guidance, "eta": s.eta,
+           "resolution": s.resolution, "per_prompt": per_prompt}
+    cache = cache_dir / f"modes-base-{cfg.model.name}.json"
+    record = json.loads(cache.read_text()) if cache.is_file() else {}
+    if record.get("key") != key:
+        model = load_model(cfg.model.name, device="cpu")
+        started = time.perf_counter()
+        labels = modes.sample_backgrounds(model, prompts, per_prompt, steps=s.steps, guidance=s.guidance, eta=s.eta)
+        dims = model.family.initial_latents(1, s.resolution, s.resolution, torch.Generator().manual_seed(0)).numel()
+        names = modes.background_names()
+        record = {"key": key, "latent_dims": dims, "seconds": time.perf_counter() - started,
+                  "counts": {p: {b: v.count(b) for b in names} for p, v in labels.items()},
+                  "shares": {p: modes.shares(v, names) for p, v in labels.items()}}
+        cache.write_text(json.dumps(record, indent=1))
+    values = {b: reward.value_of(b) for b in modes.background_names()}
+    beta_eff = modes.effective_beta(cfg.dag.beta, cfg.train.reduction, record["latent_dims"])
+    record.update({"beta": cfg.dag.beta, "reduction": cfg.train.reduction, "beta_eff": beta_eff,
+                   "values": values, "rewarded": list(reward.colours),
+                   "targets": modes.targets_for(record["shares"], values, beta_eff)})
+    record["base_tv"] = sum(modes.tv_distance(record["shares"][p], record["targets"][p]) for p in prompts) / len(prompts)
+    return record
+
+
+def merge_source(spec: str | Path) -> tuple[Path, set[str] | None]:
+    """`FILE` or `FILE:ALGO,ALGO` (only those algorithms' runs of the file) -> (file, algorithms or None)."""
+    path, sep, tail = str(spec).rpartition(":")
+    names = set(tail.split(",")) if sep else set()
+    if sep and names <= set(ALGORITHMS):
+        return Path(path), names
+    return Path(spec), None
+
+
+def merge(specs: list, output: Path, name: str, reference: str | None = None) -> dict:
+    """Summarise the runs of several result files (one reward; `FILE:ALGO,...` keeps some algorithms' runs of a
+    file) as one comparison; writes JSON and PNG."""
+    sources = [merge_source(s) for s in specs]
+    files = [f for f, _ in sources]
     results = [json.loads(f.read_text()) for f in files]
+    for result, (_, keep) in zip(results, sources, strict=True):
+        if keep is not None:
+            result["runs"] = [run for run in result["runs"] if run["algorithm"] in keep]
     rewards = {r["reward"] for r in results}
     if len(rewards) != 1:
         raise ValueError(f"the files hold different rewards ({', '.join(sorted(rewards))}); merge one reward")
     reward = rewards.pop()
     runs = [run for r in results for run in r["runs"]]
-    summary = summarize(runs)
-    result = {**results[0], "merged_from": [str(f) for f in files], "summary": summary, "runs": runs,
+    summary = summarize(runs, reference)
+    result = {**results[0], "merged_from": [str(f) for f in specs], "summary": summary, "runs": runs,
               "wall_seconds": sum(r["wall_seconds"] for r in results)}
     # one file and no name: its summary and plot are rewritten in place (after a change to the summary)
     path = files[0] if len(files) == 1 and not name else output / f"compare-{reward}-{name or 'merged'}.json"
     path.write_text(json.dumps(result, indent=1, default=str))
-    plot(runs, summary, reward, path.with_suffix(".png"))
+    plot(runs, summary, reward, path.with_suffix(".png"), results[0].get("base"))
     print(f"{reward}: {len(runs)} runs from {len(files)} files\n{table(summary)}")
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reward", action="append", choices=sorted(PRESETS), help="reward(s) to compare")
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    p.add_argument("--model", default="tiny",
+                   help="the model every run trains (default tiny); sets model.name over the presets'")
+    p.add_argument("--algorithms", nargs="+", default=None, choices=ALGORITHMS,
+                   help="default: the model's set (" + "; ".join(f"{m}: {', '.join(a)}" for m, a in
+                                                             MODEL_ALGORITHMS.items()) + "; else all)")
+    p.add_argument("--reference", choices=ALGORITHMS, default=None,
+                   help="whose final reward is the level to reach (default: grpo, else ddpo)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's)")
-    p.add_argument("--eval-per-prompt", type=int, default=8)
+    p.add_argument("--eval-per-prompt", type=int, default=None,
+                   help="evaluation samples per prompt (default 8; 48 for the modes reward)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate every N epochs (0: at the end only; default 4, 3 with --quick)")
+    p.add_argument("--base-samples", type=int, default=BASE_SAMPLES,
+                   help="base-model samples per prompt behind the modes reward's target shares (cached)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value for all runs")
     p.add_argument("--algo-set", action="append", default=[], metavar="ALGO:section.key=value",
-                   help="an override for one algorithm only, e.g. ddpo:train.learning_rate=3e-4")
+                   help="an override for one algorithm only, e.g. grpo:train.learning_rate=3e-4")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs in parallel, one process each (default: the number of CPU cores, at most 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (default: CPU cores / jobs; 1 on a machine shared with others)")
     p.add_argument("--quick", action="store_true",
-                   help=f"compressibility only, {QUICK_EPOCHS} epochs, 2 runs at a time: < 10 min on 2 cores")
-    p.add_argument("--name", default="", help="suffix of the result files, e.g. 'ddpo-lr3e-4'")
-    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help=f"{QUICK_EPOCHS} epochs and, unless --reward says otherwise, the modes reward only: < 10 min on 2 "
+                        "cores")
+    p.add_argument("--name", default="", help="suffix of the result files, e.g. 'grpo-lr3e-4'")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON[:ALGO,...]",
                    help="no training: summarise the runs of earlier result files of one reward together (one file and no "
-                        "--name: rewrite its summary in place)")
+                        "--name: rewrite its summary in place); FILE:grpo,ddpo takes only those algorithms' runs")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--runs-dir", type=Path, default=Path("/tmp/dagcli-compare"))
-    args = p.parse_args()
-    rewards = args.reward or (["compressibility"] if args.quick else ["compressibility", "clip"])
-    per_algo: dict[str, list[str]] = {a: [] for a in ALGORITHMS}
+    args = p.parse_args(argv)
+    args.per_algo = {a: [] for a in ALGORITHMS}
     for item in args.algo_set:
         algo, _, override = item.partition(":")
-        if algo not in per_algo or "=" not in override:
+        if algo not in args.per_algo or "=" not in override:
             p.error(f"--algo-set {item!r}: expected ALGO:section.key=value with ALGO one of {', '.join(ALGORITHMS)}")
-        per_algo[algo].append(override)
+        args.per_algo[algo].append(override)
+    args.algorithms = args.algorithms or list(MODEL_ALGORITHMS.get(args.model, ALGORITHMS))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     cores = os.cpu_count() or 1
     jobs = max(1, args.jobs or min(2, cores))
-    threads = max(1, cores // jobs)
     args.output.mkdir(parents=True, exist_ok=True)
     if args.merge:
         try:
-            merge(args.merge, args.output, args.name)
+            merge(args.merge, args.output, args.name, args.reference)
         except (OSError, ValueError, KeyError) as e:  # unreadable, not JSON, or not a comparison result
             print(f"--merge: {type(e).__name__}: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         return
+    rewards = args.reward or (["modes"] if args.quick else ["compressibility", "modes"])
     for reward in rewards:
-        preset = ROOT / PRESETS[reward]
-        epochs = args.epochs or (QUICK_EPOCHS if args.quick else load_config(preset).train.epochs)
-        eval_every = args.eval_every if args.eval_every is not None else (3 if args.quick else 4)
-        stamp = int(time.time())
-        tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs,
-                      out_dir=args.runs_dir / reward / f"{stamp}", eval_per_prompt=args.eval_per_prompt,
-                      overrides=[*args.overrides, *per_algo[algo]], eval_every=eval_every, threads=threads)
-                 for seed in args.seeds for algo in args.algorithms]
-        started = time.perf_counter()
-        runs = []
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            for run in pool.map(_run_task, tasks):
-                runs.append(run)
-                print(f"{reward} {run['algorithm']} seed {run['seed']}: reward {run['curve'][0]['reward']:.4f} -> "
-                      f"{run['curve'][-1]['reward']:.4f}, diversity {run['diversity']:.4f}, "
-                      f"fidelity {run['fidelity']}, {run['train_seconds']:.0f}s", flush=True)
-        summary = summarize(runs)
-        result = {
-            "reward": reward, "preset": PRESETS[reward], "epochs": epochs, "seeds": args.seeds,
-            "overrides": args.overrides, "algo_overrides": per_algo, "quick": args.quick,
-            "jobs": jobs, "threads_per_job": threads, "wall_seconds": time.perf_counter() - started,
-            "command": "python benchmarks/compare_algorithms.py " + " ".join(sys.argv[1:]),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "torch": torch.__version__, "cpu_count": cores},
-            "summary": summary, "runs": runs,
-        }
-        suffix = ("-quick" if args.quick else "") + (f"-{args.name}" if args.name else "")
-        (args.output / f"compare-{reward}{suffix}.json").write_text(json.dumps(result, indent=1, default=str))
-        plot(runs, summary, reward, args.output / f"compare-{reward}{suffix}.png")
-        print(f"\n{reward}: {len(runs)} runs in {result['wall_seconds']:.0f}s\n{table(summary)}\n")
+        compare_reward(reward, args, jobs, args.threads or max(1, cores // jobs))
+
+
+def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: int) -> dict:
+    """Every (algorithm, seed) run of one reward, in `jobs` worker processes; writes the result JSON and plot."""
+    preset_name = MODEL_PRESETS.get(args.model, {}).get(reward, PRESETS[reward])
+    preset = ROOT / preset_name
+    overrides = [f'model.name="{args.model}"', *args.overrides]
+    epochs = args.epochs or (QUICK_EPOCHS if args.quick else load_config(preset).train.epochs)
+    eval_every = args.eval_every if args.eval_every is not None else (3 if args.quick else 4)
+    per_prompt = args.eval_per_prompt or EVAL_PER_PROMPT.get(reward, 8)
+    base = base_modes(preset, overrides, args.base_samples) if reward == "modes" else None
+    mode_targets = {"targets": base["targets"], "rewarded": base["rewarded"]} if base else None
+    stamp = int(time.time())
+    tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs, out_dir=args.runs_dir / reward / f"{stamp}",
+                  eval_per_prompt=per_prompt, overrides=[*overrides, *args.per_algo[algo]], eval_every=eval_every,
+                  threads=threads, mode_targets=mode_targets)
+             for seed in args.seeds for algo in args.algorithms]
+    started = time.perf_counter()
+    runs = []
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for run in pool.map(_run_task, tasks):
+            runs.append(run)
+            tv = f", TV {run['tv']:.3f}" if "tv" in run else ""
+            print(f"{reward} {run['algorithm']} seed {run['seed']}: reward {run['curve'][0]['reward']:.4f} -> "
+                  f"{run['curve'][-1]['reward']:.4f}, diversity {run['diversity']:.4f}{tv}, "
+                  f"fidelity {run['fidelity']}, {run['train_seconds']:.0f}s", flush=True)
+    summary = summarize(runs, args.reference)
+    result = {
+        "reward": reward, "preset": preset_name, "model": args.model, "epochs": epochs, "seeds": args.seeds,
+        "overrides": args.overrides, "algo_overrides": args.per_algo, "quick": args.quick, "jobs": jobs,
+        "threads_per_job": threads, "eval_per_prompt": per_prompt, "wall_seconds": time.perf_counter() - started,
+        "command": "python benchmarks/compare_algorithms.py " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "torch": torch.__version__, "cpu_count": os.cpu_count()},
+        "base": base, "summary": summary, "runs": runs,
+    }
+    model = "" if args.model == "tiny" else f"-{args.model}"
+    stem = f"compare-{reward}{model}" + ("-quick" if args.quick else "") + (f"-{args.name}" if args.name else "")
+    (args.output / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    plot(runs, summary, reward, args.output / f"{stem}.png", base)
+    print(f"\n{reward}: {len(runs)} runs in {result['wall_seconds']:.0f}s\n{table(summary)}\n")
+    return result
+
 
 if __name__ == "__main__":
     main()

@@ -42,3 +42,21 @@ def write_tiny_config(folder, model_dir, prompts: list[str], **sections) -> Path
     path = folder / "tiny.toml"
     path.write_text(tomli_w.dumps(config))
     return path
+
+
+def train_two_processes(config: Path, dumps: Path) -> list[dict]:
+    """Train `config` with two CPU processes (torchrun, gloo) through tests/dist_train.py -> each rank's dump."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    here = Path(__file__).parent
+    dumps.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here.parent / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(here / "dist_train.py"), str(config), str(dumps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [torch.load(dumps / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -64,7 +64,8 @@ def main(config: str, dump_dir: str) -> None:
         "world": acc.num_processes,
         "record": record,
         "lora": {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(trainer.raw_denoiser).items()},
-        "flow": {k: v.detach().cpu().clone() for k, v in trainer.raw_modules()["flow"].state_dict().items()},
+        "flow": {k: v.detach().cpu().clone() for k, v in trainer.raw_modules()["flow"].state_dict().items()}
+        if "flow" in trainer.algorithm.modules else {},
     }, Path(dump_dir) / f"rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     acc.end_training()

@@ -45,10 +45,76 @@ def test_summary_level_and_trajectories(compare) -> None:
     assert s["level"] == pytest.approx(-0.8) and s["eval_level"] == pytest.approx(-0.8)
     db = s["algorithms"]["dag-db"]
     # 3-epoch means: dag-db -1.0, -0.85, -0.767 (reached at 30); ddpo -1.0, -0.95, -0.9, -0.833, -0.8 (at 50)
-    assert db["trajectories_to_ddpo_level"]["mean"] == 30
-    assert db["diversity_at_ddpo_eval_level"]["mean"] == pytest.approx(0.18)
-    assert s["algorithms"]["ddpo"]["trajectories_to_ddpo_level"]["mean"] == 50
+    assert s["reference"] == "ddpo"  # no GRPO run: DDPO's level
+    assert db["trajectories_to_level"]["mean"] == 30
+    assert db["diversity_at_eval_level"]["mean"] == pytest.approx(0.18)
+    assert s["algorithms"]["ddpo"]["trajectories_to_level"]["mean"] == 50
     assert "| dag-db |" in compare.table(s) and "(1/1 runs)" in compare.table(s)
+
+
+def test_summary_with_grpo_reference_and_mode_metrics(compare) -> None:
+    def run(algo, rewards, evals):
+        curve = [{"trajectories": 10 * (i + 1), "reward": r} for i, r in enumerate(rewards)]
+        last = evals[-1]
+        return {"algorithm": algo, "curve": curve, "evals": evals, "eval_reward": last["eval_reward"],
+                "diversity": last["diversity"], "fidelity": 1.0, "train_seconds": 1.0, "tv": last["tv"],
+                "split_tv": last["split_tv"],
+                "modes_kept": last["modes_kept"], "modes_possible": 6,
+                "shares": {"black": 0.5, "white": 0.5, "gray": 0.0, "brown": 0.0}}
+
+    def point(reward, tv, kept):
+        return {"eval_reward": reward, "diversity": 0.1, "tv": tv, "split_tv": tv / 2, "modes_kept": kept}
+
+    runs = [run("grpo", [0.4, 0.6, 0.8, 0.8, 0.8], [point(0.4, 0.5, 6), point(0.8, 0.4, 3)]),
+            run("ddpo", [0.4, 0.5, 0.5, 0.5, 0.5], [point(0.4, 0.5, 6), point(0.5, 0.45, 6)]),
+            run("dag-db", [0.4, 0.9, 0.9, 0.9, 0.9], [point(0.4, 0.5, 6), point(1.0, 0.1, 6)])]
+    s = compare.summarize(runs)
+    assert s["reference"] == "grpo" and s["level"] == pytest.approx(0.8) and s["eval_level"] == pytest.approx(0.8)
+    db = s["algorithms"]["dag-db"]
+    assert db["tv_at_eval_level"]["mean"] == pytest.approx(0.5 + (0.8 - 0.4) / 0.6 * (0.1 - 0.5))  # interpolated
+    assert db["split_tv_at_eval_level"]["mean"] == pytest.approx(db["tv_at_eval_level"]["mean"] / 2)
+    assert db["modes_kept"] == 6 and s["algorithms"]["grpo"]["modes_kept"] == 3
+    assert s["algorithms"]["ddpo"]["runs_reaching_level"] == 0
+    assert compare.summarize(runs, "ddpo")["level"] == pytest.approx(0.5)
+    text = compare.table(s)
+    assert "trajectories to grpo's final level" in text and "| 6/6 |" in text and "| 3/6 |" in text
+    lines = text.splitlines()
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_base_modes_samples_once_and_computes_targets(compare, tmp_path) -> None:
+    overrides = ["sampling.steps=2"]
+    record = compare.base_modes(ROOT / compare.PRESETS["modes"], overrides, 4, tmp_path)
+    assert record["latent_dims"] == 4 * 8 * 8 and record["beta_eff"] == 50.0 * 256
+    assert record["rewarded"] == ["black", "white"]
+    for prompt, shares in record["shares"].items():
+        assert sum(record["counts"][prompt].values()) == 4
+        kept = {b: shares[b] for b in ("black", "white")}
+        if sum(kept.values()):  # β_eff = 12,800: the base restricted to the rewarded backgrounds
+            expected = {b: kept.get(b, 0.0) / sum(kept.values()) for b in shares}
+            assert record["targets"][prompt] == pytest.approx(expected)
+    again = compare.base_modes(ROOT / compare.PRESETS["modes"], [*overrides, "dag.beta=0.01"], 4, tmp_path)
+    assert again["seconds"] == record["seconds"]  # read from the cache, not sampled again
+    assert again["beta_eff"] == pytest.approx(2.56)  # targets follow this run's β, not the cached run's
+    assert "targets" not in json.loads((tmp_path / "modes-base-tiny.json").read_text())
+
+
+def test_run_one_with_grpo_reports_mode_metrics(compare, tmp_path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    overrides = ["sampling.batch_size=2", "sampling.batches_per_epoch=1", "sampling.steps=2", "train.batch_size=2",
+                 f'sampling.prompts="{prompts}"', "grpo.group_size=2"]
+    targets = {"targets": {"a red circle": {"black": 0.5, "white": 0.5, "gray": 0.0, "brown": 0.0}},
+               "rewarded": ["black", "white"]}
+    run = compare.run_one(ROOT / compare.PRESETS["modes"], "grpo", 0, 1, tmp_path, 4, overrides, eval_every=1,
+                          threads=1, mode_targets=targets)
+    for point in run["evals"]:
+        assert 0.0 <= point["tv"] <= 1.0 and 0 <= point["modes_kept"] <= point["modes_possible"] == 2
+        assert sum(point["shares"].values()) == pytest.approx(1.0)
+        assert point["per_prompt_shares"]["a red circle"] == point["shares"]  # one prompt
+        assert 0.0 <= point["split_tv"] <= 1.0
+        # the reward is 1 exactly for the rewarded backgrounds: its mean is their share
+        assert point["eval_reward"] == pytest.approx(point["shares"]["black"] + point["shares"]["white"])
 
 
 def test_merge_summarises_runs_of_several_files(compare, tmp_path) -> None:
@@ -70,6 +136,13 @@ def test_merge_summarises_runs_of_several_files(compare, tmp_path) -> None:
     level = merged["summary"]["level"]  # DDPO's last-3-epoch mean
     assert level == pytest.approx((-1.0 + 0.05 / 3 - 1.0 + 0.1 / 3 - 0.95) / 3)
     assert merged["summary"]["algorithms"]["dag-db"]["runs_reaching_level"] == 1
+    assert merged["summary"]["reference"] == "ddpo"
+    # FILE:ALGO keeps only those runs of a file: here DDPO's runs of a file holding DAG-DB's and DDPO's
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps({**result("ddpo", -0.95), "runs": [result(a, -0.9)["runs"][0] for a in ("dag-db", "ddpo")]}))
+    only = compare.merge([f"{both}:ddpo", files[0]], tmp_path, "filtered")
+    assert [r["algorithm"] for r in only["runs"]] == ["ddpo", "dag-db"]
+    assert compare.merge_source(f"{both}:nope") == (Path(f"{both}:nope"), None)  # not algorithm names: a path
 
 
 def test_run_one_evaluates_along_training(compare, tmp_path) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import tomllib
+from pathlib import Path
 
 import pytest
 
 from dagcli.config import (
+    NON_NEGATIVE_KEYS,
+    POSITIVE_KEYS,
     Config,
     config_from_dict,
     dump_toml,
@@ -18,6 +21,8 @@ from dagcli.config import (
 )
 from dagcli.errors import DagError
 
+ROOT = Path(__file__).parents[1]
+
 
 def test_config_from_dict_sets_given_keys_and_keeps_defaults():
     c = config_from_dict({"train": {"algorithm": "ddpo", "epochs": 3}, "ddpo": {"clip_range": 1e-3},
@@ -25,6 +30,16 @@ def test_config_from_dict_sets_given_keys_and_keeps_defaults():
     assert (c.train.algorithm, c.train.epochs, c.ddpo.clip_range) == ("ddpo", 3, 1e-3)
     assert c.dag.beta == 7.0 and isinstance(c.dag.beta, float)  # ints are accepted for floats
     assert c.train.learning_rate == 3e-4 and c.sampling.steps is None  # defaults; steps comes from the model
+
+
+@pytest.mark.parametrize("key, value, message", [
+    *[(k, 0, "must be positive") for k in POSITIVE_KEYS],
+    *[(k, -1, "must not be negative") for k in NON_NEGATIVE_KEYS],
+])
+def test_range_checks_name_the_key(key, value, message):
+    section, name = key.split(".")
+    with pytest.raises(DagError, match=rf"{key} = -?[0-9.]+: {message}"):
+        config_from_dict({section: {name: value}})
 
 
 def test_config_from_dict_reports_every_problem_at_once():
@@ -130,3 +145,11 @@ def test_lora_targets_default_to_the_model_familys():
                                         "add_v_proj", "to_add_out")
     given, _ = fill_model_defaults(load_config(None, ['model.name="tiny-random-flux"', 'lora.target_modules=["to_q"]']))
     assert given.lora.target_modules == ("to_q",)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_example_config_loads_and_its_prompt_file_exists(path):
+    cfg = load_config(path)  # raises on an unknown key or a bad value
+    prompts = cfg.sampling.prompts
+    if prompts and prompts.endswith((".txt", ".jsonl")):  # else a built-in prompt set's name
+        assert (ROOT / prompts).is_file(), prompts  # examples name their files from the repository root

@@ -7,15 +7,12 @@ different numbers of trajectories and one skips a micro-batch; they must still s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import write_tiny_config
+from cli_helpers import train_two_processes, write_tiny_config
 
 HERE = Path(__file__).parent
 
@@ -26,14 +23,7 @@ def two_ranks(tmp_path_factory, tiny_pipeline_dir):
     root = tmp_path_factory.mktemp("dist")
     cfg = write_tiny_config(root, tiny_pipeline_dir, ["a red circle", "a blue square", "a green triangle"],
                             train={"epochs": 2}, output={"dir": str(root / "run")})
-    dumps = root / "dumps"
-    dumps.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(HERE / "dist_train.py"), str(cfg), str(dumps)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [torch.load(dumps / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = train_two_processes(cfg, root / "dumps")
     return root / "run", ranks
 
 

@@ -188,7 +188,8 @@ def test_db_residual_of_a_hand_built_two_step_chain():
     sig = [0.9, 0.5, 0.0]  # starts below 1 so that both P_B coefficients matter
     schedule = flow_sde.Schedule(sigmas=torch.tensor(sig), timesteps=torch.tensor(sig[:2]) * 1000)
     ctx = Context(family=family, schedule=schedule, device=torch.device("cpu"), height=32, width=32, steps=2,
-                  seed=0, reduction="mean", autocast=contextlib.nullcontext, x0_rewards=None)
+                  seed=0, reduction="mean", autocast=contextlib.nullcontext, x0_rewards=None,
+                  reference_step=None)
     beta, eta = 2.0, 0.8
     dag = Dag(DagConfig(beta=beta, beta_ramp_epochs=0, proximity=0.0), ctx, kl=False)
     g = torch.Generator().manual_seed(0)

@@ -271,7 +271,7 @@ def test_weighted_sum_equals_sum_of_scaled_components(images):
 
 
 def test_unknown_names_and_options_list_the_valid_ones():
-    with pytest.raises(DagError, match="unknown reward 'aesthetics'.*aesthetic, clip") as info:
+    with pytest.raises(DagError, match="unknown reward 'aesthetics'.*aesthetic, background-modes, clip") as info:
         build_reward("aesthetics")
     with pytest.raises(DagError, match="unknown reward 'aesthetics'"):
         validate_spec("clip:1,aesthetics:2")
@@ -286,7 +286,8 @@ def test_unknown_names_and_options_list_the_valid_ones():
 
 
 def test_list_rewards_matches_registry():
-    builtin = ["aesthetic", "clip", "colorfulness", "compressibility", "incompressibility", "pickscore"]
+    builtin = ["aesthetic", "background-modes", "clip", "colorfulness", "compressibility", "incompressibility",
+               "pickscore"]
     rows = list_rewards()
     assert [r.name for r in rows[: len(builtin)]] == builtin  # the built-ins first, sorted by name
     assert sorted(REWARDS) == builtin

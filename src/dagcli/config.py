@@ -17,6 +17,7 @@ from dagcli.errors import DagError
 
 X0_SOURCES = ("sampling", "current")
 X0_GUIDANCE = ("cond", "guided")
+GRPO_STD = ("global", "group")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -61,7 +62,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algorithm: str = "dag-db"  # one of `dagcli.algorithms.ALGORITHMS`: dag-db | dag-kl | ddpo
+    algorithm: str = "dag-db"  # one of `dagcli.algorithms.ALGORITHMS`: dag-db | dag-kl | ddpo | grpo
     epochs: int = 100
     batch_size: int = 8  # transitions per micro-batch (per process)
     # micro-batches per optimiser step when every transition is trained (reference: 4 x 50 timesteps); with
@@ -113,6 +114,19 @@ class DdpoConfig:
 
 
 @dataclass(frozen=True)
+class GrpoConfig:
+    """Read by grpo. Defaults from Flow-GRPO (yifan123/flow_grpo); the file that sets each is named."""
+
+    group_size: int = 8  # trajectories per prompt group (config/grpo.py, 1-GPU SD3 preset: num_image_per_prompt)
+    clip_range: float = 1e-4  # PPO ratio clip (config/base.py: train.clip_range)
+    kl_weight: float = 0.04  # β_KL of the KL to the base model (config/grpo.py, SD3 GenEval / OCR: train.beta)
+    adv_clip: float = 5.0  # advantages clipped to ±this (config/base.py: train.adv_clip_max)
+    std_eps: float = 1e-4  # added to the std that divides the advantages (flow_grpo/stat_tracking.py)
+    std: str = "global"  # "global": std of every reward of the epoch | "group": each group's own (config/base.py:
+    # sample.global_std = True)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/dag"  # the run directory
     checkpoint_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
@@ -131,6 +145,7 @@ class Config:
     train: TrainConfig = TrainConfig()
     dag: DagConfig = DagConfig()
     ddpo: DdpoConfig = DdpoConfig()
+    grpo: GrpoConfig = GrpoConfig()
     output: OutputConfig = OutputConfig()
 
 
@@ -303,6 +318,25 @@ def replace(config: Config, section: str, **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
+POSITIVE_KEYS = (
+    "sampling.steps", "sampling.resolution", "sampling.batch_size", "sampling.batches_per_epoch", "train.epochs",
+    "train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate", "dag.flow_learning_rate",
+    "train.max_grad_norm", "lora.rank", "lora.alpha", "output.checkpoint_every", "output.keep_last", "dag.clip_range",
+    "dag.adv_clip", "ddpo.clip_range", "ddpo.adv_clip", "ddpo.buffer_size", "grpo.clip_range", "grpo.adv_clip",
+    "grpo.std_eps",
+)  # unset (None: the model's default, filled in later) passes
+NON_NEGATIVE_KEYS = (
+    "dag.beta", "dag.proximity", "dag.beta_ramp_epochs", "output.sample_every", "dag.flow_warmup_epochs",
+    "dag.kl_weight", "reward.max_nonfinite", "grpo.kl_weight", "sampling.guidance", "output.checkpoint_minutes",
+)
+
+
+def _value(c: Config, key: str):
+    """The value of a dotted `section.key`."""
+    section, name = key.split(".")
+    return getattr(getattr(c, section), name)
+
+
 def validate(c: Config) -> list[str]:
     """Every value-level problem of a config (types are already checked)."""
     e: list[str] = []
@@ -326,32 +360,16 @@ def validate(c: Config) -> list[str]:
     one_of("model.dtype", c.model.dtype, ("fp32", "bf16", "fp16"))
     one_of("output.report_to", c.output.report_to, ("none", "tensorboard", "wandb"))
     one_of("lora.init", c.lora.init, ("gaussian", "true"))
-    for name, value in [
-        ("sampling.steps", _unset_ok(c.sampling.steps)), ("sampling.resolution", _unset_ok(c.sampling.resolution)),
-        ("sampling.batch_size", c.sampling.batch_size),
-        ("sampling.batches_per_epoch", c.sampling.batches_per_epoch), ("train.epochs", c.train.epochs),
-        ("train.batch_size", c.train.batch_size),
-        ("train.gradient_accumulation_steps", c.train.gradient_accumulation_steps),
-        ("train.learning_rate", c.train.learning_rate), ("dag.flow_learning_rate", c.dag.flow_learning_rate),
-        ("train.max_grad_norm", c.train.max_grad_norm), ("lora.rank", c.lora.rank), ("lora.alpha", c.lora.alpha),
-        ("output.checkpoint_every", c.output.checkpoint_every), ("output.keep_last", c.output.keep_last),
-        ("dag.clip_range", c.dag.clip_range), ("dag.adv_clip", c.dag.adv_clip),
-        ("ddpo.clip_range", c.ddpo.clip_range), ("ddpo.adv_clip", c.ddpo.adv_clip),
-        ("ddpo.buffer_size", c.ddpo.buffer_size),
-    ]:
-        positive(name, value)
+    one_of("grpo.std", c.grpo.std, GRPO_STD)
+    for name in POSITIVE_KEYS:
+        positive(name, _unset_ok(_value(c, name)))
     if c.sampling.eta is not None and c.sampling.eta <= 0.0:  # the family's upper bound: `fill_model_defaults`
         e.append(f"sampling.eta = {c.sampling.eta}: training needs a stochastic sampler, eta > 0")
     if not 0.0 < c.train.timestep_fraction <= 1.0:
         e.append(f"train.timestep_fraction = {c.train.timestep_fraction}: must be in (0, 1]")
-    for name, value in [("dag.beta", c.dag.beta), ("dag.proximity", c.dag.proximity),
-                        ("dag.beta_ramp_epochs", c.dag.beta_ramp_epochs), ("output.sample_every", c.output.sample_every),
-                        ("dag.flow_warmup_epochs", c.dag.flow_warmup_epochs),
-                        ("dag.kl_weight", c.dag.kl_weight), ("reward.max_nonfinite", c.reward.max_nonfinite),
-                        ("sampling.guidance", _unset_ok(c.sampling.guidance)),
-                        ("output.checkpoint_minutes", c.output.checkpoint_minutes)]:
-        if value < 0:
-            e.append(f"{name} = {value}: must not be negative")
+    for name in NON_NEGATIVE_KEYS:
+        if _unset_ok(_value(c, name)) < 0:
+            e.append(f"{name} = {_value(c, name)}: must not be negative")
     if c.sampling.steps is not None:  # else checked once the model's default is known
         e.extend(_check_micro_batches(c))
     need = ALGORITHMS[c.train.algorithm].min_micro_batch if c.train.algorithm in ALGORITHMS else 1
@@ -360,7 +378,23 @@ def validate(c: Config) -> list[str]:
                  "(its leave-one-out baseline)")
     if c.lora.target_modules is not None and not c.lora.target_modules:
         e.append("lora.target_modules is empty")
+    e.extend(_check_groups(c))
     return e
+
+
+def _check_groups(c: Config) -> list[str]:
+    """An algorithm that samples prompts in groups (GRPO) needs each sampler call to hold whole groups."""
+    from dagcli.algorithms import ALGORITHMS
+
+    if c.grpo.group_size < 2:
+        return [f"grpo.group_size = {c.grpo.group_size}: must be at least 2 (advantages compare a group's members)"]
+    info = ALGORITHMS.get(c.train.algorithm)
+    size = info.group_size(c) if info is not None else 1
+    if size > 1 and c.sampling.batch_size % size:
+        return [f"sampling.batch_size = {c.sampling.batch_size} does not divide into groups of grpo.group_size = "
+                f"{size}; use a multiple of {size} (e.g. {size * max(1, round(c.sampling.batch_size / size))}) "
+                "or another group size"]
+    return []
 
 
 def _unset_ok(value: int | float | None) -> int | float:

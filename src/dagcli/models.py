@@ -5,6 +5,7 @@ Every command loads its model through `load_model`, so offline behaviour and err
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -301,3 +302,13 @@ def add_lora(denoiser: torch.nn.Module, lora, seed: int) -> torch.nn.Module:
         if p.requires_grad:
             p.data = p.data.float()
     return denoiser
+
+
+@contextlib.contextmanager
+def lora_disabled(denoiser: torch.nn.Module):
+    """The denoiser without its LoRA inside the block (peft's adapter switch: no copy of the weights)."""
+    denoiser.disable_adapters()
+    try:
+        yield denoiser
+    finally:
+        denoiser.enable_adapters()

@@ -37,10 +37,20 @@ def _shapes(split: str) -> Callable[[], list[str]]:
     return load
 
 
+def _shapes_without_background() -> list[str]:
+    """"a red circle", ...: every colour x shape of the built-in data set, naming neither size nor background (so
+    the model chooses the background; see the `background-modes` reward)."""
+    from dagcli.builtin import dataset
+
+    specs = [dataset.ShapeSpec(c, s, "black", "small", 0.0, 0.0, 0.0) for c in dataset.COLOURS for s in dataset.SHAPES]
+    return sorted(dataset.caption(spec, mention_size=False, mention_background=False) for spec in specs)
+
+
 PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
     "simple_animals": lambda: list(SIMPLE_ANIMALS),
     "shapes": _shapes("train"),
     "shapes-heldout": _shapes("heldout"),
+    "shapes-no-background": _shapes_without_background,
 }
 
 

@@ -2,7 +2,9 @@
 prediction x̂0 of every state once; then pick the transitions to train on.
 
 Everything random is drawn from generators seeded by (run seed, epoch, rank, purpose), so a resumed run repeats
-exactly and processes never duplicate each other's trajectories.
+exactly and processes never duplicate each other's trajectories. An algorithm that compares trajectories of one
+prompt (GRPO) gets them in groups: each sampler call draws one prompt per group and repeats it `group_size` times,
+each member with its own noise. Groups never span sampler calls or processes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dagcli.errors import DagError
 from dagcli.sampling import Trajectory, sample_batch
 
 SAMPLING_STREAM, TRANSITION_STREAM = 1, 2
@@ -34,7 +37,16 @@ class EpochBatch:
     components: dict[str, torch.Tensor]  # name -> [N]
     fl_rewards: torch.Tensor | None  # [N,T] r(Decode(x̂0(x_i))) of the states trained on (NaN elsewhere), or None
     pairs: torch.Tensor  # [M, 2] (trajectory, step) transitions to train on, shuffled
-    advantages: torch.Tensor | None = None  # [N] set by an algorithm's `prepare` (DDPO)
+    advantages: torch.Tensor | None = None  # [N] set by an algorithm's `prepare` (DDPO, GRPO)
+    groups: torch.Tensor | None = None  # [N] long: the prompt group of each trajectory (unique within the process)
+
+
+def draw_prompts(n_prompts: int, batch_size: int, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch_size] prompt indices of one sampler call: i.i.d. uniform, or with `group_size` > 1 one draw per group,
+    each repeated `group_size` times in a row (the batch size is a multiple of it)."""
+    if group_size <= 1:
+        return torch.randint(n_prompts, (batch_size,), generator=generator)
+    return torch.randint(n_prompts, (batch_size // group_size,), generator=generator).repeat_interleave(group_size)
 
 
 def select_transitions(seed: int, epoch: int, rank: int, n: int, steps: int, fraction: float,
@@ -75,10 +87,14 @@ class Rollout:
     """Samples and scores a process's trajectories for an epoch; `settings` is the `[sampling]` section."""
 
     def __init__(self, model, reward, settings, *, seed: int, prompts: list[str], height: int, width: int,
-                 reduction: str, rank: int, autocast: Callable, reporter):
+                 reduction: str, rank: int, autocast: Callable, reporter, group_size: int = 1):
         self.model, self.family, self.reward, self.settings = model, model.family, reward, settings
         self.seed, self.prompts, self.height, self.width = seed, prompts, height, width
         self.reduction, self.rank, self.autocast, self.reporter = reduction, rank, autocast, reporter
+        self.group_size = group_size
+        if settings.batch_size % group_size:
+            raise DagError(f"sampling.batch_size = {settings.batch_size} does not divide into groups of {group_size}; "
+                           f"use a multiple of {group_size}")
         self.schedule = self.family.schedule(settings.steps, height, width)
         self.x0_vae = None  # a smaller decoder for the x̂0 images (`models.load_tiny_decoder`), None: the VAE
 
@@ -93,17 +109,19 @@ class Rollout:
         pairs = select_transitions(self.seed, epoch, self.rank, n, s.steps, fraction, always_last)
         needed = states_needed(pairs, n, s.steps)
         traj, rewards, components, fl, timing = self._sample_and_score(epoch, denoiser, stored_x0, needed)
+        groups = torch.arange(traj.batch_size) // self.group_size
         keep = torch.isfinite(rewards)
         if fl is not None:
             keep &= (torch.isfinite(fl) | ~needed).all(1)
         dropped = int((~keep).sum())
         if dropped:
             idx = keep.nonzero().flatten()
-            traj, rewards = traj.select(idx), rewards[keep]
+            traj, rewards, groups = traj.select(idx), rewards[keep], groups[keep]
             components = {k: v[keep] for k, v in components.items()}
             fl = fl[keep] if fl is not None else None
             pairs = keep_pairs(pairs, keep)
-        batch = EpochBatch(traj=traj, rewards=rewards, components=components, fl_rewards=fl, pairs=pairs)
+        batch = EpochBatch(traj=traj, rewards=rewards, components=components, fl_rewards=fl, pairs=pairs,
+                           groups=groups)
         return batch, timing, dropped
 
     def sample_epoch(self, epoch: int, denoiser, on_batch: Callable[[Trajectory], None] | None = None) -> Trajectory:
@@ -116,7 +134,7 @@ class Rollout:
         with torch.no_grad(), self.autocast(), self.reporter.task(f"epoch {epoch + 1}: sampling",
                                                                   s.batches_per_epoch) as advance:
             for _ in range(s.batches_per_epoch):
-                idx = torch.randint(len(self.prompts), (s.batch_size,), generator=g)
+                idx = draw_prompts(len(self.prompts), s.batch_size, self.group_size, g)
                 prompts = [self.prompts[i] for i in idx.tolist()]
                 seeds = torch.randint(2**31 - 1, (s.batch_size,), generator=g).tolist()
                 gens = [torch.Generator().manual_seed(x) for x in seeds]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dagcli.algorithms import build_algorithm
+from dagcli.algorithms import ALGORITHMS, build_algorithm
 from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.checkpoint import TrainState
 from dagcli.config import Config, accumulation_steps, dump_toml, fill_model_defaults, replace, to_dict
@@ -27,6 +27,8 @@ from dagcli.distributed import Dist
 from dagcli.errors import DagError
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
+from dagcli.models import add_lora, load_model, load_tiny_decoder, lora_disabled
+from dagcli.optim import make_optimizer
 from dagcli.progress import NullReporter, Reporter
 from dagcli.rollout import EpochBatch, Rollout
 from dagcli.stopping import StopRequest
@@ -53,7 +55,6 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------------
     def _setup(self, model) -> None:
-        from dagcli.models import add_lora, load_model, load_tiny_decoder
         from dagcli.rewards import build_reward
 
         c, acc = self.config, self.accelerator
@@ -76,7 +77,8 @@ class Trainer:
                                    options=dict(c.reward.options), strict_finite=False)
         self.rollout = Rollout(self.model, self.reward, c.sampling, seed=c.train.seed, prompts=self.prompts,
                                height=self.resolution, width=self.resolution, reduction=c.train.reduction,
-                               rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter)
+                               rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter,
+                               group_size=ALGORITHMS[c.train.algorithm].group_size(c))
         self.context = self._context()
         self.algorithm = build_algorithm(c.train.algorithm, c, self.context)
         if self.algorithm.x0_decoder:
@@ -97,7 +99,17 @@ class Trainer:
 
         return Context(family=self.family, schedule=self.rollout.schedule, device=self.model.device,
                        height=self.resolution, width=self.resolution, steps=c.sampling.steps, seed=c.train.seed,
-                       reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards)
+                       reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards,
+                       reference_step=self.reference_step)
+
+    @torch.no_grad()
+    def reference_step(self, mb: MicroBatch):
+        """The base model's step on a micro-batch's stored transitions: the same network with its LoRA disabled."""
+        c, raw = self.config, self.raw_denoiser
+        with self.accelerator.autocast(), lora_disabled(raw):
+            out, _ = self.family.denoiser_fn(raw, self.rollout.schedule, mb.cond, c.sampling.guidance)(mb.x, mb.step_index)
+        return self.family.step(self.rollout.schedule, mb.step_index, mb.x, out, c.sampling.eta, prev=mb.x_next,
+                                reduction=c.train.reduction)
 
     @property
     def raw_denoiser(self) -> torch.nn.Module:
@@ -285,16 +297,4 @@ class Trainer:
         self.algorithm.load_state_dict(self.state.algorithm)
         self.reporter.info(f"resumed from {folder} (epoch {self.state.epoch})")
 
-def make_optimizer(groups: list[dict], train) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) over parameter groups, settings from the `[train]` section."""
-    kwargs = dict(betas=(train.adam_beta1, train.adam_beta2), weight_decay=train.weight_decay, eps=train.adam_epsilon)
-    if train.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise DagError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from e
-        return bnb.optim.AdamW8bit(groups, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
-
-
-__all__ = ["Trainer", "TrainState", "make_optimizer"]
+__all__ = ["Trainer", "TrainState"]

@@ -1,7 +1,7 @@
 """Golden training runs: 2 epochs per algorithm on the built-in model, one thread, fixed seed.
 
-`python tests/golden/runs.py` (re)writes `tests/golden/golden.json`; `tests/test_golden.py` repeats the runs
-and requires every recorded number to be equal to the last bit. The runs go through the real `dag train`
+`python tests/golden/runs.py [NAME ...]` (re)writes `tests/golden/golden.json` (only the named runs' entries);
+`tests/test_golden.py` repeats the runs and requires every recorded number to be equal to the last bit. The runs go through the real `dag train`
 entry point, so the test holds whatever the engine looks like inside.
 
 Change the golden file only on purpose, in a commit of its own that says why the numbers moved.
@@ -40,6 +40,10 @@ RUNS = {
     # the other code paths of DAG-DB: subsampled transitions and x̂0 from the current, guided model
     "dag-db-subsampled": {"train": {"algorithm": "dag-db", "timestep_fraction": 0.5, "always_last_step": True},
                           "dag": {"x0_source": "current", "x0_guidance": "guided"}},
+    # two groups of 4 per epoch; the KL to the base model (LoRA disabled) acts from the second optimiser step on
+    "grpo": {"train": {"algorithm": "grpo"},
+             "grpo": {"group_size": 4, "clip_range": 1e-4, "kl_weight": 0.04, "adv_clip": 5.0, "std_eps": 1e-4,
+                      "std": "global"}},
 }
 
 
@@ -64,7 +68,7 @@ def tensor_digest(path: Path) -> str:
 
 # What is compared: losses, rewards, log-probabilities, gradient norms and counters (not timings; metrics added
 # later do not break the comparison).
-RECORDED = ("loss", "db_loss", "policy_loss", "proximity", "log_pf", "log_pb", "approx_kl", "flow",
+RECORDED = ("loss", "db_loss", "policy_loss", "kl_loss", "proximity", "log_pf", "log_pb", "approx_kl", "flow",
             "grad_norm_lora", "grad_norm_flow", "reward_mean", "reward_std", "reward_min", "reward_max",
             "fl_reward_mean", "per_prompt_reward", "beta", "optimizer_steps", "trajectories_seen")
 

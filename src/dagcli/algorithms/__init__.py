@@ -1,4 +1,5 @@
-"""Training objectives behind one interface (`base.Algorithm`): DAG-DB and DAG-KL (GFlowNet), DDPO (RL baseline).
+"""Training objectives behind one interface (`base.Algorithm`): DAG-DB and DAG-KL (GFlowNet), DDPO and GRPO (RL
+baselines).
 
 `ALGORITHMS` is the one list of them: config validation, `dag train --help` and error messages read it. Each
 reads its own config section (`section`), built with `build_algorithm`. This module imports no torch, so the
@@ -22,6 +23,9 @@ class AlgorithmInfo:
     summary: str
     min_micro_batch: int
     build: Callable[[object, Context], Algorithm]  # (its config section, context) -> algorithm
+    # (the run's config) -> trajectories per prompt group: each sampler call draws a prompt per group and repeats
+    # it this many times (1: every trajectory draws its own prompt)
+    group_size: Callable[[object], int] = lambda config: 1
 
 
 def _dag(kl: bool):
@@ -39,10 +43,18 @@ def _ddpo(settings, ctx: Context) -> Algorithm:
     return Ddpo(settings, ctx)
 
 
+def _grpo(settings, ctx: Context) -> Algorithm:
+    from dagcli.algorithms.grpo import Grpo
+
+    return Grpo(settings, ctx)
+
+
 ALGORITHMS: dict[str, AlgorithmInfo] = {
     "dag-db": AlgorithmInfo("dag-db", "dag", "GFlowNet detailed balance with a forward-looking flow", 1, _dag(False)),
     "dag-kl": AlgorithmInfo("dag-kl", "dag", "GFlowNet KL / REINFORCE variant of DAG", 2, _dag(True)),
     "ddpo": AlgorithmInfo("ddpo", "ddpo", "DDPO: PPO on per-prompt normalised rewards (RL baseline)", 1, _ddpo),
+    "grpo": AlgorithmInfo("grpo", "grpo", "GRPO (Flow-GRPO): group-normalised advantages, KL to the base model", 1,
+                          _grpo, group_size=lambda config: config.grpo.group_size),
 }
 
 

@@ -76,3 +76,6 @@ class Context:
     # (x [n,...], state index j [n], cond, prompts, guided) -> [n] reward of x̂0 under the current model's guided
     # (or conditional) output, no gradients
     x0_rewards: object
+    # (micro-batch) -> StepOutput of the base model (the same network with its LoRA disabled, no second copy) on the
+    # micro-batch's stored transitions: its log P_F, step mean and std, no gradients
+    reference_step: object

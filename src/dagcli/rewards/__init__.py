@@ -3,7 +3,7 @@
 Importing this package registers the built-in rewards (no model is loaded until `build_reward`).
 """
 
-from dagcli.rewards import aesthetic, clip, color, jpeg, pickscore  # noqa: F401  (registers the built-ins)
+from dagcli.rewards import aesthetic, clip, color, jpeg, modes, pickscore  # noqa: F401  (registers the built-ins)
 from dagcli.rewards.base import Reward, RewardInfo, RewardOutput, images_from_pil, load_image_folder
 from dagcli.rewards.registry import (
     REWARDS,
