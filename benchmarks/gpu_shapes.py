@@ -198,8 +198,9 @@ def parameters(module) -> int:
 # --- measures -------------------------------------------------------------------------------------------------
 
 def pipeline_call(model, prompts: list[str], steps: int, guidance: float, resolution: int):
-    """The diffusers pipeline's own call: same prompts, steps, guidance and size; η = 1 where the scheduler has
-    one (DDIM), the flow pipelines' deterministic Euler sampler otherwise."""
+    """The diffusers pipeline's own call: same prompts, steps, guidance, size and seeds (generators on the model's
+    device, as ours); η = 1 where the scheduler has one (DDIM), the flow pipelines' deterministic Euler sampler
+    otherwise."""
     from dagcli.sampling import generators_for
 
     pipe, kw = model.pipe, {}
@@ -208,7 +209,7 @@ def pipeline_call(model, prompts: list[str], steps: int, guidance: float, resolu
     elif model.family.name in ("sd", "sdxl"):
         kw["eta"] = 1.0
     return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
-                generator=generators_for(range(len(prompts))), output_type="pt", **kw).images
+                generator=generators_for(range(len(prompts)), model.device.type), output_type="pt", **kw).images
 
 
 def plain_chain(model, prompts: list[str], steps: int, guidance: float, eta: float, resolution: int):
@@ -217,7 +218,7 @@ def plain_chain(model, prompts: list[str], steps: int, guidance: float, eta: flo
 
     family, n = model.family, len(prompts)
     schedule = family.schedule(steps, resolution, resolution)
-    gens = generators_for(range(n))
+    gens = generators_for(range(n), model.device.type)
     x = family.initial_latents(n, resolution, resolution, gens)
     denoise = family.denoiser_fn(family.denoiser, schedule, family.encode(prompts), guidance)
     for i in range(family.num_steps(schedule)):
@@ -235,7 +236,7 @@ def bench_sampling(b, model, o) -> dict:
     kw = dict(steps=o.steps, guidance=o.guidance, eta=eta, height=o.resolution, width=o.resolution)
 
     def ours(decode=True):
-        return sample_batch(model, prompts, generators_for(range(o.batch)), decode=decode, **kw)
+        return sample_batch(model, prompts, generators_for(range(o.batch), model.device.type), decode=decode, **kw)
 
     args, kwargs = perf.first_call(model.family.denoiser, lambda: ours(decode=False))
     with torch.no_grad():

@@ -18,6 +18,14 @@ import gpu_shapes  # noqa: E402
 import perf  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """The benchmarks set torch's thread count (`--threads`); later tests must see the suite's own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def total_size(module: torch.nn.Module) -> int:
     """Parameters and buffers: what a checkpoint file holds."""
     return sum(t.numel() for t in [*module.parameters(), *module.buffers()])
