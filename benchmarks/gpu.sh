@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark on one GPU, random weights in bf16, end to end under 8 minutes (each part has a time budget and a
 # hard timeout; a part that does not fit in memory is recorded and skipped):
-#   1. SD 1.5's shapes at 512 px (benchmarks/perf.py): sampling vs StableDiffusionPipeline, levers, DAG-DB
+#   1. SD 1.5's shapes at 512 px (benchmarks/perf.py): sampling vs StableDiffusionPipeline, DAG-DB
 #      training (both x̂0 sources, timestep fractions, the small x̂0 decoder), micro-batch sweep, FLOPs / MFU;
 #   2. SDXL (1024 px), SD3.5 Medium and FLUX.1-dev (512 px) at their full shapes (benchmarks/gpu_shapes.py):
 #      sampling vs the diffusers pipeline, per step vs the guided call, per transition vs the LoRA forward +
@@ -72,7 +72,8 @@ if [ "$MODE" != "--short" ]; then
     | quiet | tee -a "$OUT/gpu.log"
   rc2=$?
   [ $rc -eq 0 ] && rc=$rc2
-  [ -f "$OUT/gpu-shapes.md" ] || "$PY" -c "import json, sys; sys.path.insert(0, 'benchmarks'); import gpu_shapes as g; \
+  # the table again from the JSON, which holds every finished model even when the timeout stopped the run
+  "$PY" -c "import json, sys; sys.path.insert(0, 'benchmarks'); import gpu_shapes as g; \
 print(g.table(json.load(open(sys.argv[1]))))" "$OUT/gpu-shapes.json" > "$OUT/gpu-shapes.md" 2>/dev/null
 fi
 echo "exit $rc; files in $OUT: gpu-sd15.json gpu-sd15.md gpu-shapes.json gpu-shapes.md gpu.log"
