@@ -1,12 +1,15 @@
-"""Regenerate the README's `make demo` figures: the table, the reward curve and the sample grids.
+"""Regenerate the README's demo figures: `make demo`'s table, reward curve and sample grids, or the tiny-flow demo's
+table.
 
     python benchmarks/demo_figures.py                 # train + evaluate as `make demo` does, 2 threads
     python benchmarks/demo_figures.py --threads 1     # the numbers depend on the thread count (float rounding)
     python benchmarks/demo_figures.py --reuse         # only re-read runs/demo (after `make demo`)
+    python benchmarks/demo_figures.py --model tiny-flow --threads 1   # the same on the rectified-flow model
 
-Runs the same two commands as `make demo`, then writes `benchmarks/results/demo.json`,
+Runs the demo's two commands (train, then eval), then writes `benchmarks/results/demo.json`,
 `docs/demo-reward-curve.png`, `docs/demo-samples.png` and the table between the `demo-table` markers of
-README.md (with the thread count and the wall time).
+README.md (with the thread count and the wall time); for `--model tiny-flow`, `benchmarks/results/demo_flow.json`
+and the table between the `demo-flow-table` markers.
 """
 
 from __future__ import annotations
@@ -17,25 +20,55 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ROOT / "runs" / "demo"
-# the commands of `make demo` (Makefile), run with the `dag` of this Python
-TRAIN = ["train", "--config", "examples/demo-compressibility.toml", "--output", "runs/demo"]
-EVAL = ["eval", "--prompts", "examples/prompts/demo.txt", "--ckpt", "runs/demo", "--reward", "compressibility,clip",
-        "--num-per-prompt", "8", "--steps", "10", "--guidance", "3", "--output", "runs/demo/eval"]
-START, END = "<!-- demo-table:start -->", "<!-- demo-table:end -->"
 
 
-def run_demo(threads: int) -> float:
-    """`make demo`'s train and eval commands with `threads` torch threads; returns the wall time in seconds."""
+@dataclass(frozen=True)
+class Demo:
+    """One README demo: its config, run folder, evaluation settings and where its numbers go."""
+
+    config: str
+    run: str  # relative to the repository root
+    eval_steps: int
+    eval_guidance: float
+    markers: tuple[str, str]  # README markers around its table
+    results: str  # file name under benchmarks/results
+    figures: bool  # also draw the reward curve and the sample grids (`make demo` only)
+    flag: str = ""  # how the command line names it
+
+    @property
+    def train_args(self) -> list[str]:
+        return ["train", "--config", self.config, "--output", self.run]
+
+    @property
+    def eval_args(self) -> list[str]:
+        return ["eval", "--prompts", "examples/prompts/demo.txt", "--ckpt", self.run, "--reward",
+                "compressibility,clip", "--num-per-prompt", "8", "--steps", str(self.eval_steps), "--guidance",
+                f"{self.eval_guidance:g}", "--output", f"{self.run}/eval"]
+
+
+DEMOS = {
+    # the commands of `make demo` (Makefile)
+    "tiny": Demo("examples/demo-compressibility.toml", "runs/demo", 10, 3.0,
+                 ("<!-- demo-table:start -->", "<!-- demo-table:end -->"), "demo.json", figures=True),
+    "tiny-flow": Demo("examples/demo-flow-compressibility.toml", "runs/demo-flow", 10, 3.0,
+                      ("<!-- demo-flow-table:start -->", "<!-- demo-flow-table:end -->"), "demo_flow.json",
+                      figures=False, flag=" --model tiny-flow"),
+}
+
+
+def run_demo(demo: Demo, threads: int) -> float:
+    """The demo's train and eval commands (with the `dag` of this Python) with `threads` torch threads; returns the
+    wall time in seconds."""
     import shutil
 
-    shutil.rmtree(RUN, ignore_errors=True)
+    shutil.rmtree(ROOT / demo.run, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    for args in (TRAIN, EVAL):
+    for args in (demo.train_args, demo.eval_args):
         subprocess.run([sys.executable, "-m", "dagcli", *args], cwd=ROOT, env=env, check=True)
     return time.perf_counter() - t0
 
@@ -50,7 +83,7 @@ def rows(report: dict) -> list[dict]:
     return out
 
 
-def table(results: dict) -> str:
+def table(results: dict, demo: Demo) -> str:
     trajectories = results["trajectories"]
     lines = ["| | compressibility (−kB) | tiny-CLIP score | diversity | prompt fidelity |", "|---|---|---|---|---|"]
     for i, r in enumerate(results["rows"]):
@@ -61,7 +94,7 @@ def table(results: dict) -> str:
     seconds = results["seconds"]
     when = f"{seconds // 60:.0f} min {seconds % 60:.0f} s" if seconds else "time not measured (--reuse)"
     lines.append("")
-    lines.append(f"Measured by `python benchmarks/demo_figures.py --threads {results['threads']}` "
+    lines.append(f"Measured by `python benchmarks/demo_figures.py{demo.flag} --threads {results['threads']}` "
                  f"({results['threads']} torch thread(s); train and evaluate: {when}).")
     return "\n".join(lines)
 
@@ -100,36 +133,41 @@ def samples_figure(samples: Path, path: Path) -> None:
     labelled_rows(rows_, label_width=90).save(path)
 
 
-def update_readme(text: str) -> None:
+def update_readme(text: str, markers: tuple[str, str]) -> None:
+    start, end = markers
     readme = ROOT / "README.md"
     s = readme.read_text()
-    if START not in s or END not in s:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
-    head, rest = s.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    if start not in s or end not in s:
+        raise SystemExit(f"README.md has no {start} ... {end} markers")
+    head, rest = s.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(DEMOS), default="tiny",
+                   help="tiny: `make demo`; tiny-flow: the same job on the rectified-flow model")
     p.add_argument("--threads", type=int, default=2, help="torch threads (the numbers depend on it)")
     p.add_argument("--reuse", action="store_true",
-                   help="read runs/demo as it is instead of running the demo (keeps the recorded wall time)")
+                   help="read the run folder as it is instead of running the demo (keeps the recorded wall time)")
     args = p.parse_args(argv)
-    previous = ROOT / "benchmarks" / "results" / "demo.json"
-    seconds = run_demo(args.threads) if not args.reuse else (
+    demo, run = DEMOS[args.model], ROOT / DEMOS[args.model].run
+    previous = ROOT / "benchmarks" / "results" / demo.results
+    seconds = run_demo(demo, args.threads) if not args.reuse else (
         json.loads(previous.read_text()).get("seconds", 0.0) if previous.is_file() else 0.0)
-    report = json.loads((RUN / "eval" / "report.json").read_text())
-    metrics = [json.loads(line) for line in (RUN / "metrics.jsonl").read_text().splitlines()]
-    results = {"command": "python benchmarks/demo_figures.py" + (f" --threads {args.threads}"),
+    report = json.loads((run / "eval" / "report.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    results = {"command": f"python benchmarks/demo_figures.py{demo.flag} --threads {args.threads}",
                "threads": args.threads, "seconds": round(seconds, 1), "rows": rows(report),
                "trajectories": metrics[-1]["trajectories_seen"],
                "reward_per_epoch": [m["reward_mean"] for m in metrics]}
-    (ROOT / "benchmarks" / "results" / "demo.json").write_text(json.dumps(results, indent=1) + "\n")
-    reward_curve(metrics, ROOT / "docs" / "demo-reward-curve.png")
-    samples_figure(RUN / "samples", ROOT / "docs" / "demo-samples.png")
-    update_readme(table(results))
-    print(table(results))
+    previous.write_text(json.dumps(results, indent=1) + "\n")
+    if demo.figures:
+        reward_curve(metrics, ROOT / "docs" / "demo-reward-curve.png")
+        samples_figure(run / "samples", ROOT / "docs" / "demo-samples.png")
+    update_readme(table(results, demo), demo.markers)
+    print(table(results, demo))
     return results
 
 

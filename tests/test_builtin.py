@@ -11,7 +11,7 @@ import torch
 from dagcli.builtin import TINY_CLIP_DIR, TINY_SD_DIR, WEIGHTS_DIR
 from dagcli.builtin import dataset as ds
 
-MAX_WEIGHT_BYTES = 20 * 1024 * 1024
+MAX_WEIGHT_BYTES = 28 * 1024 * 1024  # tiny + tiny CLIP + small decoder (14.7 MB) and tiny-flow (<= 15 MB)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dagcli.builtin import TINY_NAME, TINY_RANDOM_NAME, TINY_SD_DIR, tiny_available
+from dagcli.builtin import PRETRAINED_DIRS, TINY_NAME, TINY_RANDOM_NAME, tiny_available
 from dagcli.builtin.random_models import RANDOM_MODELS
 from dagcli.errors import DagError
 from dagcli.families import family_for
@@ -25,7 +25,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def builtin_names() -> list[str]:
-    return [TINY_NAME, *RANDOM_MODELS]
+    return [*PRETRAINED_DIRS, *RANDOM_MODELS]
 
 
 def default_model() -> str:
@@ -71,8 +71,8 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 def check_model_name(model: str) -> None:
     """Fail fast (before any loading) on a name that is neither built-in, a folder, nor a hub id."""
     if model in builtin_names():
-        if model == TINY_NAME and not tiny_available():
-            raise DagError(f"built-in model {TINY_NAME!r} is not installed with this package; use {TINY_RANDOM_NAME!r}")
+        if model in PRETRAINED_DIRS and not tiny_available(model):
+            raise DagError(f"built-in model {model!r} is not installed with this package; use {TINY_RANDOM_NAME!r}")
         return
     path = Path(model).expanduser()
     if path.exists():
@@ -100,9 +100,9 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
     if model in RANDOM_MODELS:
         pipe, is_tiny = RANDOM_MODELS[model](0).to(dtype=dt), False
     else:
-        folder = TINY_SD_DIR if model == TINY_NAME else model
+        folder = PRETRAINED_DIRS.get(model, model)
         pipe = _from_pretrained(str(folder), dt)
-        is_tiny = Path(folder).resolve() == TINY_SD_DIR.resolve()
+        is_tiny = Path(folder).resolve() in {d.resolve() for d in PRETRAINED_DIRS.values()}
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     for module in pipe.components.values():
@@ -162,7 +162,7 @@ def known_family(model: str | None) -> type | None:
 
 def _read_defaults(model: str) -> dict:
     """Recommended settings stored beside a pipeline in `dagcli.json` (the built-in model has one)."""
-    folder = TINY_SD_DIR if model == TINY_NAME else Path(model)
+    folder = Path(PRETRAINED_DIRS.get(model, model))
     meta = folder / "dagcli.json"
     if model not in RANDOM_MODELS and meta.is_file():
         return json.loads(meta.read_text())
@@ -221,7 +221,7 @@ def pipeline_class_name(name: str, local_only: bool = True) -> str | None:
 def model_index(name: str, local_only: bool = True) -> dict:
     """A pipeline's model_index.json (built-in, folder, or hub cache) without loading weights; {} when it cannot
     be read."""
-    folder = TINY_SD_DIR if name == TINY_NAME else Path(name).expanduser()
+    folder = Path(PRETRAINED_DIRS[name]) if name in PRETRAINED_DIRS else Path(name).expanduser()
     index = folder / "model_index.json"
     if not index.is_file():
         try:

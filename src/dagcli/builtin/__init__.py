@@ -7,12 +7,18 @@ from pathlib import Path
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_SD_DIR = WEIGHTS_DIR / "tiny-sd"  # StableDiffusionPipeline folder (save_pretrained format)
 TINY_CLIP_DIR = WEIGHTS_DIR / "tiny-clip"  # CLIPModel + CLIPProcessor folder
+TINY_FLOW_DIR = WEIGHTS_DIR / "tiny-flow"  # StableDiffusion3Pipeline folder (rectified flow, no T5)
 
 # Names accepted by `--model`.
 TINY_NAME = "tiny"  # the pretrained tiny text-to-image model (shapes and colours)
+TINY_FLOW_NAME = "tiny-flow"  # the pretrained tiny rectified-flow (SD3-style) model, same data and parts
 TINY_RANDOM_NAME = "tiny-random"  # random weights, built in code; for tests and plumbing checks
 
 
-def tiny_available() -> bool:
-    """True when the pretrained tiny pipeline ships with this install."""
-    return (TINY_SD_DIR / "model_index.json").is_file()
+# pretrained built-in `--model` name -> its pipeline folder (both judged by the tiny CLIP in TINY_CLIP_DIR)
+PRETRAINED_DIRS = {TINY_NAME: TINY_SD_DIR, TINY_FLOW_NAME: TINY_FLOW_DIR}
+
+
+def tiny_available(name: str = TINY_NAME) -> bool:
+    """True when the pretrained built-in pipeline `name` ships with this install."""
+    return (PRETRAINED_DIRS[name] / "model_index.json").is_file()

@@ -23,6 +23,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dagcli.builtin import TINY_CLIP_DIR, TINY_SD_DIR
+from dagcli.builtin import TINY_CLIP_DIR, TINY_FLOW_NAME, TINY_NAME, TINY_SD_DIR
 from dagcli.builtin import dataset as ds
 
 DOC_START, DOC_END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -160,17 +161,28 @@ METRICS = ("clip_colour", "clip_shape", "clip_both", "clip_shape_tmpl", "clip_bo
            "clip_both_and_pixel_colour", "prompt_retrieval")
 
 
-def evaluate_model(pipe, clip: TinyClip, prompts: list[str], n: int, guidance: float, steps: int, seed: int
-                   ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Per-prompt judgements and their means; also returns the samples by prompt."""
+Sampler = Callable[[str, int, int], np.ndarray]  # (prompt, n, seed) -> uint8 images (n, 32, 32, 3)
+
+
+def evaluate_with(sample: Sampler, clip: TinyClip, prompts: list[str], n: int, seed: int
+                  ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Per-prompt judgements of `n` samples per prompt (seed `seed + 1000 * i` for prompt i) and their means;
+    also returns the samples by prompt."""
     prompt_embeds = clip.text_embeds(prompts)
     rows, samples = [], {}
     for i, prompt in enumerate(prompts):
-        imgs = generate(pipe, prompt, n, guidance, steps, seed + 1000 * i)
+        imgs = sample(prompt, n, seed + 1000 * i)
         samples[prompt] = imgs
         rows.append(judge_samples(clip, prompt, imgs, prompt_embeds, i))
     mean = {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
-    return {"guidance": guidance, "steps": steps, "num_per_prompt": n, "mean": mean, "per_prompt": rows}, samples
+    return {"num_per_prompt": n, "mean": mean, "per_prompt": rows}, samples
+
+
+def evaluate_model(pipe, clip: TinyClip, prompts: list[str], n: int, guidance: float, steps: int, seed: int
+                   ) -> tuple[dict, dict[str, np.ndarray]]:
+    """The tiny model's samples (plain DDIM pipeline, eta 0) judged per prompt; also returns the samples."""
+    result, samples = evaluate_with(lambda p, k, s: generate(pipe, p, k, guidance, steps, s), clip, prompts, n, seed)
+    return {"guidance": guidance, "steps": steps, **result}, samples
 
 
 def make_grid(samples: dict[str, np.ndarray], path: Path, per_row: int = 8, scale: int = 3) -> None:
@@ -187,6 +199,26 @@ def make_grid(samples: dict[str, np.ndarray], path: Path, per_row: int = 8, scal
         for c, im in enumerate(imgs[:per_row]):
             tile = Image.fromarray(im).resize((cell, cell), Image.Resampling.NEAREST)
             grid.paste(tile, (label_w + c * (cell + pad), y))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def make_pair_grid(left: dict[str, np.ndarray], right: dict[str, np.ndarray], path: Path, titles: tuple[str, str],
+                   per_side: int = 6, scale: int = 3) -> None:
+    """Two models side by side: one row per prompt, `per_side` samples of each, a title over each half."""
+    cell, pad, label_w, top, gap = ds.RESOLUTION * scale, 2, 300, 16, 16
+    half = per_side * (cell + pad)
+    grid = Image.new("RGB", (label_w + 2 * half + gap, top + len(left) * (cell + pad)), (255, 255, 255))
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for side, title in enumerate(titles):
+        draw.text((label_w + side * (half + gap) + 4, 2), title, fill=(0, 0, 0), font=font)
+    for r, prompt in enumerate(left):
+        y = top + r * (cell + pad)
+        draw.text((6, y + cell // 2 - 6), prompt, fill=(0, 0, 0), font=font)
+        for side, images in enumerate((left[prompt], right[prompt])):
+            for c, im in enumerate(images[:per_side]):
+                tile = Image.fromarray(im).resize((cell, cell), Image.Resampling.NEAREST)
+                grid.paste(tile, (label_w + side * (half + gap) + c * (cell + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
 
@@ -244,36 +276,63 @@ def markdown_section(result: dict, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_doc(path: Path, section: str) -> None:
-    """Replace the marked quality section of the doc (or append it)."""
+def write_doc(path: Path, section: str, markers: tuple[str, str] = (DOC_START, DOC_END)) -> None:
+    """Replace the section between `markers` in the doc (or append it)."""
+    start, end = markers
     text = path.read_text() if path.exists() else "# The built-in tiny model\n\n"
-    if DOC_START in text and DOC_END in text:
-        text = re.sub(re.escape(DOC_START) + ".*?" + re.escape(DOC_END), lambda _: section, text, flags=re.S)
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """CLI entry point."""
+MODELS = (TINY_NAME, TINY_FLOW_NAME)
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Flags of both measurements; the model's dagcli.json gives guidance and steps unless stated."""
     p = argparse.ArgumentParser(prog="python -m dagcli.builtin.quality", description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=MODELS, default=TINY_NAME,
+                   help="tiny: the DDIM model and the tiny CLIP; tiny-flow: the rectified-flow model, with tiny beside")
     p.add_argument("--num-per-prompt", type=int, default=64)
     p.add_argument("--guidance", type=float, default=None, help="default: the model's dagcli.json")
     p.add_argument("--steps", type=int, default=None, help="default: the model's dagcli.json")
-    p.add_argument("--sweep", type=str, default="1,3,6,9", help="guidance values for the sweep ('' for none)")
-    p.add_argument("--sweep-num", type=int, default=16, help="samples per prompt in the sweep")
+    p.add_argument("--sweep", type=str, default=None,
+                   help="guidance values for the sweep ('' for none; default 1,3,6,9, for tiny-flow 1,3,4.5,6)")
+    p.add_argument("--shift-sweep", type=str, default="0.5,1,2,3",
+                   help="tiny-flow: scheduler shifts tried at the default guidance ('' for none)")
+    p.add_argument("--sweep-num", type=int, default=16, help="samples per prompt in the sweeps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sd-dir", type=Path, default=TINY_SD_DIR)
     p.add_argument("--clip-dir", type=Path, default=TINY_CLIP_DIR)
-    p.add_argument("--json", type=Path, default=Path("benchmarks/results/builtin_quality.json"))
+    p.add_argument("--json", type=Path, default=None,
+                   help="default benchmarks/results/builtin_quality.json (tiny-flow: builtin_flow_quality.json)")
     p.add_argument("--doc", type=Path, default=Path("docs/builtin-model.md"))
-    p.add_argument("--grid", type=Path, default=Path("docs/builtin-grid.png"))
+    p.add_argument("--grid", type=Path, default=None,
+                   help="default docs/builtin-grid.png (tiny-flow: docs/builtin-flow-grid.png)")
     p.add_argument("--no-write", action="store_true", help="print the JSON only")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """CLI entry point."""
+    args = _parser().parse_args(argv)
+    command = ("python -m dagcli.builtin.quality " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == TINY_FLOW_NAME:
+        return flow_main(args, command)
+    return tiny_main(args, command)
+
+
+def tiny_main(args: argparse.Namespace, command: str) -> dict:
+    """Measure the tiny DDIM model and the tiny CLIP; write the JSON, the doc section and the grid."""
+    args.sweep = "1,3,6,9" if args.sweep is None else args.sweep
+    args.json = args.json or Path("benchmarks/results/builtin_quality.json")
+    args.grid = args.grid or Path("docs/builtin-grid.png")
     t0 = time.time()
     meta = load_metadata(args.sd_dir)
     guidance = meta["default_guidance"] if args.guidance is None else args.guidance
@@ -290,9 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
         res.pop("per_prompt")
         sweep.append(res)
         print(f"sweep guidance {g}", json.dumps(res["mean"]), flush=True)
-    command = "python -m dagcli.builtin.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
-        "command": command.strip(), "scheduler": "DDIMScheduler (shipped config), eta 0",
+        "command": command, "scheduler": "DDIMScheduler (shipped config), eta 0",
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "clip_zero_shot": zero_shot, "diffusion": main_result, "sweep": sweep,
         "seconds": round(time.time() - t0, 1),
@@ -304,6 +362,170 @@ def main(argv: list[str] | None = None) -> dict:
         make_grid(samples, args.grid)
     print(json.dumps({"seconds": result["seconds"], "zero_shot": zero_shot, "mean": main_result["mean"]}))
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tiny-flow: sampled through dagcli's own family and sampler (Euler ODE at eta 0, the exact SDE above), with the
+# tiny model measured beside it on the same prompts, seeds and judges
+
+FLOW_DOC = ("<!-- quality-flow:start -->", "<!-- quality-flow:end -->")
+SUMMARY = ("clip_colour", "clip_both", "clip_both_tmpl", "pixel_colour", "pixel_shape", "pixel_background",
+           "prompt_retrieval")
+TARGETS = {"clip_colour": ("CLIP colour", 0.97), "clip_both": ("CLIP colour+shape", 0.85),
+           "pixel_background": ("pixel background", 0.95)}  # metric -> (name, lower bound) for the ODE
+
+
+def generate_flow(model, prompt: str, n: int, guidance: float, steps: int, eta: float, seed: int,
+                  batch: int = 64) -> np.ndarray:
+    """`n` samples of one prompt through dagcli's sampler, uint8 (n, 32, 32, 3); image k uses seed `seed + k`."""
+    from dagcli.sampling import generators_for, sample_batch
+
+    out = []
+    for start in range(0, n, batch):
+        k = min(batch, n - start)
+        traj = sample_batch(model, [prompt] * k, generators_for(range(seed + start, seed + start + k)),
+                            steps=steps, guidance=guidance, eta=eta)
+        out.append((traj.images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def set_shift(model, shift: float) -> float:
+    """Give the loaded flow model's scheduler another sigma shift; returns the previous one."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    before = float(model.pipe.scheduler.config.shift)
+    model.pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.pipe.scheduler.config, shift=shift)
+    return before
+
+
+@dataclass(frozen=True)
+class FlowRun:
+    """One sampler setting of tiny-flow: Euler ODE (eta 0) or the SDE (eta > 0)."""
+
+    guidance: float
+    steps: int
+    eta: float
+    shift: float
+
+    def label(self) -> str:
+        kind = "Euler ODE" if self.eta == 0 else f"SDE eta {self.eta}"
+        return f"tiny-flow, {kind}, {self.steps} steps, guidance {self.guidance}, shift {self.shift}"
+
+
+def evaluate_flow(model, clip: TinyClip, prompts: list[str], n: int, run: FlowRun, seed: int
+                  ) -> tuple[dict, dict[str, np.ndarray]]:
+    """tiny-flow's samples for one setting, judged per prompt."""
+    before = set_shift(model, run.shift)
+    try:
+        result, samples = evaluate_with(
+            lambda p, k, s: generate_flow(model, p, k, run.guidance, run.steps, run.eta, s), clip, prompts, n, seed)
+    finally:
+        set_shift(model, before)
+    return {"label": run.label(), "guidance": run.guidance, "steps": run.steps, "eta": run.eta,
+            "shift": run.shift, **result}, samples
+
+
+def _values(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def flow_main(args: argparse.Namespace, command: str) -> dict:
+    """Measure tiny-flow (ODE and SDE) with tiny beside it; write the JSON, the doc section and the grid."""
+    from dagcli.models import load_model, model_defaults
+
+    t0 = time.time()
+    defaults = model_defaults(TINY_FLOW_NAME)
+    guidance = defaults.guidance if args.guidance is None else args.guidance
+    steps = defaults.sample_steps if args.steps is None else args.steps
+    model, clip = load_model(TINY_FLOW_NAME, device="cpu"), load_clip(args.clip_dir)
+    shift = float(model.pipe.scheduler.config.shift)
+    prompts, n = ds.heldout_captions(), args.num_per_prompt
+    ode, samples = evaluate_flow(model, clip, prompts, n, FlowRun(guidance, steps, 0.0, shift), args.seed)
+    sde, _ = evaluate_flow(model, clip, prompts, n, FlowRun(guidance, steps, defaults.eta, shift), args.seed)
+    tiny_pipe, tiny_meta = load_pipeline(args.sd_dir), load_metadata(args.sd_dir)
+    tiny_runs = [evaluate_model(tiny_pipe, clip, prompts, n, tiny_meta["default_guidance"], k, args.seed)
+                 for k in sorted({steps, tiny_meta["default_steps"]})]
+    tiny, tiny_samples = [r for r, _ in tiny_runs], tiny_runs[-1][1]  # samples at tiny's default steps
+    for r in (ode, sde, *tiny):
+        print(r.get("label", f"tiny {r['steps']} steps"), json.dumps(r["mean"]), flush=True)
+    sweeps = {"guidance": [FlowRun(g, steps, 0.0, shift) for g in _values(args.sweep or "1,3,4.5,6")],
+              "shift": [FlowRun(guidance, steps, 0.0, s) for s in _values(args.shift_sweep)]}
+    swept = {name: [_summary(evaluate_flow(model, clip, prompts, args.sweep_num, r, args.seed)[0]) for r in runs]
+             for name, runs in sweeps.items()}
+    result = {
+        "command": command, "prompt_seeds": "seed + 1000 * prompt index + sample index",
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "ode": ode, "sde": sde, "tiny": tiny, "sweeps": swept, "seconds": round(time.time() - t0, 1),
+    }
+    if not args.no_write:
+        out = args.json or Path("benchmarks/results/builtin_flow_quality.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        grid = args.grid or Path("docs/builtin-flow-grid.png")
+        write_doc(args.doc, flow_markdown(result, grid.name), FLOW_DOC)
+        make_pair_grid(tiny_samples, samples, grid, (f"tiny: DDIM, {tiny[-1]['steps']} steps",
+                                                     f"tiny-flow: Euler ODE, {steps} steps"))
+    print(json.dumps({"seconds": result["seconds"], "ode": ode["mean"], "sde": sde["mean"]}))
+    return result
+
+
+def _summary(result: dict) -> dict:
+    """A run without its per-prompt rows."""
+    return {k: v for k, v in result.items() if k != "per_prompt"}
+
+
+def _summary_row(label: str, mean: dict) -> str:
+    return f"| {label} | " + " | ".join(_pct(mean[k]) for k in SUMMARY) + " |"
+
+
+def flow_markdown(result: dict, grid_name: str) -> str:
+    """The tiny-flow quality part of docs/builtin-model.md, between the FLOW_DOC markers."""
+    ode, sde, n = result["ode"], result["sde"], result["ode"]["num_per_prompt"]
+    head = ("| model, sampler | CLIP colour | CLIP colour+shape | CLIP tmpl colour+shape | pixel colour | pixel shape "
+            "| pixel background | retrieval |\n|---|---|---|---|---|---|---|---|")
+    lines = [FLOW_DOC[0], f"Measured with `{result['command']}` ({result['seconds']:.0f} s on {result['machine']}).",
+             "", f"{n} samples per held-out prompt, the same seeds for every row (`{result['prompt_seeds']}`), "
+             "judged as above. tiny-flow is sampled through dagcli's own family and sampler.", "", head,
+             _summary_row(ode["label"], ode["mean"]), _summary_row(sde["label"], sde["mean"])]
+    lines += [_summary_row(f"tiny, DDIM eta 0, {t['steps']} steps, guidance {t['guidance']}", t["mean"])
+              for t in result["tiny"]]
+    lines += ["", "**Per prompt** (CLIP colour+shape / pixel background):", "",
+              "| prompt | tiny-flow ODE | tiny-flow SDE | " + " | ".join(f"tiny {t['steps']} steps" for t in result["tiny"])
+              + " |", "|---|---|---|" + "---|" * len(result["tiny"])]
+    rows = zip(ode["per_prompt"], sde["per_prompt"], *(t["per_prompt"] for t in result["tiny"]), strict=True)
+    for cells in rows:
+        lines.append(f"| {cells[0]['prompt']} | " + " | ".join(
+            f"{_pct(c['clip_both'])} / {_pct(c['pixel_background'])}" for c in cells) + " |")
+    lines += _flow_targets(ode, sde) + _flow_sweeps(result["sweeps"])
+    lines += ["", f"![tiny-flow samples]({grid_name})", "", FLOW_DOC[1]]
+    return "\n".join(lines)
+
+
+def _flow_targets(ode: dict, sde: dict) -> list[str]:
+    """The targets, checked against the numbers above."""
+    lines = ["", f"**Against the targets** ({ode['steps']} steps, guidance {ode['guidance']}):", "",
+             "| target | measured | met? |", "|---|---|---|"]
+    for key, (name, bound) in TARGETS.items():
+        value = ode["mean"][key]
+        lines.append(f"| ODE {name} >= {_pct(bound)} | {_pct(value)} | {'yes' if value >= bound else 'no'} |")
+    for key in ("clip_colour", "clip_both"):
+        gap = sde["mean"][key] - ode["mean"][key]
+        lines.append(f"| SDE (eta {sde['eta']}) {TARGETS[key][0]} within 5 points of the ODE | "
+                     f"{100 * gap:+.1f} points | {'yes' if abs(gap) <= 0.05 else 'no'} |")
+    return lines
+
+
+def _flow_sweeps(sweeps: dict) -> list[str]:
+    """The guidance and shift sweeps (Euler ODE)."""
+    lines = []
+    for name, runs in sweeps.items():
+        if not runs:
+            continue
+        lines += ["", f"**{name.capitalize()} sweep** (Euler ODE, {runs[0]['num_per_prompt']} samples per prompt):",
+                  "", f"| {name} | CLIP colour | CLIP colour+shape | CLIP tmpl colour+shape | pixel colour "
+                  "| pixel shape | pixel background | retrieval |", "|---|---|---|---|---|---|---|---|"]
+        lines += [_summary_row(str(r[name]), r["mean"]) for r in runs]
+    return lines
 
 
 if __name__ == "__main__":

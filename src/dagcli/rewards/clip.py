@@ -106,10 +106,10 @@ def is_tiny_model(base_model: str | None) -> bool:
     """True for the built-in tiny models, by name or by the path of the shipped tiny pipeline."""
     if not base_model:
         return False
-    if base_model in (builtin.TINY_NAME, builtin.TINY_RANDOM_NAME):
+    if base_model in (*builtin.PRETRAINED_DIRS, builtin.TINY_RANDOM_NAME):
         return True
     try:
-        return Path(base_model).expanduser().resolve() == Path(builtin.TINY_SD_DIR).resolve()
+        return Path(base_model).expanduser().resolve() in {Path(d).resolve() for d in builtin.PRETRAINED_DIRS.values()}
     except OSError:
         return False
 
