@@ -65,11 +65,13 @@ class Bench:
         return self.args.time_budget > 0 and time.perf_counter() - self.t_start > self.args.time_budget
 
     def time(self, fn: Callable[[], object]) -> float:
+        process = getattr(self.args, "clock", "wall") == "process" and not self.cuda
+        clock = time.process_time if process else time.perf_counter
         self.sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         self.sync()
-        return time.perf_counter() - t0
+        return clock() - t0
 
     def compare(self, variants: dict[str, Callable[[], object]], repeats: int | None = None,
                 warmup: int = 1) -> dict[str, float]:
@@ -167,6 +169,18 @@ def at_resolution(model, resolution: int | None):
     if resolution:
         model.pipe.unet.register_to_config(sample_size=resolution // model.pipe.vae_scale_factor)
     return model
+
+
+def first_call(module: torch.nn.Module, run: Callable[[], object]) -> tuple[tuple, dict]:
+    """The (args, kwargs) of the first call that `run()` makes to `module`: the exact guided call to replay."""
+    seen: list = []
+    handle = module.register_forward_pre_hook(lambda _m, args, kwargs: seen.append((args, kwargs)) or None,
+                                              with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen[0]
 
 
 def ratio(a: float, b: float) -> float:
@@ -327,6 +341,23 @@ def bench_compile(b: Bench, model) -> dict:
 
 # --- training ---------------------------------------------------------------------------------------------
 
+def random_tiny_decoder(latent_channels: int) -> str:
+    """A folder holding a randomly initialised `AutoencoderTiny` (TAESD's architecture) for `latent_channels`-channel
+    latents, so the trainer loads it through `dag.x0_decoder` exactly as it would a downloaded one."""
+    from diffusers import AutoencoderTiny
+
+    folder = tempfile.mkdtemp(prefix="dagcli-perf-taesd-")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoencoderTiny(latent_channels=latent_channels).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def x0_decoder_folder(a, latent_channels: int) -> str:
+    """`--x0-decoder`: "" (none), "random" (built here) or a folder / hub id."""
+    return random_tiny_decoder(latent_channels) if a.x0_decoder == "random" else a.x0_decoder
+
+
 def make_trainer(b: Bench, micro_batch: int):
     from dagcli.config import Config, replace
     from dagcli.trainer import Trainer
@@ -343,7 +374,37 @@ def make_trainer(b: Bench, micro_batch: int):
     cfg = replace(cfg, "dag", beta=1.0, beta_ramp_epochs=0, x0_source="sampling", x0_guidance="cond")
     cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"), checkpoint_minutes=0.0)
     model = load_model_at(a.model, a.device, a.dtype, a.resolution)
-    return Trainer(cfg, PROMPTS, model=model), cfg
+    if a.x0_decoder:
+        cfg = replace(cfg, "dag", x0_decoder=x0_decoder_folder(a, model.family.latent_channels))
+    trainer = Trainer(cfg, PROMPTS, model=model)
+    return trainer, cfg, trainer.rollout.x0_vae
+
+
+@contextlib.contextmanager
+def x0_decoder(trainer, decoder):
+    """Decode the x̂0 images with `decoder` (None: the model's VAE) inside the block."""
+    before, trainer.rollout.x0_vae = trainer.rollout.x0_vae, decoder
+    try:
+        yield
+    finally:
+        trainer.rollout.x0_vae = before
+
+
+@contextlib.contextmanager
+def timestep_fraction(trainer, fraction: float, every_state: bool = False):
+    """Train a `fraction` of each trajectory's transitions inside the block; with `every_state`, the x̂0 of every
+    state is decoded and scored anyway (what the rollout did before it decoded only the trained transitions')."""
+    import dagcli.rollout as rollout_module
+    from dagcli.config import replace
+
+    config, needed = trainer.config, rollout_module.states_needed
+    trainer.config = replace(config, "train", timestep_fraction=fraction)
+    if every_state:
+        rollout_module.states_needed = lambda pairs, n, steps: torch.ones(n, steps, dtype=torch.bool)
+    try:
+        yield
+    finally:
+        trainer.config, rollout_module.states_needed = config, needed
 
 
 class AlgorithmVariants:
@@ -372,7 +433,8 @@ class AlgorithmVariants:
 def bench_training(b: Bench) -> dict:
     a = b.args
     mb = a.train_batches[0]
-    trainer, cfg = make_trainer(b, mb)
+    trainer, cfg, small = make_trainer(b, mb)
+    trainer.rollout.x0_vae = None  # the model's VAE unless a measure asks for the small decoder
     variants = AlgorithmVariants(trainer, cfg)
     out: dict = {"micro_batch": mb, "trajectories_per_epoch": a.batch, "steps": a.steps,
                  "transitions_per_epoch": a.batch * a.steps, "reward": a.reward,
@@ -390,50 +452,72 @@ def bench_training(b: Bench) -> dict:
     diff, scale = float((loss_s.float() - loss_c.float()).abs().max()), float(loss_s.float().abs().max())
     out["loss_agreement"] = {"max_abs_diff": diff, "max_abs_loss": scale, "max_rel_diff": diff / max(scale, 1e-30),
                              "transitions": len(idx), "target": 1e-5}
-    out["per_transition"] = per_transition(b, trainer, variants, batch, batch_c, idx, len(pairs))
+    out["per_transition"] = per_transition(b, trainer, variants, batch, batch_c, idx, len(pairs), small)
     if b.over_budget():
         return out
 
-    # 3. full epochs (collect + train), alternating the two sources
-    def epoch():
-        trainer.train_epoch(0, trainer.collect(0)[0])
-
-    e = b.compare({"sampling": epoch, "current": variants.use("current", epoch)}, repeats=a.epoch_repeats, warmup=0)
-    out["epochs"] = {
-        "seconds": e,
-        "transitions_per_s": {k: len(pairs) / v for k, v in e.items()},
-        "ratio_sampling_vs_current": ratio(e["current"], e["sampling"]),
-        "target": 2.0,
-    }
+    # 3. full epochs (collect + train), alternating the two sources, at each timestep fraction (and with the
+    # small x̂0 decoder at the first fraction)
+    out["epochs_by_fraction"] = {}
+    for fraction in a.fractions:
+        if b.over_budget():
+            break
+        out["epochs_by_fraction"][str(fraction)] = epoch_ratios(b, trainer, variants, fraction)
+    if str(1.0) in out["epochs_by_fraction"]:
+        out["epochs"] = out["epochs_by_fraction"][str(1.0)]
+    if small is not None and not b.over_budget():
+        with x0_decoder(trainer, small):
+            out["epochs_small_decoder"] = epoch_ratios(b, trainer, variants, a.fractions[0], compare_all=False)
     out["memory"] = b.peak_memory()
-    if not b.over_budget():
-        out["overlap_rewards"] = overlap_rewards(b, trainer, cfg)
+    if "overlap" in a.sections.split(",") and not b.over_budget():
+        out["overlap_rewards"] = (overlap_rewards(b, trainer, cfg) if a.clock == "wall" or b.cuda else
+                                  {"speedup_overlap": "n/a (--clock process counts both threads' CPU time)"})
     # 5. micro-batch sizes x gradient checkpointing: transitions/s (loss + backward + optimiser step), memory
     if a.train_sweep:
         out["sweep"] = train_sweep(b, trainer, batch, pairs)
     return out
 
 
-def per_transition(b: Bench, trainer, variants, batch, batch_c, idx, n_trained: int) -> dict:
-    """2. One trained transition (loss + backward) against one guided UNet forward + backward on the same
-    micro-batch, with the forward-looking decode of every state amortised over the transitions trained."""
-    a, traj, family = b.args, batch.traj, trainer.family
-    x_t = traj.latents[idx[:, 0], idx[:, 1]].to(trainer.model.device)
-    t = family.timestep(trainer.rollout.schedule, idx[:, 1]).to(trainer.model.device)
-    embeds = traj.cond[idx[:, 0]].tensors["embeds"].to(trainer.model.device)
-    both = torch.cat([family.encoder([""]).expand(len(idx), -1, -1), embeds])
-    x2, t2 = torch.cat([x_t, x_t]).to(trainer.model.dtype), torch.cat([t, t])
+def epoch_ratios(b: Bench, trainer, variants, fraction: float, compare_all: bool = True) -> dict:
+    """Trained transitions/s of full epochs (collect + train) with x̂0 from sampling vs recomputed (the reference
+    procedure) at a timestep fraction; below 1 also ours decoding every state's x̂0, not only the trained ones'."""
+    from dagcli.config import transitions_per_trajectory
+
+    a = b.args
+    n = a.batch * transitions_per_trajectory(a.steps, fraction)
+
+    def epoch():
+        trainer.train_epoch(0, trainer.collect(0)[0])
+
+    def every_state():
+        with timestep_fraction(trainer, fraction, every_state=True):
+            epoch()
+
+    runs = {"sampling": epoch, "current": variants.use("current", epoch)}
+    if compare_all and fraction < 1:
+        runs["sampling_every_state"] = every_state
+    with timestep_fraction(trainer, fraction):
+        e = b.compare(runs, repeats=a.epoch_repeats, warmup=0)
+    res = {"timestep_fraction": fraction, "transitions_trained": n, "seconds": e,
+           "transitions_per_s": {k: n / v for k, v in e.items()},
+           "ratio_sampling_vs_current": ratio(e["current"], e["sampling"]), "target": 2.0}
+    if "sampling_every_state" in e:
+        res["ratio_every_state_vs_current"] = ratio(e["current"], e["sampling_every_state"])
+        res["speedup_trained_states_only"] = ratio(e["sampling_every_state"], e["sampling"])
+    return res
+
+
+def per_transition(b: Bench, trainer, variants, batch, batch_c, idx, n_trained: int, small=None) -> dict:
+    """2. One trained transition (loss + backward) against one forward + backward of the LoRA denoiser on the
+    guided micro-batch (the call the loss makes), with the forward-looking decode of every state amortised over the
+    transitions trained (by the model's VAE, and by the small x̂0 decoder `small` when given); the reference
+    procedure's transition too when `variants` is given."""
+    a, traj = b.args, batch.traj
     params = trainer.trainable()
 
     def zero():
         for p in params:
             p.grad = None
-
-    def ref():
-        with trainer.accelerator.autocast():
-            y = trainer.denoiser(x2, t2, encoder_hidden_states=both, return_dict=False)[0]
-        y.float().mean().backward()
-        zero()
 
     def step(bt):
         def run():
@@ -442,24 +526,51 @@ def per_transition(b: Bench, trainer, variants, batch, batch_c, idx, n_trained: 
             zero()
         return run
 
+    args, kwargs = first_call(trainer.denoiser, step(batch))  # the guided call the loss makes, replayed
+
+    def ref():
+        with trainer.accelerator.autocast():
+            y = trainer.denoiser(*args, **kwargs)[0]
+        y.float().mean().backward()
+        zero()
+
+    def fl_with(decoder):
+        def run():
+            with x0_decoder(trainer, decoder):
+                return trainer.rollout.forward_looking_rewards(traj, "cond")
+        return run
+
     for module in (trainer.denoiser, *trainer.algorithm.modules.values()):
         module.train()
-    m = b.compare({"guided_unet_fwd_bwd": ref, "ours_transition": step(batch),
-                   "current_transition": variants.use("current", step(batch_c))})
+    runs = {"guided_unet_fwd_bwd": ref, "ours_transition": step(batch)}
+    if variants is not None:
+        runs["current_transition"] = variants.use("current", step(batch_c))
+    m = b.compare(runs)
+    decoders = {"vae": None} if small is None else {"vae": None, "small_decoder": small}
     with torch.no_grad():
-        fl = b.compare({"fl_all_states": lambda: trainer.rollout.forward_looking_rewards(traj, "cond")},
-                       repeats=max(1, a.repeats // 2))
-    fl_per_mb = fl["fl_all_states"] * len(idx) / n_trained
-    return {
-        "seconds": m, "forward_looking_rewards_all_states_seconds": fl["fl_all_states"],
-        "fl_amortised_per_micro_batch_seconds": fl_per_mb,
-        "ratio_ours_vs_guided_fwd_bwd": ratio(m["ours_transition"] + fl_per_mb, m["guided_unet_fwd_bwd"]),
+        fl = b.compare({k: fl_with(d) for k, d in decoders.items()}, repeats=max(1, a.repeats // 2))
+    per_mb = {k: v * len(idx) / n_trained for k, v in fl.items()}
+    out = {
+        "seconds": m, "forward_looking_rewards_all_states_seconds": fl["vae"],
+        "fl_amortised_per_micro_batch_seconds": per_mb["vae"],
+        "ratio_ours_vs_guided_fwd_bwd": ratio(m["ours_transition"] + per_mb["vae"], m["guided_unet_fwd_bwd"]),
         "ratio_ours_vs_guided_fwd_bwd_without_fl": ratio(m["ours_transition"], m["guided_unet_fwd_bwd"]),
-        "ratio_current_vs_guided_fwd_bwd": ratio(m["current_transition"], m["guided_unet_fwd_bwd"]),
         "accounting": "ours = (loss+backward of the micro-batch) + (time of forward_looking_rewards over all "
                       f"{traj.batch_size}x{traj.num_steps} states) x micro_batch / transitions trained per epoch "
                       f"({n_trained})",
     }
+    if "current_transition" in m:
+        out["ratio_current_vs_guided_fwd_bwd"] = ratio(m["current_transition"], m["guided_unet_fwd_bwd"])
+    if small is not None:
+        out["small_decoder"] = {
+            "forward_looking_rewards_all_states_seconds": fl["small_decoder"],
+            "fl_amortised_per_micro_batch_seconds": per_mb["small_decoder"],
+            "speedup_fl_vs_vae": ratio(fl["vae"], fl["small_decoder"]),
+            "ratio_ours_vs_guided_fwd_bwd": ratio(m["ours_transition"] + per_mb["small_decoder"],
+                                                  m["guided_unet_fwd_bwd"]),
+            "target": 1.15,
+        }
+    return out
 
 
 def overlap_rewards(b: Bench, trainer, cfg) -> dict:
@@ -486,6 +597,8 @@ def overlap_rewards(b: Bench, trainer, cfg) -> dict:
 
 
 def train_sweep(b: Bench, trainer, batch, pairs) -> list[dict]:
+    """Transitions/s (loss + backward + optimiser step) and peak memory at each micro-batch size in
+    `--train-batches`, without and with gradient checkpointing; a size that runs out of GPU memory is recorded."""
     a, raw = b.args, trainer.raw_denoiser
     rows = []
     for mb in a.train_batches:
@@ -495,25 +608,38 @@ def train_sweep(b: Bench, trainer, batch, pairs) -> list[dict]:
                 continue
             raw.enable_gradient_checkpointing() if gc else raw.disable_gradient_checkpointing()
             trainer.denoiser.train()
-            micro = [pairs[j: j + mb] for j in range(0, len(pairs) - mb + 1, mb)]
-            micro = (micro * (a.sweep_micro_batches + 2))[: a.sweep_micro_batches + 1]
-
-            def one(idx):
-                loss, _ = trainer.micro_batch_loss(batch, idx, 0)
-                loss.mean().backward()
-                trainer.optimizer.step()
+            try:
+                row = sweep_row(b, trainer, batch, pairs, mb)
+            except torch.OutOfMemoryError as e:
                 trainer.optimizer.zero_grad(set_to_none=True)
-
-            one(micro[0])  # warm-up
-            b.reset_peak()
-            secs = b.time(lambda rest=micro[1:]: [one(i) for i in rest])
-            n = mb * (len(micro) - 1)
-            row = {"micro_batch": mb, "gradient_checkpointing": gc, "transitions_per_s": n / secs,
-                   "seconds_per_micro_batch": secs / (len(micro) - 1), **b.peak_memory()}
-            rows.append(row)
-            print(row, flush=True)
+                row = {"skipped": f"out of memory: {str(e).splitlines()[0][:160]}"}
+                if b.cuda:
+                    torch.cuda.empty_cache()
+            rows.append({"micro_batch": mb, "gradient_checkpointing": gc, **row})
+            print(rows[-1], flush=True)
     raw.disable_gradient_checkpointing()
     return rows
+
+
+def sweep_row(b: Bench, trainer, batch, pairs, mb: int) -> dict:
+    """One micro-batch size: a warm-up step, then `--sweep-micro-batches` timed steps; peak memory of those."""
+    micro = [pairs[j: j + mb] for j in range(0, len(pairs) - mb + 1, mb)]
+    micro = (micro * (b.args.sweep_micro_batches + 2))[: b.args.sweep_micro_batches + 1]
+
+    def one(idx):
+        loss, _ = trainer.micro_batch_loss(batch, idx, 0)
+        loss.mean().backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    one(micro[0])  # warm-up
+    b.reset_peak()
+    secs = b.time(lambda rest=micro[1:]: [one(i) for i in rest])
+    out = {"transitions_per_s": mb * (len(micro) - 1) / secs, "seconds_per_micro_batch": secs / (len(micro) - 1),
+           **b.peak_memory()}
+    if b.cuda:
+        out["peak_cuda_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    return out
 
 
 # --- FLOPs and MFU --------------------------------------------------------------------------------------
@@ -582,11 +708,28 @@ def table(results: dict) -> str:
         add("ratio ours transition (+FL amortised) / guided fwd+bwd (target <= 1.25)",
             p["ratio_ours_vs_guided_fwd_bwd"])
         add("ratio ours transition without FL / guided fwd+bwd", p["ratio_ours_vs_guided_fwd_bwd_without_fl"])
-        add("ratio current transition / guided fwd+bwd", p["ratio_current_vs_guided_fwd_bwd"])
-    if "epochs" in tr:
+        add("ratio current transition / guided fwd+bwd", p.get("ratio_current_vs_guided_fwd_bwd"))
+    if "small_decoder" in tr.get("per_transition", {}):
+        p = tr["per_transition"]["small_decoder"]
+        add("small x̂0 decoder: FL speed-up over the VAE", p["speedup_fl_vs_vae"])
+        add("small x̂0 decoder: ratio ours transition (+FL) / guided fwd+bwd (target <= 1.15)",
+            p["ratio_ours_vs_guided_fwd_bwd"])
+    for f, ep in tr.get("epochs_by_fraction", {}).items():
+        for k, v in ep["transitions_per_s"].items():
+            add(f"fraction {f}: epoch transitions/s, {k}", v)
+        add(f"fraction {f}: ratio epoch sampling / current (target >= 2.0)", ep["ratio_sampling_vs_current"])
+        if "speedup_trained_states_only" in ep:
+            add(f"fraction {f}: ratio epoch sampling decoding every state / current",
+                ep["ratio_every_state_vs_current"])
+            add(f"fraction {f}: speed-up of decoding only the trained states", ep["speedup_trained_states_only"])
+    if "epochs" in tr and "epochs_by_fraction" not in tr:  # results written before the fractions existed
         for k, v in tr["epochs"]["transitions_per_s"].items():
             add(f"epoch transitions/s: x0_source={k}", v)
         add("ratio epoch sampling / current (target >= 2.0)", tr["epochs"]["ratio_sampling_vs_current"])
+    if "epochs_small_decoder" in tr:
+        ep = tr["epochs_small_decoder"]
+        add(f"small x̂0 decoder, fraction {ep['timestep_fraction']}: ratio epoch sampling / current",
+            ep["ratio_sampling_vs_current"])
     if "overlap_rewards" in tr:
         add("lever overlap_rewards: speedup of an epoch's sampling + scoring", tr["overlap_rewards"]["speedup_overlap"])
     for row in tr.get("sweep", []) or []:
@@ -627,6 +770,12 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--reward", default="colorfulness", help="a reward spec (a cheap, continuous one by default)")
     p.add_argument("--train-batches", default=None, help="comma-separated micro-batch sizes, the first is the main")
+    p.add_argument("--fractions", default="1.0,0.5",
+                   help="comma-separated train.timestep_fraction values for the epoch ratios; the first is also used "
+                        "with the small x̂0 decoder")
+    p.add_argument("--x0-decoder", default="random",
+                   help='dag.x0_decoder for the small-decoder measures: "random" (a random AutoencoderTiny of the '
+                        'model\'s latent shape, saved and loaded like a real one), a folder or hub id, "" for none')
     p.add_argument("--train-sweep", action="store_true", help="micro-batch x gradient-checkpointing sweep")
     p.add_argument("--sweep-micro-batches", type=int, default=3)
     p.add_argument("--repeats", type=int, default=None)
@@ -634,9 +783,13 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile (GPU)")
     p.add_argument("--flops", action="store_true", help="count UNet FLOPs and report MFU")
     p.add_argument("--peak-tflops", type=float, default=None)
-    p.add_argument("--sections", default="sampling,levers,training,flops,compile")
+    p.add_argument("--sections", default="sampling,levers,training,overlap,flops,compile",
+                   help="overlap: rewards overlapped with sampling, measured inside training")
     p.add_argument("--time-budget", type=float, default=0, help="skip remaining sections after this many s")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--clock", default="wall", choices=["wall", "process"],
+                   help="process: CPU time of this process (CPU runs with --threads 1 on a shared machine, where "
+                        "wall time also counts the other processes' turns)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     a.batch = a.batch or (4 if a.quick else 8)
@@ -644,17 +797,23 @@ def parse_args(argv=None):
     a.repeats = a.repeats or (3 if a.quick else 7)
     a.epoch_repeats = a.epoch_repeats or (2 if a.quick else 5)
     a.train_batches = [int(v) for v in (a.train_batches or ("4" if a.quick else "4,8")).split(",")]
+    a.fractions = [float(v) for v in a.fractions.split(",")]
     a.out = a.out or str(HERE / "results" / f"perf-{a.device}.json")
     return a
 
 
-def main(argv=None) -> dict:
-    a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    if a.device == "cuda":
+def set_up_torch(threads: int | None, device: str) -> None:
+    """Thread count on CPU (one thread on a shared machine), TF32 matmuls on GPU."""
+    if threads:
+        torch.set_num_threads(threads)
+    if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    set_up_torch(a.threads, a.device)
     b = Bench(a)
     sections = a.sections.split(",")
     loaded = {"model": load(a) if {"sampling", "levers", "compile"} & set(sections) else None}
