@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dagcli.builtin import PRETRAINED_DIRS, TINY_NAME, TINY_RANDOM_NAME, tiny_available
+from dagcli.builtin import PRETRAINED_DIRS, TINY_NAME, TINY_RANDOM_NAME, is_pretrained_dir, tiny_available
 from dagcli.builtin.random_models import RANDOM_MODELS
 from dagcli.errors import DagError
 from dagcli.families import family_for
@@ -102,7 +102,7 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
     else:
         folder = PRETRAINED_DIRS.get(model, model)
         pipe = _from_pretrained(str(folder), dt)
-        is_tiny = Path(folder).resolve() in {d.resolve() for d in PRETRAINED_DIRS.values()}
+        is_tiny = is_pretrained_dir(folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     for module in pipe.components.values():

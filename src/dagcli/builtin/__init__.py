@@ -22,3 +22,8 @@ PRETRAINED_DIRS = {TINY_NAME: TINY_SD_DIR, TINY_FLOW_NAME: TINY_FLOW_DIR}
 def tiny_available(name: str = TINY_NAME) -> bool:
     """True when the pretrained built-in pipeline `name` ships with this install."""
     return (PRETRAINED_DIRS[name] / "model_index.json").is_file()
+
+
+def is_pretrained_dir(path: str | Path) -> bool:
+    """True when `path` is the folder of a pretrained built-in pipeline (however it is spelt)."""
+    return Path(path).expanduser().resolve() in {d.resolve() for d in PRETRAINED_DIRS.values()}

@@ -109,7 +109,7 @@ def is_tiny_model(base_model: str | None) -> bool:
     if base_model in (*builtin.PRETRAINED_DIRS, builtin.TINY_RANDOM_NAME):
         return True
     try:
-        return Path(base_model).expanduser().resolve() in {Path(d).resolve() for d in builtin.PRETRAINED_DIRS.values()}
+        return builtin.is_pretrained_dir(base_model)
     except OSError:
         return False
 
