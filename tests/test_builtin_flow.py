@@ -85,7 +85,8 @@ def test_dagcli_ode_images_equal_the_plain_pipelines(plain_pipe, tmp_path, capsy
 
 
 def test_repeated_token_attention_equals_the_pipelines_256_zero_tokens(plain_pipe) -> None:
-    from dagcli.builtin.train_flow import RepeatedTokenAttention, encode_captions
+    from dagcli.builtin.train_flow import encode_captions
+    from dagcli.families import repeated_tokens
 
     transformer = plain_pipe.transformer
     short_embeds, short_pooled = encode_captions(plain_pipe, [PROMPT, ""])  # one T5 zero token
@@ -96,10 +97,11 @@ def test_repeated_token_attention_equals_the_pipelines_256_zero_tokens(plain_pip
         full = transformer(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled,
                            return_dict=False)[0]
         processors = transformer.attn_processors
-        transformer.set_attn_processor(RepeatedTokenAttention(256))
+        repeated_tokens.install(transformer)  # the training script's and dagcli's sampler's attention
         try:
             short = transformer(hidden_states=x, timestep=t, encoder_hidden_states=short_embeds,
-                                pooled_projections=short_pooled, return_dict=False)[0]
+                                pooled_projections=short_pooled, return_dict=False,
+                                joint_attention_kwargs={repeated_tokens.KWARG: 256})[0]
         finally:
             transformer.set_attn_processor(processors)
     assert torch.allclose(short, full, atol=1e-5)

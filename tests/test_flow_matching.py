@@ -210,8 +210,8 @@ def test_db_residual_of_a_hand_built_two_step_chain():
     loss, _ = dag.loss(mb, PolicyOutput(out=v, step=step), batch, epoch=0)
 
     with torch.no_grad():  # the flow network's values F̃(x_0, σ_0·1000) and F̃(x_1, σ_1·1000), read directly
-        flow = dag.modules["flow"](torch.cat(xs[:2]), torch.tensor(sig[:2]) * 1000,
-                                   torch.cat([cond.tensors["embeds"]] * 2))
+        embeds = family.pipe.encode_prompt(["a red circle"], None, None, do_classifier_free_guidance=False)[0]
+        flow = dag.modules["flow"](torch.cat(xs[:2]), torch.tensor(sig[:2]) * 1000, torch.cat([embeds] * 2))
     dims = 4 * 8 * 8
     expected = []
     for k in range(2):
@@ -257,6 +257,7 @@ def test_flow_network_sees_the_image_layout_latent_and_sigma_times_1000(kind):
     assert x_in is x
     assert torch.equal(time, torch.stack([schedule.sigmas[0], schedule.sigmas[4]]) * 1000)
     assert time.tolist() == [1000.0, 0.0]
-    assert text.shape[:2] == (2, cond.tensors["embeds"].shape[1])
+    tokens = cond.tensors["embeds"].shape[1] + (255 if kind == "sd3" else 0)  # SD3 without T5: its 256 zeros
+    assert text.shape[:2] == (2, tokens)
     config = family.flow_config(32, 32)
     assert config.in_channels == 4 and config.cross_attention_dim == text.shape[-1]

@@ -14,7 +14,8 @@ text projection for the pooled embedding. Only an `SD3Transformer2DModel` is tra
 
 Without T5 the pipeline appends 256 identical zero tokens to the prompt; they stay identical through every
 block (no positional embedding on the text stream), so training carries one of them and adds log 256 to its
-attention logit (`RepeatedTokenAttention`): the same function at a fraction of the cost.
+attention logit (`dagcli.families.repeated_tokens`, as dagcli's sampler does): the same function at a fraction
+of the cost.
 
 The result is a `StableDiffusion3Pipeline` folder (`tiny-flow`, `text_encoder_3=None`) of safetensors with a
 `dagcli.json` of sampling defaults, loadable with the pipeline's own `from_pretrained`.
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -53,6 +53,7 @@ from dagcli.builtin.train import (
     num_params,
     render_pool,
 )
+from dagcli.families import repeated_tokens
 from dagcli.families.sd3 import T5_TOKENS, SD3Family
 
 
@@ -87,39 +88,6 @@ QUICK = FlowConfig(pool_size=256, layers=1, steps=6, batch=16, log_every=2)
 
 # ----------------------------------------------------------------------------------------------------------
 # The pipeline's parts
-
-
-class RepeatedTokenAttention:
-    """SD3 joint attention in which the last context token stands for `copies` identical tokens.
-
-    Identical keys and values act as one key whose softmax weight is `copies` times larger, i.e. whose logit
-    is larger by log(copies); identical queries give identical rows, so computing one of them suffices."""
-
-    def __init__(self, copies: int) -> None:
-        self.log_copies = math.log(copies)
-
-    @staticmethod
-    def _split(attn, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, heads * d) -> (B, heads, L, d)."""
-        return x.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
-
-    def _qkv(self, attn, x: torch.Tensor, proj: tuple, norms: tuple) -> list[torch.Tensor]:
-        q, k, v = (self._split(attn, p(x)) for p in proj)
-        return [q if norms[0] is None else norms[0](q), k if norms[1] is None else norms[1](k), v]
-
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        n = hidden_states.shape[1]
-        image = self._qkv(attn, hidden_states, (attn.to_q, attn.to_k, attn.to_v), (attn.norm_q, attn.norm_k))
-        text = self._qkv(attn, encoder_hidden_states, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj),
-                         (attn.norm_added_q, attn.norm_added_k))
-        q, k, v = (torch.cat(pair, dim=2) for pair in zip(image, text, strict=True))
-        bias = torch.zeros(1, k.shape[2], dtype=q.dtype, device=q.device)  # added to every query's logits
-        bias[0, -1] = self.log_copies
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
-        img, ctx = out[:, :n], out[:, n:]
-        img = attn.to_out[1](attn.to_out[0](img))
-        return img, ctx if attn.context_pre_only else attn.to_add_out(ctx)
 
 
 def build_transformer(cfg: FlowConfig, text_width: int) -> SD3Transformer2DModel:
@@ -216,7 +184,8 @@ def train_transformer(cfg: FlowConfig, latents: torch.Tensor, embeds: torch.Tens
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = build_transformer(cfg, embeds.shape[-1])
-    model.set_attn_processor(RepeatedTokenAttention(T5_TOKENS))
+    repeated_tokens.install(model)
+    short = {repeated_tokens.KWARG: T5_TOKENS}
     opt, sched = _optimizer([{"params": model.parameters(), "lr": cfg.lr}], cfg.steps)
     ema = Ema([model], cfg.ema_decay)
     model.train()
@@ -231,7 +200,7 @@ def train_transformer(cfg: FlowConfig, latents: torch.Tensor, embeds: torch.Tens
         tb = t[:, None, None, None]
         xt = (1 - tb) * x0 + tb * noise
         pred = model(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds[cap],
-                     pooled_projections=pooled[cap], return_dict=False)[0]
+                     pooled_projections=pooled[cap], joint_attention_kwargs=short, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

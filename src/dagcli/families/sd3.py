@@ -1,6 +1,9 @@
 """Stable Diffusion 3 / 3.5 (`StableDiffusion3Pipeline`): CLIP-L and CLIP-G (token and pooled embeddings) and an
 optional T5 (a pipeline without one gets zeros in its place, as diffusers does), an MMDiT transformer predicting
 the velocity, classifier-free guidance, sigmas shifted by the scheduler's `shift` (3.0 for SD3.5).
+
+Without T5 the 256 identical zero tokens are carried as one (`repeated_tokens`): the same function, in float32
+up to rounding, at a fraction of the cost; the DAG flow network still sees the pipeline's full sequence.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from dagcli.families import repeated_tokens
 from dagcli.families.base import Cond, Denoise, FamilyDefaults
 from dagcli.families.flow import FlowFamily, warn_long_prompts
 
@@ -24,6 +28,12 @@ class SD3Family(FlowFamily):
         max_eta=None,
         source="Flow-GRPO's SD3.5 Medium settings (config/base.py, config/grpo.py of yifan123/flow_grpo)",
     )
+
+    def __init__(self, pipe, device: torch.device):
+        super().__init__(pipe, device)
+        self.short_t5 = pipe.text_encoder_3 is None  # T5's zeros carried as one token standing for t5_tokens
+        if self.short_t5:
+            repeated_tokens.install(pipe.transformer)
 
     # --- sizes -------------------------------------------------------------------------------------------
     @property
@@ -44,7 +54,7 @@ class SD3Family(FlowFamily):
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device=self.device,
                                                        do_classifier_free_guidance=False,
-                                                       max_sequence_length=self.t5_tokens)
+                                                       max_sequence_length=1 if self.short_t5 else self.t5_tokens)
         return {"embeds": embeds, "pooled": pooled}
 
     def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int:
@@ -73,6 +83,7 @@ class SD3Family(FlowFamily):
         embeds, pooled = cond.tensors["embeds"], cond.tensors["pooled"]
         dtype = embeds.dtype  # the transformer's input dtype, as diffusers: the text encoders'
         use_cfg = guidance > 1.0
+        extra = {"joint_attention_kwargs": {repeated_tokens.KWARG: self.t5_tokens}} if self.short_t5 else {}
         if use_cfg:
             empty = self.encode([""]).tensors
             embeds = torch.cat([empty["embeds"].expand_as(embeds), embeds])
@@ -82,10 +93,16 @@ class SD3Family(FlowFamily):
             t = schedule.time(j).to(x.device)
             x_in, t_in = (torch.cat([x, x]), torch.cat([t, t])) if use_cfg else (x, t)
             out = model(hidden_states=x_in.to(dtype), timestep=t_in, encoder_hidden_states=embeds,
-                        pooled_projections=pooled, return_dict=False)[0].float()
+                        pooled_projections=pooled, return_dict=False, **extra)[0].float()
             if not use_cfg:
                 return out, out
             v_u, v_c = out.chunk(2)
             return v_u + guidance * (v_c - v_u), v_c
 
         return denoise
+
+    # --- the flow network ---------------------------------------------------------------------------------
+    def flow_inputs(self, schedule, j, x, cond: Cond):
+        """As every flow family, with the pipeline's own token sequence (T5's zeros repeated back when short)."""
+        x, t, embeds = super().flow_inputs(schedule, j, x, cond)
+        return x, t, repeated_tokens.expand(embeds, self.t5_tokens) if self.short_t5 else embeds
