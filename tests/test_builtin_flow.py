@@ -104,7 +104,8 @@ def test_repeated_token_attention_equals_the_pipelines_256_zero_tokens(plain_pip
                                 joint_attention_kwargs={repeated_tokens.KWARG: 256})[0]
         finally:
             transformer.set_attn_processor(processors)
-    assert torch.allclose(short, full, atol=1e-5)
+    # float32 rounding: 1.8e-5 at most on velocities up to 9.5; counting the zero token 255 or 257 times: 3e-3
+    assert torch.allclose(short, full, rtol=1e-5, atol=5e-5)
 
 
 def test_dag_db_trains_one_epoch_on_tiny_flow(tmp_path) -> None:
@@ -134,6 +135,8 @@ def test_quick_training_script_writes_a_loadable_folder(tmp_path) -> None:
     pipe.set_progress_bar_config(disable=True)
     assert pipe("a blue square", num_inference_steps=2).images[0].size == (32, 32)
     assert pipe.transformer.config.num_layers == train_flow.QUICK.layers
+    for config in out.glob("*/config.json"):  # no trace of the folders the frozen parts were read from
+        assert "_name_or_path" not in json.loads(config.read_text()), config
 
 
 def test_flow_demo_preset_is_make_demos_on_tiny_flow() -> None:

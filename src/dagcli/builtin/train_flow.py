@@ -63,7 +63,7 @@ class FlowConfig:
 
     seed: int = 0
     pool_size: int = 20000  # rendered training images (the `tiny` recipe's pool)
-    patch_size: int = 2  # 8x8 latents -> 4x4 = 16 image tokens
+    patch_size: int = 1  # 8x8 latents -> 64 image tokens (patch 2: 16 tokens, too coarse for the small shapes)
     layers: int = 6
     heads: int = 3
     head_dim: int = 32
@@ -219,6 +219,10 @@ def train_transformer(cfg: FlowConfig, latents: torch.Tensor, embeds: torch.Tens
 def save_pipeline(out: Path, pipe: StableDiffusion3Pipeline, cfg: FlowConfig, extra: dict) -> None:
     """Write the pipeline folder (safetensors) and its `dagcli.json` of sampling defaults."""
     pipe.save_pretrained(out, safe_serialization=True)
+    for config in out.glob("*/config.json"):  # the frozen parts remember the folder they were read from
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     meta = {
         "default_guidance": cfg.default_guidance,
         "default_steps": cfg.default_steps,
