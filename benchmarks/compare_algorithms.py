@@ -380,6 +380,23 @@ def _row(algo: str, s: dict, modes_cols: bool) -> str:
     return row
 
 
+def weights_fingerprint(name: str) -> str | None:
+    """SHA-256 (16 hex digits) of a built-in model's or a local folder's safetensors, so that cached base shares
+    are sampled again when the weights change; None for a hub id (its revision is the hub's business)."""
+    import hashlib
+
+    from dagcli.builtin import PRETRAINED_DIRS
+
+    folder = PRETRAINED_DIRS.get(name) or (Path(name) if Path(name).is_dir() else None)
+    if folder is None:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.safetensors")):
+        digest.update(path.relative_to(folder).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: Path = BASE_CACHE) -> dict:
     """The base model's background shares per prompt (`per_prompt` samples each, the preset's sampler settings) and
     the GFlowNet target shares for its reward and β (`modes.effective_beta`). The shares are cached in
@@ -397,8 +414,8 @@ def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: P
     s = cfg.sampling
     prompts = sorted({p.prompt for p in load_prompts(s.prompts)})
     reward = background_modes(**dict(cfg.reward.options).get("background-modes", {}))
-    key = {"model": cfg.model.name, "prompts": prompts, "steps": s.steps, "guidance": s.guidance, "eta": s.eta,
-           "resolution": s.resolution, "per_prompt": per_prompt}
+    key = {"model": cfg.model.name, "weights": weights_fingerprint(cfg.model.name), "prompts": prompts,
+           "steps": s.steps, "guidance": s.guidance, "eta": s.eta, "resolution": s.resolution, "per_prompt": per_prompt}
     cache = cache_dir / f"modes-base-{cfg.model.name}.json"
     record = json.loads(cache.read_text()) if cache.is_file() else {}
     if record.get("key") != key:

@@ -99,6 +99,25 @@ def test_base_modes_samples_once_and_computes_targets(compare, tmp_path) -> None
     assert "targets" not in json.loads((tmp_path / "modes-base-tiny.json").read_text())
 
 
+def test_cached_base_shares_name_the_weights_they_came_from(compare, tmp_path) -> None:
+    """A model retrained under the same name must not reuse the old model's shares."""
+    from dagcli.builtin import TINY_SD_DIR
+
+    fingerprint = compare.weights_fingerprint("tiny")
+    assert len(fingerprint) == 16 and compare.weights_fingerprint(str(TINY_SD_DIR)) == fingerprint
+    assert compare.weights_fingerprint("org/some-hub-model") is None
+    copy = tmp_path / "copy"
+    for path in TINY_SD_DIR.rglob("*.safetensors"):
+        (copy / path.relative_to(TINY_SD_DIR)).parent.mkdir(parents=True, exist_ok=True)
+        (copy / path.relative_to(TINY_SD_DIR)).write_bytes(path.read_bytes())
+    assert compare.weights_fingerprint(str(copy)) == fingerprint
+    changed = next(copy.rglob("*.safetensors"))
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\x00")
+    assert compare.weights_fingerprint(str(copy)) != fingerprint
+    committed = json.loads((ROOT / "benchmarks" / "results" / "modes-base-tiny.json").read_text())
+    assert committed["key"]["weights"] == fingerprint  # the committed shares are the shipped model's
+
+
 def test_run_one_with_grpo_reports_mode_metrics(compare, tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
