@@ -11,8 +11,8 @@ fed forward on its own, and the text stream has no positional embedding), so:
 `RepeatedTokenAttention` wraps the transformer's own processor. Called with `repeated_tokens=n` (through the
 transformer's `joint_attention_kwargs`) on a text stream whose last token stands for n of them, it computes the
 joint attention of the whole sequence on the short one; called without it (the plain pipeline, the dual
-attention of SD3.5's image-only `attn2`) it is the wrapped processor, unchanged. For tiny-flow this turns 288
-tokens into 33; the results differ from the full sequence by float32 rounding (~1e-6).
+attention of SD3.5's image-only `attn2`) it is the wrapped processor, unchanged. For tiny-flow this turns 336
+tokens into 81; the results differ from the full sequence by float32 rounding (relative ~1e-6).
 """
 
 from __future__ import annotations
