@@ -578,22 +578,38 @@ def train_all(cfg: TrainConfig, output: Path, threads: int | None = 1, device: s
     sd_dir, clip_dir = output / TINY_SD_DIR.name, output / TINY_CLIP_DIR.name
     params = {"vae": num_params(vae), "text_encoder": num_params(text), "unet": num_params(unet),
               "clip": num_params(clip)}
-    extra = {"train_seconds": times, "parameters": params, "torch_threads": torch.get_num_threads()}
-    save_pipeline(sd_dir, vae, text, tokenizer, unet, cfg, clip_dir.name, extra)
+    save_pipeline(sd_dir, vae, text, tokenizer, unet, cfg, clip_dir.name, run_record(times, params))
     save_clip(clip_dir, clip, tokenizer)
+    return finish(f"{sd_dir} and {clip_dir}", times, params, t0)
+
+
+def run_record(times: dict, params: dict) -> dict:
+    """What a training script writes about its run into the model's `dagcli.json`."""
+    return {"train_seconds": times, "parameters": params, "torch_threads": torch.get_num_threads()}
+
+
+def finish(saved: str, times: dict, params: dict, t0: float) -> dict:
+    """Log the end of a training script's run and return its summary."""
     total = round(time.time() - t0, 1)
-    _log("done", f"saved {sd_dir} and {clip_dir}; stage seconds {times}; total {total}s; params {params}", t0)
+    _log("done", f"saved {saved}; stage seconds {times}; total {total}s; params {params}", t0)
     return {"seconds": times, "total_seconds": total, "parameters": params}
+
+
+def script_parser(module: str, description: str, output_help: str, quick_help: str) -> argparse.ArgumentParser:
+    """The flags every built-in training script takes: --seed, --output, --threads, --quick."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", type=Path, default=WEIGHTS_DIR, help=output_help)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (0: torch default); 1 is fastest when the cores are shared")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    return p
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; step counts default to the shipped configuration."""
-    p = argparse.ArgumentParser(prog="python -m dagcli.builtin.train", description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=WEIGHTS_DIR, help="folder that receives tiny-sd/ and tiny-clip/")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch default); 1 is fastest when the cores are shared")
-    p.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    p = script_parser("dagcli.builtin.train", __doc__.split("\n")[0], "folder that receives tiny-sd/ and tiny-clip/",
+                      "a few steps of everything (smoke test)")
     p.add_argument("--device", default="cpu", help="torch device for training (results differ from CPU)")
     for name in ("vae_steps", "clip_steps", "unet_steps", "pool_size", "unet_batch"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)

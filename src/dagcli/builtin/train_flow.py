@@ -41,7 +41,7 @@ from diffusers import (
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 from transformers import CLIPModel, CLIPTextModelWithProjection
 
-from dagcli.builtin import TINY_CLIP_DIR, TINY_FLOW_DIR, TINY_SD_DIR, WEIGHTS_DIR
+from dagcli.builtin import TINY_CLIP_DIR, TINY_FLOW_DIR, TINY_SD_DIR
 from dagcli.builtin import dataset as ds
 from dagcli.builtin.train import (
     METADATA_FILE,
@@ -50,8 +50,11 @@ from dagcli.builtin.train import (
     _optimizer,
     _randn,
     build_caption_table,
+    finish,
     num_params,
     render_pool,
+    run_record,
+    script_parser,
 )
 from dagcli.families import repeated_tokens
 from dagcli.families.sd3 import T5_TOKENS, SD3Family
@@ -266,21 +269,14 @@ def train_all(cfg: FlowConfig, output: Path, threads: int | None = 1) -> dict:
     out = Path(output) / TINY_FLOW_DIR.name
     params = {"transformer": num_params(transformer), "vae": num_params(parts.vae),
               "text_encoder": num_params(parts.text_encoder), "text_encoder_2": num_params(parts.text_encoder_2)}
-    extra = {"train_seconds": times, "parameters": params, "torch_threads": torch.get_num_threads()}
-    save_pipeline(out, pipe, cfg, extra)
-    total = round(time.time() - t0, 1)
-    _log("done", f"saved {out}; stage seconds {times}; total {total}s; params {params}", t0)
-    return {"seconds": times, "total_seconds": total, "parameters": params}
+    save_pipeline(out, pipe, cfg, run_record(times, params))
+    return finish(str(out), times, params, t0)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; the defaults are the shipped configuration."""
-    p = argparse.ArgumentParser(prog="python -m dagcli.builtin.train_flow", description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", type=Path, default=WEIGHTS_DIR, help="folder that receives tiny-flow/")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch default); 1 is fastest when the cores are shared")
-    p.add_argument("--quick", action="store_true", help="a few steps on a small pool (smoke test)")
+    p = script_parser("dagcli.builtin.train_flow", __doc__.split("\n")[0], "folder that receives tiny-flow/",
+                      "a few steps on a small pool (smoke test)")
     for name in ("steps", "batch", "layers", "heads", "head_dim", "patch_size", "pool_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("lr", "ema_decay", "shift"):

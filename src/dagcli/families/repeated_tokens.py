@@ -46,9 +46,7 @@ class RepeatedTokenAttention:
     def _expanded(self, attn, hidden_states, encoder_hidden_states, attention_mask, copies: int, **kwargs):
         """The wrapped processor on the full sequence (the last token repeated), cut back to the short one."""
         length = encoder_hidden_states.shape[1]
-        tail = encoder_hidden_states[:, -1:].expand(-1, copies - 1, -1)
-        img, ctx = self.base(attn, hidden_states, torch.cat([encoder_hidden_states, tail], dim=1),
-                             attention_mask, **kwargs)
+        img, ctx = self.base(attn, hidden_states, expand(encoder_hidden_states, copies), attention_mask, **kwargs)
         return img, None if ctx is None else ctx[:, :length]
 
     @staticmethod
