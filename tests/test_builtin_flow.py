@@ -154,3 +154,28 @@ def test_flow_demo_preset_is_make_demos_on_tiny_flow() -> None:
         tiny[section] = {k: v for k, v in tiny[section].items() if k not in {"name", "eta", "dir"}}
     assert flow == tiny
     assert load_config(examples / "demo-flow-compressibility.toml").train.algorithm == "dag-db"
+
+
+def test_quality_sets_each_sde_beside_the_ode_at_its_own_steps(monkeypatch) -> None:
+    from dagcli.builtin import quality
+
+    assert quality._step_eta_pairs(" 10:0.35, 20:0.7,") == [(10, 0.35), (20, 0.7)]
+    calls = []
+
+    def fake_evaluate(model, clip, prompts, n, run, seed):  # colour+shape encodes the setting: steps/100 + eta/10
+        calls.append((run.steps, run.eta))
+        mean = {"clip_colour": 0.9, "clip_both": run.steps / 100 + run.eta / 10}
+        return {"steps": run.steps, "eta": run.eta, "mean": mean}, {}
+
+    monkeypatch.setattr(quality, "evaluate_flow", fake_evaluate)
+    ode = {"steps": 10, "eta": 0.0, "mean": {"clip_colour": 0.95, "clip_both": 0.86}}
+    sde = {"steps": 10, "eta": 0.7, "mean": {"clip_colour": 0.94, "clip_both": 0.80}}
+    gaps = quality.sde_gaps(None, None, ["p"], 8, (ode, sde), [(10, 0.35), (20, 0.7), (20, 0.5)], 3.0, 2.0, 0)
+    assert calls == [(10, 0.35), (20, 0.0), (20, 0.7), (20, 0.5)]  # the ODE at 20 steps once, at 10 never
+    assert [(g["steps"], g["eta"], g["ode"]["clip_both"]) for g in gaps] == [
+        (10, 0.7, 0.86), (10, 0.35, 0.86), (20, 0.7, 0.2), (20, 0.5, 0.2)]
+    lines = quality._flow_sde_gaps(gaps)
+    # 0.80 - 0.86 = -6.0 points; 0.135 - 0.86 = -72.5; 0.27 - 0.20 = +7.0; 0.25 - 0.20 = +5.0
+    assert [line.rsplit("|", 2)[1].strip() for line in lines[-4:]] == ["-6.0", "-72.5", "+7.0", "+5.0"]
+    assert lines[-4].startswith("| 10 | 0.7 | 95.0% | 94.0% | 86.0% | 80.0% |")
+    assert quality._flow_sde_gaps(gaps[:1]) == []

@@ -10,6 +10,10 @@
    Also: how often the tiny CLIP ranks the sample's own prompt first among the 12 prompts.
 3. A guidance sweep with fewer samples, and a labelled grid of samples (rows = prompts).
 
+With `--model tiny-flow`: the same judges on the rectified-flow model's Euler ODE and its SDE at the training noise
+level, `tiny` beside it, guidance and shift sweeps, and the SDE beside the ODE at other steps and noise levels
+(`--sde-sweep`).
+
 Writes `benchmarks/results/builtin_quality.json`, the quality section of `docs/builtin-model.md` and
 `docs/builtin-grid.png` (paths relative to the current directory unless given).
 """
@@ -303,7 +307,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="guidance values for the sweep ('' for none; default 1,3,6,9, for tiny-flow 1,3,4.5,6)")
     p.add_argument("--shift-sweep", type=str, default="0.5,1,2,3",
                    help="tiny-flow: scheduler shifts tried at the default guidance ('' for none)")
-    p.add_argument("--sweep-num", type=int, default=16, help="samples per prompt in the sweeps")
+    p.add_argument("--sde-sweep", type=str, default="10:0.35,10:0.5,20:0.7",
+                   help="tiny-flow: steps:eta pairs of the SDE set beside the ODE at the same steps, with all "
+                        "samples per prompt ('' for none)")
+    p.add_argument("--sweep-num", type=int, default=16, help="samples per prompt in the guidance and shift sweeps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--sd-dir", type=Path, default=TINY_SD_DIR)
@@ -429,6 +436,31 @@ def _values(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+def _step_eta_pairs(text: str) -> list[tuple[int, float]]:
+    """'10:0.35,20:0.7' -> [(10, 0.35), (20, 0.7)]."""
+    pairs = []
+    for item in (v.strip() for v in text.split(",")):
+        if item:
+            steps, _, eta = item.partition(":")
+            pairs.append((int(steps), float(eta)))
+    return pairs
+
+
+def sde_gaps(model, clip: TinyClip, prompts: list[str], n: int, main: tuple[dict, dict], pairs: list[tuple[int, float]],
+             guidance: float, shift: float, seed: int) -> list[dict]:
+    """The SDE's colour+shape against the ODE's at the same number of steps, for the main setting and each
+    (steps, eta) pair; an ODE at other step counts is sampled once per count."""
+    ode, sde = main
+    odes = {ode["steps"]: ode}
+    rows = [(ode["steps"], sde)]
+    for steps, eta in pairs:
+        if steps not in odes:
+            odes[steps] = evaluate_flow(model, clip, prompts, n, FlowRun(guidance, steps, 0.0, shift), seed)[0]
+        rows.append((steps, evaluate_flow(model, clip, prompts, n, FlowRun(guidance, steps, eta, shift), seed)[0]))
+    return [{"steps": k, "eta": r["eta"], "num_per_prompt": n, "ode": odes[k]["mean"], "sde": r["mean"]}
+            for k, r in rows]
+
+
 def flow_main(args: argparse.Namespace, command: str) -> dict:
     """Measure tiny-flow (ODE and SDE) with tiny beside it; write the JSON, the doc section and the grid."""
     from dagcli.models import load_model, model_defaults
@@ -452,10 +484,11 @@ def flow_main(args: argparse.Namespace, command: str) -> dict:
               "shift": [FlowRun(guidance, steps, 0.0, s) for s in _values(args.shift_sweep)]}
     swept = {name: [_summary(evaluate_flow(model, clip, prompts, args.sweep_num, r, args.seed)[0]) for r in runs]
              for name, runs in sweeps.items()}
+    gaps = sde_gaps(model, clip, prompts, n, (ode, sde), _step_eta_pairs(args.sde_sweep), guidance, shift, args.seed)
     result = {
         "command": command, "prompt_seeds": "seed + 1000 * prompt index + sample index",
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "ode": ode, "sde": sde, "tiny": tiny, "sweeps": swept, "seconds": round(time.time() - t0, 1),
+        "ode": ode, "sde": sde, "tiny": tiny, "sweeps": swept, "sde_gaps": gaps, "seconds": round(time.time() - t0, 1),
     }
     if not args.no_write:
         out = args.json or Path("benchmarks/results/builtin_flow_quality.json")
@@ -496,7 +529,7 @@ def flow_markdown(result: dict, grid_name: str) -> str:
     for cells in rows:
         lines.append(f"| {cells[0]['prompt']} | " + " | ".join(
             f"{_pct(c['clip_both'])} / {_pct(c['pixel_background'])}" for c in cells) + " |")
-    lines += _flow_targets(ode, sde) + _flow_sweeps(result["sweeps"])
+    lines += _flow_targets(ode, sde) + _flow_sde_gaps(result.get("sde_gaps", [])) + _flow_sweeps(result["sweeps"])
     lines += ["", f"![tiny-flow samples]({grid_name})", "", FLOW_DOC[1]]
     return "\n".join(lines)
 
@@ -512,6 +545,22 @@ def _flow_targets(ode: dict, sde: dict) -> list[str]:
         gap = sde["mean"][key] - ode["mean"][key]
         lines.append(f"| SDE (eta {sde['eta']}) {TARGETS[key][0]} within 5 points of the ODE | "
                      f"{100 * gap:+.1f} points | {'yes' if abs(gap) <= 0.05 else 'no'} |")
+    return lines
+
+
+def _flow_sde_gaps(gaps: list[dict]) -> list[str]:
+    """The SDE beside the ODE at the same number of steps, for several steps and noise levels."""
+    if len(gaps) < 2:
+        return []
+    lines = ["", f"**The SDE beside the ODE by steps and noise level** (same prompts and seeds, "
+             f"{gaps[0]['num_per_prompt']} samples per prompt; the first row is the one above):", "",
+             "| steps | eta | ODE colour | SDE colour | ODE colour+shape | SDE colour+shape | gap (points) |",
+             "|---|---|---|---|---|---|---|"]
+    for g in gaps:
+        ode, sde = g["ode"], g["sde"]
+        lines.append(f"| {g['steps']} | {g['eta']} | {_pct(ode['clip_colour'])} | {_pct(sde['clip_colour'])} | "
+                     f"{_pct(ode['clip_both'])} | {_pct(sde['clip_both'])} | "
+                     f"{100 * (sde['clip_both'] - ode['clip_both']):+.1f} |")
     return lines
 
 
