@@ -3,6 +3,7 @@ the plain pipeline, one DAG-DB epoch on it, and its training script."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -160,6 +161,10 @@ def test_quality_sets_each_sde_beside_the_ode_at_its_own_steps(monkeypatch) -> N
     from dagcli.builtin import quality
 
     assert quality._step_eta_pairs(" 10:0.35, 20:0.7,") == [(10, 0.35), (20, 0.7)]
+    assert quality._step_eta_pairs("") == []
+    for bad in ("abc", "10:x", "0:0.5", "20", "10:0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            quality._step_eta_pairs(bad)
     calls = []
 
     def fake_evaluate(model, clip, prompts, n, run, seed):  # colour+shape encodes the setting: steps/100 + eta/10

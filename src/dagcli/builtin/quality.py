@@ -307,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="guidance values for the sweep ('' for none; default 1,3,6,9, for tiny-flow 1,3,4.5,6)")
     p.add_argument("--shift-sweep", type=str, default="0.5,1,2,3",
                    help="tiny-flow: scheduler shifts tried at the default guidance ('' for none)")
-    p.add_argument("--sde-sweep", type=str, default="10:0.35,10:0.5,20:0.7",
+    p.add_argument("--sde-sweep", type=_step_eta_pairs, default="10:0.35,10:0.5,20:0.7",
                    help="tiny-flow: steps:eta pairs of the SDE set beside the ODE at the same steps, with all "
                         "samples per prompt ('' for none)")
     p.add_argument("--sweep-num", type=int, default=16, help="samples per prompt in the guidance and shift sweeps")
@@ -437,12 +437,18 @@ def _values(text: str) -> list[float]:
 
 
 def _step_eta_pairs(text: str) -> list[tuple[int, float]]:
-    """'10:0.35,20:0.7' -> [(10, 0.35), (20, 0.7)]."""
+    """'10:0.35,20:0.7' -> [(10, 0.35), (20, 0.7)]; a malformed item is a usage error naming it."""
     pairs = []
     for item in (v.strip() for v in text.split(",")):
         if item:
             steps, _, eta = item.partition(":")
-            pairs.append((int(steps), float(eta)))
+            try:
+                pair = (int(steps), float(eta))
+            except ValueError:
+                pair = (0, -1.0)
+            if pair[0] < 1 or not 0 < pair[1] < 10:
+                raise argparse.ArgumentTypeError(f"{item!r}: want steps:eta, e.g. 10:0.35 (steps >= 1, eta > 0)")
+            pairs.append(pair)
     return pairs
 
 
@@ -484,7 +490,7 @@ def flow_main(args: argparse.Namespace, command: str) -> dict:
               "shift": [FlowRun(guidance, steps, 0.0, s) for s in _values(args.shift_sweep)]}
     swept = {name: [_summary(evaluate_flow(model, clip, prompts, args.sweep_num, r, args.seed)[0]) for r in runs]
              for name, runs in sweeps.items()}
-    gaps = sde_gaps(model, clip, prompts, n, (ode, sde), _step_eta_pairs(args.sde_sweep), guidance, shift, args.seed)
+    gaps = sde_gaps(model, clip, prompts, n, (ode, sde), args.sde_sweep, guidance, shift, args.seed)
     result = {
         "command": command, "prompt_seeds": "seed + 1000 * prompt index + sample index",
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
