@@ -440,15 +440,17 @@ def _step_eta_pairs(text: str) -> list[tuple[int, float]]:
     """'10:0.35,20:0.7' -> [(10, 0.35), (20, 0.7)]; a malformed item is a usage error naming it."""
     pairs = []
     for item in (v.strip() for v in text.split(",")):
-        if item:
-            steps, _, eta = item.partition(":")
-            try:
-                pair = (int(steps), float(eta))
-            except ValueError:
-                pair = (0, -1.0)
-            if pair[0] < 1 or not 0 < pair[1] < 10:
-                raise argparse.ArgumentTypeError(f"{item!r}: want steps:eta, e.g. 10:0.35 (steps >= 1, eta > 0)")
-            pairs.append(pair)
+        if not item:
+            continue
+        steps, _, eta = item.partition(":")
+        try:
+            pair = (int(steps), float(eta))
+            ok = pair[0] >= 1 and 0 < pair[1] < 10
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{item!r}: want steps:eta, e.g. 10:0.35 (steps >= 1, 0 < eta < 10)")
+        pairs.append(pair)
     return pairs
 
 
@@ -535,7 +537,7 @@ def flow_markdown(result: dict, grid_name: str) -> str:
     for cells in rows:
         lines.append(f"| {cells[0]['prompt']} | " + " | ".join(
             f"{_pct(c['clip_both'])} / {_pct(c['pixel_background'])}" for c in cells) + " |")
-    lines += _flow_targets(ode, sde) + _flow_sde_gaps(result.get("sde_gaps", [])) + _flow_sweeps(result["sweeps"])
+    lines += _flow_targets(ode, sde) + _flow_sde_gaps(result["sde_gaps"]) + _flow_sweeps(result["sweeps"])
     lines += ["", f"![tiny-flow samples]({grid_name})", "", FLOW_DOC[1]]
     return "\n".join(lines)
 
