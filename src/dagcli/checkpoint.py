@@ -212,6 +212,14 @@ def verify_file(folder: Path, name: str, meta: dict | None = None) -> Path:
     return path
 
 
+def verify_checkpoint(folder: Path) -> dict:
+    """Every file of a checkpoint checked against the checksum its meta.json records; returns the metadata."""
+    meta = read_meta(folder)
+    for name in meta.get("sha256", {}):
+        verify_file(folder, name, meta)
+    return meta
+
+
 def check_compatible(folder: Path, meta: dict, *, base_model: str, lora_rank: int, lora_targets: list[str],
                      algorithm: str) -> None:
     """A checkpoint can continue this run: same base model, LoRA shape and algorithm (else one line naming each
@@ -242,9 +250,7 @@ def load_checkpoint_into(folder: Path, *, lora_prefix: str, denoiser, modules: d
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta = read_meta(folder)
-    for name in meta.get("sha256", {}):
-        verify_file(folder, name, meta)
+    meta = verify_checkpoint(folder)
     try:
         lora = load_file(str(folder / LORA_FILE))
         peft_sd = convert_unet_state_dict_to_peft({k.removeprefix(f"{lora_prefix}."): v for k, v in lora.items()})

@@ -228,6 +228,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(dump_toml(c))
+            self.metrics_log.keep_epochs(self.state.epoch)
         try:
             while self.state.epoch < until and not self.stop.requested:
                 self._run_epoch()
