@@ -286,11 +286,12 @@ class Trainer:
         return folder
 
     def resume(self, folder: Path) -> None:
-        from dagcli.checkpoint import check_compatible, load_checkpoint_into, read_meta
+        from dagcli.checkpoint import check_compatible, check_lora_fits, load_checkpoint_into, read_meta
 
         c = self.config
         check_compatible(folder, read_meta(folder), base_model=self.model.name, lora_rank=c.lora.rank,
                          lora_targets=list(c.lora.target_modules), algorithm=c.train.algorithm)
+        check_lora_fits(folder, self.model.name, self.family, self.raw_denoiser)
         state = load_checkpoint_into(folder, lora_prefix=self.family.lora_prefix, denoiser=self.raw_denoiser,
                                      modules=self.raw_modules(), optimizer=self.optimizer)
         self.state = TrainState.from_dict(state)
