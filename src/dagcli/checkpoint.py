@@ -173,13 +173,13 @@ def check_lora_fits(folder: Path, model: str, family=None, denoiser=None) -> Non
     that configuration is not on this machine yet)."""
     from dagcli.models import empty_denoiser, known_family
 
-    meta = read_meta(folder)
-    if family is None:
-        family = known_family(model)
-        denoiser = empty_denoiser(model) if family is not None else None
+    meta, modules = read_meta(folder), lora_shapes(folder)
+    family = family or known_family(model)
     if family is None:
         return
-    problem = _lora_problem(lora_shapes(folder), meta.get("family"), family, denoiser)
+    problem = _lora_problem(modules, meta.get("family"), family, None)  # family and prefix: no model built
+    if problem is None:
+        problem = _lora_problem(modules, meta.get("family"), family, denoiser or empty_denoiser(model))
     if problem is None:
         return
     trained_on = meta.get("base_model")
