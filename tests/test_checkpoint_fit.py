@@ -257,3 +257,16 @@ def test_keep_epochs_keeps_the_first_n_and_drops_a_cut_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 5, "x"')
     MetricsLog(tmp_path, "none", {}, NullReporter()).keep_epochs(2)
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+
+def test_eval_with_a_checkpoint_generates_at_the_runs_size(runs, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    proc = dag("eval", "--ckpt", runs["flow"], "-p", "a red circle", "-n", "2", "--steps", "2",
+               "--reward", "compressibility", "--embed-model", "none", "--no-lpips", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert (report["settings"]["height"], report["settings"]["width"]) == (FLOW_SIZE, FLOW_SIZE)
+    for model in report["models"]:  # the base model's images too: both sets at one size, compared pixel for pixel
+        assert Image.open(out / model["per_prompt"][0]["files"][0]).size == (FLOW_SIZE, FLOW_SIZE)
