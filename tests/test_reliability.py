@@ -245,6 +245,8 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(files, tmp_path, 
     clean = tmp_path / "clean"
     _train_here(config, clean, capsys=capsys)
     reference = _weights(clean, 3)
+    counters = _epoch_counters(clean)
+    assert [c[0] for c in counters] == [1, 2, 3]
     for fault in ("optimizer-step:2", "checkpoint-write:2", "checkpoint-rename:3"):
         run = tmp_path / fault.replace(":", "-")
         killed = _train_killed(config, run, fault)
@@ -259,6 +261,14 @@ def test_sigkill_at_any_point_then_resume_equals_uninterrupted(files, tmp_path, 
         for k in reference:
             torch.testing.assert_close(final[k], reference[k], rtol=0, atol=1e-6)
         assert not list((run / "checkpoints").glob(".tmp-*"))
+        # one line per epoch, 1 to 3, each as the uninterrupted run logged it (the killed epoch's line is gone)
+        assert _epoch_counters(run) == counters, fault
+
+
+def _epoch_counters(run: Path) -> list[tuple[int, int, int]]:
+    """(epoch, optimizer_steps, trajectories_seen) of every line of a run's metrics.jsonl."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(m["epoch"], m["optimizer_steps"], m["trajectories_seen"]) for m in lines]
 
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(files, tmp_path):

@@ -12,6 +12,7 @@ Layout of a run directory (`--output runs/NAME`):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -93,13 +94,133 @@ def read_meta(folder: Path) -> dict:
         raise DagError(f"checkpoint metadata {str(meta)!r} is corrupt ({e.msg})") from e
 
 
-def attach_lora(pipe, folder: Path) -> None:
-    """Load a diffusers-format LoRA into the pipeline's UNet, as plain diffusers would."""
+def trained_resolution(folder: Path) -> int | None:
+    """The image size a training checkpoint was trained at (its recorded `sampling.resolution`), else None."""
+    value = read_meta(folder).get("config", {}).get("sampling", {}).get("resolution")
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def attach_lora(pipe, folder: Path, model: str | None = None) -> None:
+    """Load a diffusers-format LoRA into the pipeline's denoiser, as plain diffusers would, once it is checked to
+    fit (`check_lora_fits`); `model` names the pipeline in messages. A failure is one line: the libraries' own
+    per-key messages are silenced."""
+    from dagcli.families import pipeline_family
+
     file = verify_file(folder, LORA_FILE)
+    family = pipeline_family(type(pipe).__name__)
+    if family is not None:
+        check_lora_fits(folder, model or "this model", family, getattr(pipe, family.lora_prefix))
     try:
-        pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
+        with quiet_libraries():
+            pipe.load_lora_weights(str(folder), weight_name=LORA_FILE)
     except Exception as e:
-        raise DagError(f"could not load LoRA {str(file)!r} into this model ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        raise DagError(f"could not load LoRA {str(file)!r} into {model or 'this model'!r} "
+                       f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """Inside the block the model libraries log nothing below errors and warn nothing (diffusers reports every
+    mismatched key on its own lines before it raises)."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
+    levels = [log.level for log in loggers]
+    try:
+        for log in loggers:
+            log.setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+# --- does a LoRA belong to a model ---------------------------------------------------------------------------
+
+LORA_SUFFIXES = (".lora.down.weight", ".lora.up.weight", ".lora_A.weight", ".lora_B.weight")
+
+
+def lora_shapes(folder: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """module path (with its `unet.` / `transformer.` prefix) -> {"down": shape, "up": shape}, read from the
+    LoRA file's header (no tensors); keys of another form are kept under their own name with no shapes."""
+    from safetensors import safe_open
+
+    file = Path(folder) / LORA_FILE
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise DagError(f"could not read {str(file)!r} ({type(e).__name__}: {str(e)[:200]})") from e
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            modules.setdefault(key, {})
+            continue
+        side = "down" if suffix in (".lora.down.weight", ".lora_A.weight") else "up"
+        modules.setdefault(key.removesuffix(suffix), {})[side] = shape
+    return modules
+
+
+def check_lora_fits(folder: Path, model: str, family=None, denoiser=None) -> None:
+    """The checkpoint's LoRA belongs to `model`: the same family as the one it was trained on, and a down/up
+    pair of the right shapes for a layer of the model's denoiser for every LoRA module; else one DagError line
+    naming both models. `family` (a family class or instance) and `denoiser` are the loaded model's; without
+    them both are read from the model's configuration, no weights loaded (the shape check is skipped when
+    that configuration is not on this machine yet)."""
+    from dagcli.models import empty_denoiser, known_family
+
+    meta, modules = read_meta(folder), lora_shapes(folder)
+    family = family or known_family(model)
+    if family is None:
+        return
+    problem = _lora_problem(modules, meta.get("family"), family, None)  # family and prefix: no model built
+    if problem is None:
+        problem = _lora_problem(modules, meta.get("family"), family, denoiser or empty_denoiser(model))
+    if problem is None:
+        return
+    trained_on = meta.get("base_model")
+    if trained_on == model:
+        raise DagError(f"checkpoint {str(folder)!r} no longer fits {model!r}, the model it was trained on (changed "
+                       f"since): {problem}; use the model as it was when trained")
+    if trained_on:
+        raise DagError(f"checkpoint {str(folder)!r} was trained on {trained_on!r}, not on {model!r}: {problem}; "
+                       f"use --model {trained_on} with it, or a checkpoint trained on {model}")
+    raise DagError(f"LoRA {str(folder)!r} does not belong to {model!r}: {problem}; use it with the model it "
+                   "was trained on")
+
+
+def _lora_problem(modules: dict, trained_family: str | None, family, denoiser) -> str | None:
+    """Why a LoRA (`lora_shapes`) cannot load into a model of `family` with `denoiser` (None: it can)."""
+    if trained_family and trained_family != family.name:
+        return f"its LoRA is for the {trained_family} family, the model is of the {family.name} family"
+    prefixes = sorted({name.split(".", 1)[0] for name in modules})
+    others = [p for p in prefixes if p != family.lora_prefix and not p.startswith("text_encoder")]
+    if family.lora_prefix not in prefixes or others:
+        return (f"its weights are for {' and '.join(repr(p) for p in prefixes)}, the model's LoRA goes into its "
+                f"{family.lora_prefix!r}")
+    if denoiser is None:
+        return None
+    layers = dict(denoiser.named_modules())
+    missing = []
+    ours = {name: pair for name, pair in modules.items() if name.split(".", 1)[0] == family.lora_prefix}
+    for name, pair in ours.items():  # text-encoder LoRAs (from other trainers) are diffusers' to check
+        layer = layers.get(name.partition(".")[2])
+        layer = getattr(layer, "base_layer", layer)  # a peft-wrapped layer: the original beneath
+        weight = getattr(layer, "weight", None)
+        if weight is None or set(pair) != {"down", "up"}:
+            missing.append(name)
+            continue
+        down, up = pair["down"], pair["up"]
+        if down[1] != weight.shape[1] or up[0] != weight.shape[0] or tuple(down[2:]) != tuple(weight.shape[2:]):
+            return (f"its LoRA for {name} maps {down[1]} -> {up[0]} features, the model's layer "
+                    f"{weight.shape[1]} -> {weight.shape[0]}")
+    if missing:
+        return f"{len(missing)} of its {len(ours)} LoRA modules have no layer in the model, e.g. {missing[0]}"
+    return None
 
 
 # --- saving and loading training checkpoints -------------------------------------------------------------
@@ -212,10 +333,18 @@ def verify_file(folder: Path, name: str, meta: dict | None = None) -> Path:
     return path
 
 
+def verify_checkpoint(folder: Path) -> dict:
+    """Every file of a checkpoint checked against the checksum its meta.json records; returns the metadata."""
+    meta = read_meta(folder)
+    for name in meta.get("sha256", {}):
+        verify_file(folder, name, meta)
+    return meta
+
+
 def check_compatible(folder: Path, meta: dict, *, base_model: str, lora_rank: int, lora_targets: list[str],
                      algorithm: str) -> None:
     """A checkpoint can continue this run: same base model, LoRA shape and algorithm (else one line naming each
-    difference)."""
+    difference), and its LoRA fits the model (`check_lora_fits`: a model folder may have changed since)."""
     if not meta:
         raise DagError(f"{str(folder)!r} is not a training checkpoint (no {META_FILE}); --resume-from needs a "
                        "checkpoints/step-* folder or a run directory")
@@ -231,6 +360,7 @@ def check_compatible(folder: Path, meta: dict, *, base_model: str, lora_rank: in
         problems.append(f"algorithm {meta.get('algorithm')!r} (this run: {algorithm!r})")
     if problems:
         raise DagError(f"checkpoint {str(folder)!r} does not match this run: " + "; ".join(problems))
+    check_lora_fits(folder, base_model)
 
 
 def load_checkpoint_into(folder: Path, *, lora_prefix: str, denoiser, modules: dict, optimizer) -> dict:
@@ -242,9 +372,7 @@ def load_checkpoint_into(folder: Path, *, lora_prefix: str, denoiser, modules: d
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    meta = read_meta(folder)
-    for name in meta.get("sha256", {}):
-        verify_file(folder, name, meta)
+    meta = verify_checkpoint(folder)
     try:
         lora = load_file(str(folder / LORA_FILE))
         peft_sd = convert_unet_state_dict_to_peft({k.removeprefix(f"{lora_prefix}."): v for k, v in lora.items()})

@@ -353,7 +353,7 @@ def generate_sets(
     for ref in [None, *checkpoints]:
         label = "base" if ref is None else ref.label
         if ref is not None:
-            attach_lora(model.pipe, ref.folder)
+            attach_lora(model.pipe, ref.folder, model.name)
         reporter.info(f"generating {label}")
         generated = generate(model, items, settings, reporter)
         if ref is not None:

@@ -76,13 +76,16 @@ def _rank_alpha(weights: dict, file_meta: dict, meta_lora: dict) -> tuple[int, f
 
 
 def base_model_for(info: LoraInfo, model: str | None, folder: Path) -> str:
-    """`--model` when given, else the checkpoint's base model; checked before anything is loaded."""
+    """`--model` when given (the LoRA must fit it), else the checkpoint's base model; checked before anything is
+    loaded."""
+    from dagcli.checkpoint import check_lora_fits
     from dagcli.models import check_model_name
 
     name = model or info.base_model
     if not name:
         raise DagError(f"checkpoint {str(folder)!r} does not record its base model; pass --model")
     check_model_name(name)
+    check_lora_fits(Path(folder), name)
     return name
 
 
@@ -129,9 +132,12 @@ def check_output_file(path: Path) -> Path:
 # --- the three formats --------------------------------------------------------------------------------------
 
 
-def export_diffusers(folder: Path, output: Path) -> Path:
-    """Copy the checkpoint's LoRA file (diffusers format, alpha in its metadata) into the folder `output`."""
-    read_lora(folder)  # readable and intact before anything is written
+def export_diffusers(folder: Path, output: Path, model: str | None = None) -> Path:
+    """Copy the checkpoint's LoRA file (diffusers format, alpha in its metadata) into the folder `output`; a
+    `model` given must be one the LoRA fits."""
+    info = read_lora(folder)  # readable and intact before anything is written
+    if model is not None:
+        base_model_for(info, model, Path(folder))
     output = check_output_dir(output)
     target = output / LORA_FILE
     output.mkdir(parents=True, exist_ok=True)  # check_output_dir creates nothing
@@ -178,7 +184,7 @@ def export_merged(folder: Path, output: Path, model: str | None = None) -> Path:
     output = check_output_dir(output)
     loaded = load_model(base, device="cpu", dtype="fp32")
     pipe = loaded.pipe
-    attach_lora(pipe, Path(folder))
+    attach_lora(pipe, Path(folder), loaded.name)
     pipe.fuse_lora(components=[loaded.family.lora_prefix], lora_scale=1.0)
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(output), safe_serialization=True)
@@ -196,8 +202,6 @@ def export(folder: Path, fmt: str, output: Path, model: str | None = None) -> Pa
 
     if fmt not in EXPORTERS:
         raise unknown_choice("export format", fmt, FORMATS)
-    if fmt == "diffusers":
-        return export_diffusers(folder, output)
     return EXPORTERS[fmt](folder, output, model=model)
 
 

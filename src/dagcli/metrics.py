@@ -54,6 +54,25 @@ class MetricsLog:
         self.run_dir, self.report_to, self.config, self.reporter = Path(run_dir), report_to, config, reporter
         self._tracker = None
 
+    def keep_epochs(self, epochs: int) -> None:
+        """Keep the lines of the first `epochs` epochs only (what the checkpoint training continues from holds):
+        a resumed run drops the epochs of a process killed after its last checkpoint, a fresh run (0) starts
+        the file anew, so the file has one line per epoch, 1 to the last."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                epoch = json.loads(line).get("epoch")
+            except (json.JSONDecodeError, AttributeError):  # a line cut short by a kill
+                continue
+            if isinstance(epoch, int) and epoch <= epochs:
+                kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+
     def log(self, metrics: dict) -> None:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")

@@ -51,6 +51,14 @@ class LoadedModel:
         return self.family.native_resolution
 
 
+def same_model(a: str | None, b: str | None) -> bool:
+    """The same name, or two paths to the same folder (None: unknown, taken as the same)."""
+    if a is None or b is None or a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when available, else cpu. 'cuda' without a GPU is an error."""
     if device not in DEVICES:
@@ -158,6 +166,32 @@ def known_family(model: str | None) -> type | None:
     from dagcli.families import pipeline_family
 
     return pipeline_family(pipeline_class_name(model or default_model()) or "")
+
+
+def empty_denoiser(model: str) -> torch.nn.Module | None:
+    """The network `model`'s LoRA goes into, with its layers' shapes but no weights (on the meta device), built
+    from its configuration; None when that cannot be read without a download."""
+    family = known_family(model)
+    if family is None:
+        return None
+    if model in RANDOM_MODELS:  # built in code, small: the real thing
+        return getattr(RANDOM_MODELS[model](0), family.lora_prefix)
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from dagcli.checkpoint import quiet_libraries
+
+    _, class_name = (model_index(model).get(family.lora_prefix) or [None, None])[:2]
+    cls = getattr(diffusers, class_name or "", None)
+    if cls is None:
+        return None
+    source = str(PRETRAINED_DIRS.get(model, Path(model).expanduser() if Path(model).expanduser().exists() else model))
+    try:
+        config = cls.load_config(source, subfolder=family.lora_prefix, local_files_only=True)
+        with init_empty_weights(), quiet_libraries():
+            return cls.from_config(config)
+    except Exception:  # not cached yet, or a configuration this diffusers cannot build: checked once loaded
+        return None
 
 
 def _read_defaults(model: str) -> dict:

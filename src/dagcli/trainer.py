@@ -25,6 +25,7 @@ from dagcli.checkpoint import TrainState
 from dagcli.config import Config, accumulation_steps, dump_toml, fill_model_defaults, replace, to_dict
 from dagcli.distributed import Dist
 from dagcli.errors import DagError
+from dagcli.families.base import check_image_size
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
 from dagcli.models import add_lora, load_model, load_tiny_decoder, lora_disabled
@@ -69,9 +70,7 @@ class Trainer:
             denoiser.enable_gradient_checkpointing()
         self.family.warn_truncated(self.prompts, self.reporter.warn)
         self.resolution = c.sampling.resolution or self.model.resolution
-        if self.resolution % self.family.resolution_multiple:
-            raise DagError(f"sampling.resolution = {self.resolution} must be a multiple of "
-                           f"{self.family.resolution_multiple} for this model")
+        check_image_size(self.family, {"sampling.resolution": self.resolution})  # before anything is written
         self.config = c = replace(c, "sampling", resolution=self.resolution)  # the run records what it used
         self.reward = build_reward(c.reward.spec, device=device, base_model=self.model.name,
                                    options=dict(c.reward.options), strict_finite=False)
@@ -229,6 +228,7 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(dump_toml(c))
+            self.metrics_log.keep_epochs(self.state.epoch)
         try:
             while self.state.epoch < until and not self.stop.requested:
                 self._run_epoch()
@@ -286,11 +286,12 @@ class Trainer:
         return folder
 
     def resume(self, folder: Path) -> None:
-        from dagcli.checkpoint import check_compatible, load_checkpoint_into, read_meta
+        from dagcli.checkpoint import check_compatible, check_lora_fits, load_checkpoint_into, read_meta
 
         c = self.config
         check_compatible(folder, read_meta(folder), base_model=self.model.name, lora_rank=c.lora.rank,
                          lora_targets=list(c.lora.target_modules), algorithm=c.train.algorithm)
+        check_lora_fits(folder, self.model.name, self.family, self.raw_denoiser)
         state = load_checkpoint_into(folder, lora_prefix=self.family.lora_prefix, denoiser=self.raw_denoiser,
                                      modules=self.raw_modules(), optimizer=self.optimizer)
         self.state = TrainState.from_dict(state)

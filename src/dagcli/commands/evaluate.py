@@ -111,10 +111,13 @@ def evaluate(
 
 
 def _evaluate_models(prompts, prompt, ckpt, model, dtype, sampling: dict, scoring: Scoring) -> None:
-    """Generate for the base model and every checkpoint with the same seeds, then compare."""
+    """Generate for the base model and every checkpoint with the same seeds, then compare. Everything that can
+    fail is checked before the first image is generated: prompts, checkpoints and their fit with the model,
+    the output folder, the rewards with their options, the embedding model and the image size."""
+    from dagcli.checkpoint import check_lora_fits, trained_resolution
     from dagcli.evaluate import checkpoint_refs, generate_sets
     from dagcli.generate import SampleSettings
-    from dagcli.models import check_model_name, load_model
+    from dagcli.models import check_model_name, default_model, load_model, same_model
     from dagcli.progress import default_reporter
     from dagcli.prompts import PromptItem, load_prompts
 
@@ -123,27 +126,45 @@ def _evaluate_models(prompts, prompt, ckpt, model, dtype, sampling: dict, scorin
     items = [PromptItem(p) for p in prompt] + (load_prompts(prompts) if prompts else [])
     refs = checkpoint_refs(ckpt)
     trained_on = _base_models(refs)
-    model = model or next(iter(trained_on.values()), None)
-    if model:
-        check_model_name(model)
+    model = model or next(iter(trained_on.values()), None) or default_model()
+    check_model_name(model)
+    for ref in refs:
+        check_lora_fits(ref.folder, model)
     check_eta(sampling["eta"], model)
     check_writable_dir(scoring.output)
 
     reporter = default_reporter()
     for label, base in trained_on.items():
-        if not _same_model(base, model):
+        if not same_model(base, model):
             reporter.warn(f"{label} was trained on {base!r}, evaluated on {model!r}")
     loaded = load_model(model, device=scoring.device, dtype=dtype)
+    for ref in refs:  # against the loaded denoiser: a model whose configuration could not be read before
+        check_lora_fits(ref.folder, loaded.name, type(loaded.family), loaded.family.denoiser)
+    scorers = _scorers(scoring, loaded.name, str(loaded.device), reporter)
+    size = _evaluation_size(loaded, [trained_resolution(r.folder) for r in refs])
     guidance = sampling["guidance"]
     settings = SampleSettings(
         **sampler_defaults(loaded, sampling["steps"], guidance, sampling["eta"]),
+        height=size,
+        width=size,
         batch_size=scoring.batch_size,
         num_per_prompt=sampling["num_per_prompt"],
         seed=sampling["seed"],
     )
     sets = generate_sets(loaded, items, settings, refs, scoring.output, reporter)
     extra = {"mode": "generate", "model": loaded.name, "checkpoints": [str(r.folder.resolve()) for r in refs]}
-    _finish(sets, loaded.name, str(loaded.device), reporter, scoring, settings, extra)
+    _finish(sets, scorers, reporter, scoring, settings, extra)
+
+
+def _evaluation_size(loaded, trained: list[int | None]) -> int:
+    """The image side to generate at: the one the checkpoints were trained at when they agree, else the
+    model's native size; checked against the model."""
+    from dagcli.families.base import check_image_size
+
+    sizes = {s for s in trained if s is not None}
+    size = sizes.pop() if len(sizes) == 1 else loaded.resolution
+    check_image_size(loaded.family, {"the checkpoints' sampling.resolution": size})
+    return size
 
 
 def _base_models(refs) -> dict[str, str]:
@@ -152,14 +173,6 @@ def _base_models(refs) -> dict[str, str]:
 
     found = {r.label: read_meta(r.folder).get("base_model") for r in refs}
     return {label: base for label, base in found.items() if base}
-
-
-def _same_model(a: str | None, b: str | None) -> bool:
-    """The same name, or two paths to the same folder."""
-    if a is None or b is None or a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None, scoring: Scoring) -> None:
@@ -179,18 +192,28 @@ def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None
     model = model or folder_model(Path(folders[0]))
     device = str(resolve_device(scoring.device))
     extra = {"mode": "images", "model": model, "folders": [str(Path(f).resolve()) for f in folders]}
-    _finish(sets, model, device, default_reporter(), scoring, None, extra)
+    reporter = default_reporter()
+    _finish(sets, _scorers(scoring, model, device, reporter), reporter, scoring, None, extra)
 
 
-def _finish(sets, base_model, device, reporter, scoring: Scoring, settings, extra: dict) -> None:
-    """Build the reward and embedder, evaluate, write the reports, print the table and warnings."""
-    from dagcli.evaluate import load_embedder, run_evaluation, settings_dict, warning_lines
-    from dagcli.progress import print_table
-    from dagcli.report import terminal_table
+def _scorers(scoring: Scoring, base_model, device, reporter):
+    """The reward (with its options) and the embedding encoder with its name: built before any image is made,
+    so a bad reward option or embedding model costs no generation."""
+    from dagcli.evaluate import load_embedder
     from dagcli.rewards import build_reward
 
     scorer = build_reward(scoring.reward, device=device, base_model=base_model, options=scoring.options)
     encoder, embed_name = load_embedder(scoring.embed_model, base_model, device, reporter)
+    return scorer, encoder, embed_name
+
+
+def _finish(sets, scorers, reporter, scoring: Scoring, settings, extra: dict) -> None:
+    """Evaluate with the built reward and embedder, write the reports, print the table and warnings."""
+    from dagcli.evaluate import run_evaluation, settings_dict, warning_lines
+    from dagcli.progress import print_table
+    from dagcli.report import terminal_table
+
+    scorer, encoder, embed_name = scorers
     report = run_evaluation(
         sets,
         scorer,

@@ -20,7 +20,7 @@ def export(
         None, "--output", "-o", help="Folder (diffusers, merged) or .safetensors file (kohya); required."
     ),
     model: str = typer.Option(
-        None, "--model", "-m", help="Base model for kohya and merged (see below). \\[default: the checkpoint's]"
+        None, "--model", "-m", help="Base model (see below); the LoRA must fit it. \\[default: the checkpoint's]"
     ),
 ) -> None:
     """Export a checkpoint's LoRA for diffusers, kohya/A1111/ComfyUI, or as a full merged pipeline."""

@@ -32,8 +32,12 @@ def sample(
         "\\[default: the model's; Stable Diffusion: 1, SD3 and FLUX: 0]",
     ),
     guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
-    height: int = typer.Option(None, "--height", help="Image height in pixels. \\[default: the model's]"),
-    width: int = typer.Option(None, "--width", help="Image width in pixels. \\[default: the model's]"),
+    height: int = typer.Option(
+        None, "--height", help="Image height in pixels. \\[default: the --ckpt run's, else the model's]"
+    ),
+    width: int = typer.Option(
+        None, "--width", help="Image width in pixels. \\[default: the --ckpt run's, else the model's]"
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler call."),
     ckpt: str = typer.Option(None, "--ckpt", help="A LoRA folder, checkpoint folder or training run (latest)."),
     output: Path = typer.Option(Path("samples"), "--output", "-o", help="Output folder."),
@@ -42,9 +46,16 @@ def sample(
     dtype: str = dtype_option(),
 ) -> None:
     """Generate images (one PNG each, a grid per prompt, samples.jsonl)."""
-    from dagcli.checkpoint import attach_lora, read_meta, resolve_checkpoint
+    from dagcli.checkpoint import (
+        attach_lora,
+        check_lora_fits,
+        read_meta,
+        resolve_checkpoint,
+        trained_resolution,
+    )
+    from dagcli.families.base import check_image_size
     from dagcli.generate import SampleSettings, generate, write_samples
-    from dagcli.models import check_model_name, load_model
+    from dagcli.models import check_model_name, default_model, load_model, same_model
     from dagcli.progress import default_reporter
     from dagcli.prompts import PromptItem, load_prompts
 
@@ -56,21 +67,23 @@ def sample(
                         ("--height", height), ("--width", width)]:
         check_positive(name, value)
     folder = resolve_checkpoint(ckpt) if ckpt else None
-    meta = read_meta(folder) if folder else {}
-    model = model or meta.get("base_model")
-    if model:
-        check_model_name(model)
+    trained_on = read_meta(folder).get("base_model") if folder else None
+    model = model or trained_on or default_model()
+    check_model_name(model)
+    if folder:
+        check_lora_fits(folder, model)
     check_eta(eta, model)
     check_writable_dir(output)
 
     reporter = default_reporter()
+    if not same_model(trained_on, model):  # it fits: another name for the model, or a fine-tune of it
+        reporter.warn(f"{ckpt} was trained on {trained_on!r}, sampled with {model!r}")
     loaded = load_model(model, device=device, dtype=dtype)
-    for name, value in [("--height", height), ("--width", width)]:
-        if value is not None and value % loaded.family.resolution_multiple:
-            raise DagError(f"{name} must be a multiple of {loaded.family.resolution_multiple} for this model, "
-                           f"got {value}")
+    size = (trained_resolution(folder) if folder else None) or loaded.resolution  # the run's, else the model's
+    height, width = height or size, width or size
+    check_image_size(loaded.family, {"--height": height, "--width": width})
     if folder:
-        attach_lora(loaded.pipe, folder)
+        attach_lora(loaded.pipe, folder, loaded.name)
     settings = SampleSettings(
         **sampler_defaults(loaded, steps, guidance, eta),
         height=height,

@@ -176,12 +176,15 @@ def _checkpoint_to_resume(cfg, resume: bool, resume_from: Path | None) -> Path |
 
 
 def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=None):
-    """Validate, build the trainer, print the banner, train. Returns the trainer (for tests and scripts)."""
+    """Validate, build the trainer, print the banner, train. Returns the trainer (for tests and scripts), or None
+    when the run to resume is already finished."""
     from dagcli.config import fill_model_defaults
     from dagcli.trainer import Trainer
 
     cfg, used = fill_model_defaults(cfg)
     cfg, prompts, folder = preflight(cfg, resume, resume_from)
+    if folder is not None and finished(folder, cfg, reporter):
+        return None
     trainer = Trainer(cfg, prompts, reporter=reporter)
     if folder is not None:
         trainer.resume(folder)
@@ -191,6 +194,20 @@ def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=Non
         banner(trainer, reporter)
     trainer.train()
     return trainer
+
+
+def finished(folder: Path, cfg, reporter) -> bool:
+    """Whether the checkpoint to resume (intact: its checksums are verified) already holds every configured
+    epoch; if so, says so and how to extend the run (no model is loaded)."""
+    from dagcli.checkpoint import verify_checkpoint
+
+    done = int(verify_checkpoint(folder).get("state", {}).get("epoch", 0))
+    if done < cfg.train.epochs:
+        return False
+    if reporter is not None:
+        reporter.info(f"{cfg.output.dir} is finished: {done} of {cfg.train.epochs} epochs done; to train it further, "
+                      f"pass --resume --epochs N with N > {done}")
+    return True
 
 
 def run_sizes(trainer) -> dict:

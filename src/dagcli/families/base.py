@@ -67,6 +67,7 @@ class Family(Protocol):
     default_lora_targets: tuple[str, ...]
     native_resolution: int  # pixels
     resolution_multiple: int  # image sizes must be multiples of this
+    max_resolution: int | None  # the largest image side the denoiser takes (None: no bound)
 
     def encode(self, prompts: Sequence[str]) -> Cond: ...  # cached per prompt; the empty prompt is ∅
     def warn_truncated(self, prompts: Sequence[str], warn: Callable[[str], None]) -> int: ...
@@ -88,6 +89,23 @@ class Family(Protocol):
     # kohya single-file keys of a diffusers-format LoRA (static: export needs no loaded model); a family without a
     # kohya convention raises DagError
     kohya_weights: Callable[[dict, float], dict]
+
+
+def check_image_size(family, sizes: dict[str, int | None]) -> None:
+    """Every given size (its flag or config key -> pixels) is one the family's denoiser takes: a multiple of its
+    `resolution_multiple`, at most its `max_resolution`; else one DagError line naming the size and the valid
+    ones."""
+    from dagcli.errors import DagError
+
+    multiple, largest = family.resolution_multiple, family.max_resolution
+    valid = f"a multiple of {multiple}" + (f" up to {largest}" if largest is not None else "")
+    for name, value in sizes.items():
+        given = f"{name} = {value}" if not name.startswith("-") else f"{name} {value}"
+        if value is not None and largest is not None and value > largest:
+            raise DagError(f"{given} is larger than this model takes: its largest image side is {largest} px "
+                           f"(valid: {valid})")
+        if value is not None and value % multiple:
+            raise DagError(f"{given}: must be {valid} for this model")
 
 
 @torch.no_grad()

@@ -65,6 +65,7 @@ class FlowFamily:
     lora_prefix = "transformer"
     default_lora_targets = ATTENTION_TARGETS
     load_kwargs: dict = {}
+    max_resolution: int | None = None  # rotary position embeddings (FLUX): any size; SD3 has a bound
 
     def __init__(self, pipe, device: torch.device):
         self.pipe, self.device = pipe, device

@@ -113,6 +113,7 @@ class SDFamily:
     lora_prefix = "unet"
     default_lora_targets = ATTENTION_TARGETS
     load_kwargs = {"safety_checker": None, "requires_safety_checker": False}  # from_pretrained extras
+    max_resolution: int | None = None  # a convolutional UNet takes any size
     reference = FamilyDefaults(steps=50, guidance=5.0, train_eta=1.0, sample_eta=1.0, prompts="simple_animals",
                                source="Stable Diffusion reference (DDPO and DAG papers)")
 

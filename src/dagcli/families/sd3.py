@@ -45,6 +45,12 @@ class SD3Family(FlowFamily):
         return int(self.pipe.transformer.config.sample_size * self.pipe.vae_scale_factor)
 
     @property
+    def max_resolution(self) -> int | None:
+        """The transformer's table of position embeddings covers `pos_embed_max_size` patches a side."""
+        patches = self.pipe.transformer.config.pos_embed_max_size
+        return None if patches is None else int(patches) * self.resolution_multiple
+
+    @property
     def t5_tokens(self) -> int:
         """T5's window: diffusers' default, or the tokenizer's when shorter."""
         tokenizer = self.pipe.tokenizer_3
