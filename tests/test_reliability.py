@@ -220,8 +220,9 @@ def test_nan_rewards_are_dropped_then_stop_with_a_checkpoint(files, tmp_path, ca
 
 
 def _train_killed(config: Path, out: Path, fault: str) -> subprocess.CompletedProcess:
-    """A training run in a child process that SIGKILLs itself at the named fault point."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DAGCLI_FAULT=fault)
+    """A training run in a child process that SIGKILLs itself at the named fault point, on this process's number
+    of threads (another count sums in another order: the resumed weights would differ from `_train_here`'s)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DAGCLI_FAULT=fault, OMP_NUM_THREADS=str(torch.get_num_threads()))
     return subprocess.run([sys.executable, "-m", "dagcli", "train", "--config", config, "--epochs", "3",
                            "-o", out], capture_output=True, text=True, env=env, timeout=600)
 
