@@ -477,7 +477,7 @@ def terminal_table(report: dict):
 
     header, rows = summary_rows(report)
     columns = (Column(header[0]), *(Column(h, numeric=True) for h in header[1:]))
-    return TextTable("dag eval", columns, tuple(tuple(r) for r in rows))
+    return TextTable("dag eval", columns, tuple(tuple(r) for r in rows), noun="model")
 
 
 def images_by_prompt(sets) -> dict[str, dict[str, list]]:
