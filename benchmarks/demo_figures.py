@@ -1,8 +1,8 @@
 """Regenerate the README's demo figures: `make demo`'s table, reward curve and sample grids, or the tiny-flow demo's
 table.
 
-    python benchmarks/demo_figures.py                 # train + evaluate as `make demo` does, 2 threads
-    python benchmarks/demo_figures.py --threads 1     # the numbers depend on the thread count (float rounding)
+    python benchmarks/demo_figures.py                 # train + evaluate as `make demo` does (1 torch thread)
+    python benchmarks/demo_figures.py --threads 2     # the numbers depend on the thread count (float rounding)
     python benchmarks/demo_figures.py --reuse         # only re-read runs/demo (after `make demo`)
     python benchmarks/demo_figures.py --model tiny-flow --threads 1   # the same on the rectified-flow model
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_THREADS = 1  # torch threads of `make demo` (Makefile), hence of the README's table
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(DEMOS), default="tiny",
                    help="tiny: `make demo`; tiny-flow: the same job on the rectified-flow model")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (the numbers depend on it)")
+    p.add_argument("--threads", type=int, default=DEMO_THREADS,
+                   help=f"torch threads (the numbers depend on it; `make demo` uses {DEMO_THREADS})")
     p.add_argument("--reuse", action="store_true",
                    help="read the run folder as it is instead of running the demo (keeps the recorded wall time)")
     args = p.parse_args(argv)

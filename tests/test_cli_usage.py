@@ -108,10 +108,12 @@ def test_bad_reward_weight_is_named_before_anything_loads(tmp_path, capsys):
 
 
 def help_text(capsys, monkeypatch, command: str, columns: int) -> str:
+    """`dag COMMAND --help` as a terminal of `columns` columns shows it (rich; a pipe gets plain text)."""
     monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
     code, out, err = run_cli([command, "--help"] if command else ["--help"], capsys)
     assert code == 0, err
-    return out
+    return re.sub(r"\x1b\[[0-9;]*m", "", out)  # the terminal's styles
 
 
 def click_params(command: str):

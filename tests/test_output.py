@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from dagcli.progress import (
     print_table,
     rich_table,
 )
+from dagcli.report import fmt_stat
 from dagcli.rewards import list_rewards
 from dagcli.rewards.base import read_image_folder
 
@@ -94,19 +96,39 @@ def test_rewards_score_and_eval_images_read_a_sampled_folder_alike(sampled, tmp_
     for name in ("compressibility", "clip"):
         assert overall["rewards"][name]["mean"] == pytest.approx(float(table[name][0]), abs=1e-4)
         assert overall["rewards"][name]["std"] == pytest.approx(float(table[name][1]), abs=1e-4)
-    lines = plain(evaluated.stdout) + plain(evaluated.stderr)
-    assert lines[0].split()[:3] == ["model", "compressibility", "clip"]
-    assert any(line.split()[0] == LONG_FOLDER for line in lines)  # the model name, whole
+    lines = plain(evaluated.stdout)
+    plain(evaluated.stderr)
+    assert max(map(len, lines)) <= 80, lines  # too wide for a table at 80 columns: one block per model
+    assert lines[0] == LONG_FOLDER  # the model name, whole
+    assert lines[1].split() == ["compressibility:", *fmt_stat(overall["rewards"]["compressibility"]).split()]
 
 
 def test_reward_list_in_a_pipe_keeps_every_name(tmp_path):
     done = dag_in_pipe("rewards", cwd=tmp_path)
     assert done.returncode == 0 and not done.stderr, done.stderr
-    header, *rows = plain(done.stdout)
-    assert header.split() == ["name", "description", "unit", "needs", "differentiable"]
-    assert [row.split()[0] for row in rows] == [r.name for r in list_rewards()]
-    for row, info in zip(rows, list_rewards(), strict=True):
-        assert info.description in row and info.needs in row
+    lines = plain(done.stdout)
+    assert max(map(len, lines)) <= 80, lines
+    names = [r.name for r in list_rewards()]
+    assert [line for line in lines if not line.startswith(" ") and ": " not in line] == names
+    assert_reward_words_whole(done.stdout)
+
+
+def assert_reward_words_whole(text: str) -> None:
+    """Every word of every reward's description, unit and needs is in `text` whole; a column that is the same
+    for every reward is one note."""
+    shown = words(text)
+    for info in list_rewards():
+        for field in (info.name, info.description, info.unit, info.needs):
+            assert set(field.split()) <= shown, (field, sorted(set(field.split()) - shown))
+    differentiable = {"yes" if r.differentiable else "no" for r in list_rewards()}
+    if len(differentiable) == 1:
+        assert f"differentiable: {differentiable.pop()} for every reward" in text.splitlines()
+
+
+def words(text: str) -> set[str]:
+    """The whitespace-separated words of a screen, table borders removed; a list's `header:` counts as `header`."""
+    found = set(re.split(f"[\\s{''.join(BOX)}]+", text)) - {""}
+    return found | {w.removesuffix(":") for w in found}
 
 
 def test_mixed_sizes_name_two_files(tmp_path):
@@ -163,30 +185,56 @@ def test_tables_keep_names_and_numbers_whole_in_an_80_column_terminal():
 
     from dagcli.commands.rewards import reward_table
 
-    for table in (reward_table(), eval_like_table("run-with-a-long-name@step-000100")):
-        widths = fit_widths(table, 80)
+    for table, width in ((reward_table(), 200), (eval_like_table("run-with-a-long-name@step-000100"), 80)):
+        widths = fit_widths(table, width)
         assert widths is not None
         screen = FakeTerminal()
-        Console(file=screen, width=80, force_terminal=True, color_system=None).print(rich_table(table, widths))
+        Console(file=screen, width=width, force_terminal=True, color_system=None).print(rich_table(table, widths))
         lines = screen.getvalue().splitlines()
-        assert max(len(line) for line in lines) <= 80
+        assert max(len(line) for line in lines) <= width
         cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
         first_column = {row[0] for row in cells}
         assert {row[0] for row in table.rows} <= first_column, lines  # each name whole, on one line
+        assert {w for row in table.rows for cell in row for w in cell.split()} <= words(screen.getvalue())
         headers = " ".join(lines[:4])
         assert all(c.header in headers for c in table.columns), lines
     numbers = {word for row in cells for cell in row[1:] for word in cell.split()}
     assert {"-0.9871", "0.00612", "0.5634", "0.0105", "0.1234", "-1.234", "0.0567"} <= numbers, lines
 
 
-def test_a_table_too_wide_for_the_terminal_is_printed_as_plain_lines():
+def test_the_reward_table_is_a_list_at_80_columns_and_its_all_no_column_a_note(monkeypatch):
+    from dagcli.commands.rewards import reward_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert fit_widths(reward_table(), 80) is None  # "openai/clip-vit-large-patch14 + ..." leaves too little
+    for screen in (FakeTerminal(), io.StringIO()):
+        print_table(reward_table(), file=screen)
+        text = screen.getvalue()
+        assert max(map(len, text.splitlines())) <= 80 and not BOX & set(text), text
+        assert_reward_words_whole(text)
+        assert "differentiable" not in text.splitlines()[0]
+
+
+def test_a_table_too_wide_for_the_terminal_is_a_list_with_names_whole():
     table = eval_like_table("x" * 90)
     assert fit_widths(table, 80) is None
     screen = FakeTerminal()
     print_table(table, file=screen)
     lines = screen.getvalue().splitlines()
-    assert lines[0].split() == ["model", "compressibility", "clip", "diversity"]
-    assert lines[2].startswith("x" * 90) and not BOX & set(screen.getvalue())
+    assert lines == ["base", "  compressibility: -0.9871 ± 0.00612", "  clip: 0.5634 ± 0.0105", "  diversity: 0.1234",
+                     "x" * 90, "  compressibility: -1.234 ± 0.0567", "  clip: 0.6 ± 0.01", "  diversity: –"]
+
+
+def test_columns_alike_in_every_row_become_a_note_only_when_the_table_is_too_wide():
+    columns = (Column("name"), Column("kind"), Column("score", numeric=True))
+    table = TextTable("t", columns, (("a" * 30, "same", "1"), ("b" * 30, "same", "2")), noun="thing")
+    narrow, wide = io.StringIO(), io.StringIO()
+    print_table(table, file=narrow)
+    assert narrow.getvalue().splitlines()[0].split() == ["name", "kind", "score"]  # fits 80: kept
+    table = TextTable("t", columns, (("a" * 70, "same", "1"), ("b" * 70, "same", "2")), noun="thing")
+    print_table(table, file=wide)
+    assert wide.getvalue().splitlines() == ["name" + " " * 68 + "score", "a" * 70 + "      1", "b" * 70 + "      2",
+                                            "kind: same for every thing"]
 
 
 def test_print_table_to_a_pipe_is_aligned_plain_lines():
@@ -208,3 +256,89 @@ def test_read_image_folder_is_what_both_commands_use(sampled):
     assert len(found.files) == 4 and not any(f.name.startswith("grid-") for f in found.files)
     assert found.prompts == image_set.prompts == ["a red circle"] * 2 + ["a blue square"] * 2
     assert image_set.seeds == [0, 1, 2, 3]
+
+
+# --- 80 columns in a real terminal -----------------------------------------------------------------------
+
+
+def dag_in_terminal(*args, cwd: Path, columns: int = 80) -> str:
+    """What `dag ARGS` (the installed script) shows in a pseudo-terminal `columns` wide, stdout and stderr
+    together: one entry per line or carriage-return segment, styles and cursor moves removed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "NO_COLOR")}
+    env.update(COLUMNS=str(columns), LINES="24", TERM="xterm")
+    proc = subprocess.Popen([*dag_script(), *map(str, args)], cwd=cwd, env=env, stdin=follower, stdout=follower,
+                            stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed with the process
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=600) == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8"))
+    return "\n".join(part for part in re.split(r"\r\n|\r|\n", text))
+
+
+def dag_script() -> list[str]:
+    """The installed `dag` script next to this interpreter, else `python -m dagcli`."""
+    script = Path(sys.executable).parent / "dag"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "dagcli"]
+
+
+def test_reward_list_fits_an_80_column_terminal_with_every_word_whole(tmp_path):
+    shown = dag_in_terminal("rewards", cwd=tmp_path)
+    assert max(map(len, shown.splitlines())) <= 80, shown
+    assert_reward_words_whole(shown)
+
+
+def test_eval_summary_fits_an_80_column_terminal_with_every_word_whole(sampled, tmp_path):
+    from dagcli.report import summary_rows
+
+    shown = dag_in_terminal("eval", "--images", sampled, "-r", "compressibility,clip", "--no-lpips", "-o",
+                            tmp_path / "eval", cwd=tmp_path)
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    lines = [line for line in shown.splitlines() if "report.json" not in line]  # not the path of tmp_path
+    assert max(map(len, lines)) <= 80, shown
+    header, rows = summary_rows(report)
+    assert LONG_FOLDER in lines
+    assert {w for cell in [*header[1:], *rows[0]] for w in cell.split()} <= words(shown), shown
+
+
+def help_words(command: str) -> set[str]:
+    """Every word of the help texts of a command (or of `dag` itself) and its options, as written."""
+    import typer.main
+
+    from dagcli import cli
+
+    cli._register_commands()
+    group = typer.main.get_command(cli.app)
+    cmd = group.commands[command] if command else group
+    texts = [cmd.help or "", cmd.epilog or "", *(p.help or "" for p in cmd.params if not p.hidden)]
+    return {w.replace("\\[", "[") for text in texts for w in text.split()}
+
+
+@pytest.mark.parametrize("command", ["", "train", "sample", "eval", "export", "rewards"])
+def test_help_is_plain_in_a_pipe_boxed_in_a_terminal_and_fits_80_columns_with_words_whole(command, tmp_path):
+    args = [command, "--help"] if command else ["--help"]
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
+    piped = subprocess.run([*dag_script(), *args], cwd=tmp_path, env={**env, "COLUMNS": "80"}, capture_output=True,
+                           text=True, timeout=120)
+    assert piped.returncode == 0 and not piped.stderr, piped.stderr
+    shown = dag_in_terminal(*args, cwd=tmp_path)
+    assert not BOX & set(piped.stdout) and "\x1b" not in piped.stdout, piped.stdout
+    assert "╭" in shown and "Usage: dag" in piped.stdout and "Usage: dag" in shown
+    for text in (piped.stdout, shown):
+        assert max(map(len, text.splitlines())) <= 80, text
+        assert help_words(command) <= words(text), sorted(help_words(command) - words(text))

@@ -258,6 +258,18 @@ def write_lora(folder: Path, family, denoiser, rank: int, alpha: float, target_m
     return Path(folder) / LORA_FILE
 
 
+def usual_modes(path: Path) -> None:
+    """Give the `.safetensors` files at `path` (a file, or a folder and its subfolders) the mode every other
+    file gets, 0666 less the umask: safetensors writes its files 0600."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for file in [path] if path.is_file() else path.rglob("*.safetensors"):
+        os.chmod(file, 0o666 & ~mask)
+
+
 def _fsync_dir(folder: Path) -> None:
     import os
 
@@ -299,6 +311,7 @@ def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict
         save_file(weights, str(tmp / f"{name}.safetensors"), metadata=metadata)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
+    usual_modes(tmp)
     files = sorted(p.name for p in tmp.iterdir())
     meta = {
         "format": 1,

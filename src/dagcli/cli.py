@@ -5,8 +5,10 @@ Every user-facing problem is a `DagError`: printed on one line, exit code 2, no 
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from contextlib import contextmanager
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -30,11 +32,45 @@ class _FlagsTakeNoValue:
         return params
 
 
-class DagGroup(_FlagsTakeNoValue, TyperGroup):
+class _PlainHelpInPipe:
+    """`--help` is rich (boxes, colours) in a terminal and click's plain text when stdout is a pipe or a file."""
+
+    def format_help(self, ctx, formatter):
+        from dagcli.progress import is_terminal
+
+        if is_terminal(sys.stdout):
+            return super().format_help(ctx, formatter)
+        mode, self.rich_markup_mode = self.rich_markup_mode, None  # typer's switch to click's own formatter
+        try:
+            with _wrap_at_spaces_only(formatter):
+                super().format_help(ctx, formatter)
+        finally:
+            self.rich_markup_mode = mode
+        formatter.buffer = [text.replace("\\[", "[") for text in formatter.buffer]  # help texts are rich markup
+
+
+@contextmanager
+def _wrap_at_spaces_only(formatter):
+    """click's help wraps lines at hyphens too (`tiny-` / `random`): model names and hub ids are kept whole."""
+    module = importlib.import_module(type(formatter).__module__.rsplit(".", 1)[0] + "._textwrap")
+    original = module.TextWrapper
+
+    class WholeWords(original):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, break_on_hyphens=False)
+
+    module.TextWrapper = WholeWords
+    try:
+        yield
+    finally:
+        module.TextWrapper = original
+
+
+class DagGroup(_PlainHelpInPipe, _FlagsTakeNoValue, TyperGroup):
     """The `dag` group."""
 
 
-class DagCommand(_FlagsTakeNoValue, TyperCommand):
+class DagCommand(_PlainHelpInPipe, _FlagsTakeNoValue, TyperCommand):
     """A `dag` subcommand."""
 
 

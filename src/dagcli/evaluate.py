@@ -30,7 +30,7 @@ EMBED_BATCH = 32
 PIXEL_ATTRIBUTES = ("colour", "background", "shape")
 PIXEL_METRICS = tuple(f"pixel_{a}" for a in PIXEL_ATTRIBUTES)
 # Metrics whose fall, while a reward rises, the hacking monitor reports (overall and per prompt). The pixel shape
-# share is reported, not monitored: its judge misreads the base model's own triangles and would cry wolf.
+# share is reported, not monitored.
 MONITORED = ("diversity", "lpips_diversity", "fidelity", "pixel_colour", "pixel_background")
 
 

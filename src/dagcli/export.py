@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagcli.checkpoint import LORA_FILE, read_meta, verify_file
+from dagcli.checkpoint import LORA_FILE, read_meta, usual_modes, verify_file
 from dagcli.errors import DagError
 
 FORMATS = ("diffusers", "kohya", "merged")
@@ -169,6 +169,7 @@ def export_kohya(folder: Path, output: Path, model: str | None = None) -> Path:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         save_file(to_kohya(info, family_of(info, base)), str(output), metadata=metadata)
+        usual_modes(output)
     except OSError as e:
         raise DagError(f"--output {str(output)!r} cannot be written ({e.strerror or e})") from e
     return output
@@ -188,6 +189,7 @@ def export_merged(folder: Path, output: Path, model: str | None = None) -> Path:
     pipe.fuse_lora(components=[loaded.family.lora_prefix], lora_scale=1.0)
     pipe.unload_lora_weights()
     pipe.save_pretrained(str(output), safe_serialization=True)
+    usual_modes(output)
     if loaded.defaults:  # recommended sampling settings travel with the weights
         (output / "dagcli.json").write_text(json.dumps(loaded.defaults, indent=1))
     return output

@@ -97,7 +97,7 @@ def write_samples(images: list[GeneratedImage], settings: SampleSettings, output
                 record["metadata"] = g.metadata
             records.append(record)
         upscale = max(1, 128 // group[0].image.width)
-        make_grid([g.image for g in group], upscale=upscale).save(output / f"grid-{stem}.png")
+        make_grid([g.image for g in group], upscale=upscale, label=prompt).save(output / f"grid-{stem}.png")
     manifest = output / "samples.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     return manifest

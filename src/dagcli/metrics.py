@@ -117,8 +117,9 @@ def open_tracker(kind: str, run_dir: Path, config: dict):
 
 
 def write_sample_grid(model, denoiser, prompts: list[str], settings, height: int, width: int, path: Path) -> None:
-    """A grid of samples from four of the run's prompts × four fixed seeds, so epochs can be compared by eye."""
-    from dagcli.images import make_grid
+    """A grid of samples from four of the run's prompts × four fixed seeds, so epochs can be compared by eye;
+    each row is labelled with its prompt."""
+    from dagcli.images import labelled_rows
     from dagcli.sampling import generators_for, sample_batch, to_pil
 
     chosen = sorted(set(prompts))[:4]
@@ -130,4 +131,5 @@ def write_sample_grid(model, denoiser, prompts: list[str], settings, height: int
                             width=width)
     images = to_pil(traj.images)
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, cols=4, upscale=max(1, 96 // images[0].width)).save(path)
+    by_prompt = [(p, images[4 * i : 4 * i + 4]) for i, p in enumerate(chosen)]
+    labelled_rows(by_prompt, upscale=max(1, 96 // images[0].width), label_width=160).save(path)

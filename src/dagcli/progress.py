@@ -2,8 +2,9 @@
 
 Engine code receives a `Reporter` (rich in a terminal, plain lines in a pipe, or the do-nothing
 `NullReporter`) and never imports rich. In a terminal output is rich; when stderr (progress, messages) or
-stdout (tables) is a pipe or a file it is plain lines: no bars, no box drawing, no blank lines. Names and
-numbers are never cut: table columns that hold them never wrap, only descriptions do.
+stdout (tables) is a pipe or a file it is plain lines: no bars, no box drawing, no blank lines. Tables fit
+the width (a terminal's, else $COLUMNS or 80) with every word whole: names and numbers never wrap, only
+descriptions do, at spaces; a table too wide for that becomes a list.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class Column:
     """A table column; `wrap` only for descriptions (names and numbers stay whole)."""
 
     header: str
-    wrap: bool = False  # may break at spaces (and fold long words) to fit the terminal
+    wrap: bool = False  # may break at spaces to fit the terminal (a word is never split)
     numeric: bool = False  # right-aligned; a "mean ± std" cell may break at its spaces but not in a number
 
 
@@ -117,20 +118,58 @@ class TextTable:
     title: str
     columns: tuple[Column, ...]
     rows: tuple[tuple[str, ...], ...]
+    noun: str = "row"  # what a row is, for the note on a column that is the same in every row
 
 
 def print_table(table: TextTable, file: IO | None = None) -> None:
-    """A rich table when `file` (default stdout) is a terminal wide enough to keep every name and number
-    whole; plain aligned lines otherwise."""
+    """A table that fits the width of `file` (default stdout; a pipe: $COLUMNS, else 80) with every word whole.
+
+    A rich table in a terminal, aligned plain lines in a pipe. Where that does not fit, the columns that hold
+    the same value in every row become notes below, and where it still does not fit, the table is a list, one
+    block per row (a name longer than the width is the only thing that can still overflow: it is never cut).
+    """
     from rich.console import Console
 
     console = Console(file=file)
-    widths = fit_widths(table, console.width) if console.is_terminal else None
-    if widths is None:
-        for line in plain_lines(table):
-            print(line, file=console.file)
-        return
-    console.print(rich_table(table, widths))
+    notes: list[str] = []
+    layout = fitted_layout(table, console.width, console.is_terminal)
+    if layout is None:
+        table, notes = without_constant_columns(table)
+        layout = fitted_layout(table, console.width, console.is_terminal)
+    if layout is None:
+        layout = list_lines(table, console.width)
+    if not isinstance(layout, list):
+        console.print(layout)
+        layout = []
+    for line in layout + notes:
+        print(line, file=console.file)
+
+
+def fitted_layout(table: TextTable, width: int, terminal: bool):
+    """The boxed rich table (terminal) or the plain lines (pipe) of `table` if they fit `width`, else None."""
+    from rich.cells import cell_len
+
+    if terminal:
+        widths = fit_widths(table, width)
+        return None if widths is None else rich_table(table, widths)
+    lines = plain_lines(table)
+    return lines if max(map(cell_len, lines)) <= width else None
+
+
+def without_constant_columns(table: TextTable) -> tuple[TextTable, list[str]]:
+    """The table less the columns after the first whose cells are all alike (two rows or more), and a note
+    line for each ("differentiable: no for every reward")."""
+    if len(table.rows) < 2:
+        return table, []
+    keep = [0] + [i for i in range(1, len(table.columns)) if len({row[i] for row in table.rows}) > 1]
+    notes = [
+        f"{table.columns[i].header}: {table.rows[0][i]} for every {table.noun}"
+        for i in range(len(table.columns))
+        if i not in keep
+    ]
+    columns = tuple(table.columns[i] for i in keep)
+    rows = tuple(tuple(row[i] for i in keep) for row in table.rows)
+    return TextTable(table.title, columns, rows, table.noun), notes
 
 
 def plain_lines(table: TextTable) -> list[str]:
@@ -149,11 +188,27 @@ def plain_lines(table: TextTable) -> list[str]:
     return lines
 
 
-def fit_widths(table: TextTable, width: int) -> list[int] | None:
-    """Content width per column so that the boxed table fits `width` with names and numbers whole, or None.
+def list_lines(table: TextTable, width: int) -> list[str]:
+    """One block per row for a narrow screen: the first cell on its own line, then `header: value` lines
+    indented, wrapped at spaces only (a name, number or hub id is never split)."""
+    import textwrap
 
-    Every column first gets its minimum (a whole cell for unwrapped columns, the longest word of a number
-    or header otherwise), then the space left goes one character at a time to columns below their widest
+    wrap = textwrap.TextWrapper(
+        width=width, initial_indent="  ", subsequent_indent="    ", break_long_words=False, break_on_hyphens=False
+    )
+    lines = []
+    for row in table.rows:
+        lines.append(row[0])
+        for col, cell in zip(table.columns[1:], row[1:], strict=True):
+            lines += wrap.wrap(f"{col.header}: {cell}")
+    return lines
+
+
+def fit_widths(table: TextTable, width: int) -> list[int] | None:
+    """Content width per column so that the boxed table fits `width` with every word whole, or None.
+
+    Every column first gets its minimum (a whole cell for unwrapped columns, the longest word of its header
+    and cells otherwise), then the space left goes one character at a time to columns below their widest
     cell.
     """
     from rich.cells import cell_len
@@ -168,7 +223,7 @@ def fit_widths(table: TextTable, width: int) -> list[int] | None:
         if not col.wrap and not col.numeric:
             minimum.append(natural[-1])
         else:
-            minimum.append(longest_word([col.header, *(cells if col.numeric else [])]))
+            minimum.append(longest_word([col.header, *cells]))
     spare = width - (3 * len(minimum) + 1) - sum(minimum)  # 2 padding + 1 border per column, 1 more border
     if spare < 0:
         return None

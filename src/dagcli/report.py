@@ -47,8 +47,9 @@ def figure_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def thumbnail_grid(images: Sequence) -> object:
-    """Up to GRID_COLS images a row at a readable size: tiny images enlarged (nearest), large ones shrunk.
+def thumbnail_grid(images: Sequence, label: str | None = None) -> object:
+    """Up to GRID_COLS images a row at a readable size: tiny images enlarged (nearest), large ones shrunk;
+    `label` (the prompt) above them.
 
     Narrow grids let every model's grid of a prompt sit side by side on one screen.
     """
@@ -56,11 +57,11 @@ def thumbnail_grid(images: Sequence) -> object:
 
     w, cols = images[0].width, min(len(images), GRID_COLS)
     if w < TILE_MIN:
-        return make_grid(images, cols=cols, upscale=max(1, TILE_MIN // w))
+        return make_grid(images, cols=cols, upscale=max(1, TILE_MIN // w), label=label)
     if w > TILE_MAX:
         h = round(images[0].height * TILE_MAX / w)
         images = [img.resize((TILE_MAX, h), Image.BICUBIC) for img in images]
-    return make_grid(images, cols=cols)
+    return make_grid(images, cols=cols, label=label)
 
 
 def read_metrics(run_dir: str | Path | None) -> list[dict]:
@@ -79,6 +80,35 @@ def read_metrics(run_dir: str | Path | None) -> list[dict]:
         if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def shown_path(value: str, output: Path | None) -> str:
+    """A path as the pages show it: relative to the report folder `output` (else to the current folder) when
+    it is at most two folders up from there, the built-in tiny CLIP by name; other values unchanged."""
+    import os
+
+    from dagcli.builtin import TINY_CLIP_DIR
+
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    if Path(value).resolve() == TINY_CLIP_DIR.resolve():
+        return "the built-in tiny CLIP"
+    relative = os.path.relpath(value, output.resolve() if output else Path.cwd())
+    return value if relative.startswith(os.path.join("..", "..", "..")) else relative
+
+
+def shown_settings(report: dict, output: Path | None) -> list[tuple[str, str]]:
+    """(name, value) of every setting that is set, paths as `shown_path` writes them."""
+    out = []
+    for key, value in report["settings"].items():
+        if value in (None, "", [], {}):
+            continue
+        shown = [shown_path(v, output) for v in value] if isinstance(value, list) else shown_path(value, output)
+        out.append((key, ", ".join(map(str, shown)) if isinstance(shown, list) else str(shown)))
+    return out
+
+
+SETTINGS_NOTE = "Settings (paths relative to this report's folder):"
 
 
 # --- plots --------------------------------------------------------------------------------------------
@@ -115,8 +145,9 @@ def curve_key(rows: list[dict], names: Sequence[str]) -> str | None:
     return None
 
 
-def training_curves(rows: list[dict], title: str) -> str | None:
-    """reward_mean and loss against trajectories_seen from `metrics.jsonl` rows, as a PNG data URI."""
+def training_curves(rows: list[dict], run: str) -> str | None:
+    """reward_mean and loss against trajectories_seen from `metrics.jsonl` rows, as a PNG data URI titled
+    with the run and what is plotted."""
     from matplotlib.figure import Figure
 
     x_key = curve_key(rows, ("trajectories_seen", "epoch"))
@@ -135,8 +166,14 @@ def training_curves(rows: list[dict], title: str) -> str | None:
         ax.set_xlabel(x_key)
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize="medium")
+    fig.suptitle(f"run {run}: {' and '.join(panels)} per epoch against {x_key} (metrics.jsonl)", fontsize="medium")
     return figure_data_uri(fig)
+
+
+def run_dirs(report: dict) -> list[Path]:
+    """The run folders of the report's checkpoints, each once, in model order."""
+    found = [(m.get("source") or {}).get("run_dir") for m in report["models"]]
+    return list(dict.fromkeys(Path(d) for d in found if d))
 
 
 # --- tables and legend (shared by markdown, HTML and the terminal) -------------------------------------
@@ -223,10 +260,10 @@ def prompt_rows(report: dict, prompt: str) -> tuple[list[list[str]], set[tuple[i
     return rows, flags
 
 
-def legend(report: dict) -> list[tuple[str, str]]:
+def legend(report: dict, output: Path | None = None) -> list[tuple[str, str]]:
     """(name, meaning) of every number on the page, with this report's settings filled in."""
     s, keys = report["settings"], metric_keys(report)
-    embed = f" ({s['embed_model']})" if s.get("embed_model") else " (none given: not measured)"
+    embed = f" ({shown_path(s['embed_model'], output)})" if s.get("embed_model") else " (none given: not measured)"
     items = [
         (
             "reward",
@@ -275,8 +312,8 @@ PIXEL_LEGEND = {
     "that differ from the border, named by the nearest palette colour (pixel judges: built-in models only)",
     "pixel_background": "share of images whose border colour (median, nearest background name) is the "
     "prompt's background; only prompts that name one count",
-    "pixel_shape": "share of images whose shape guess is the prompt's shape; crude (guessed from how much of "
-    "its bounding box the shape fills: square ≈ 1, circle ≈ 0.78, triangle ≈ 0.5): check its ⚠ on the grid",
+    "pixel_shape": "share of images whose shape is the prompt's: the circle, square or triangle of the same area "
+    "and centre whose rendering differs least from the pixels that differ from the border (not monitored)",
 }
 
 
@@ -328,12 +365,11 @@ def md_prompt_section(report: dict, prompt: str, output: Path | None) -> list[st
 
 def render_markdown(report: dict, output: Path | None = None) -> str:
     """The report as Markdown: settings, overall table, legend, warnings, one comparison table per prompt."""
-    s = report["settings"]
-    out = ["# Evaluation report", ""]
-    out += [f"- **{k}**: `{v}`" for k, v in s.items() if v not in (None, "", [], {})]
+    out = ["# Evaluation report", "", SETTINGS_NOTE, ""]
+    out += [f"- **{k}**: `{v}`" for k, v in shown_settings(report, output)]
     out += ["", "## Overall", "", md_table(*summary_rows(report), summary_flags(report)), ""]
     out += ["**What the numbers mean**", ""]
-    out += [f"- **{name}**: {meaning}." for name, meaning in legend(report)]
+    out += [f"- **{name}**: {meaning}." for name, meaning in legend(report, output)]
     out += ["", "## Hacking monitor", ""]
     if report["warnings"]:
         out += [f"- {FLAG} {w['message']}" for w in report["warnings"]]
@@ -393,9 +429,9 @@ def html_table(
     return f"<table class='{css}'><thead><tr>{head}</tr></thead><tbody>{lead}{body}</tbody></table>"
 
 
-def html_legend(report: dict) -> str:
+def html_legend(report: dict, output: Path | None = None) -> str:
     """The legend as a definition list."""
-    items = "".join(f"<dt>{html.escape(n)}</dt><dd>{html.escape(m)}.</dd>" for n, m in legend(report))
+    items = "".join(f"<dt>{html.escape(n)}</dt><dd>{html.escape(m)}.</dd>" for n, m in legend(report, output))
     return f"<dl class='legend'>{items}</dl>"
 
 
@@ -408,32 +444,28 @@ def prompt_section(report: dict, prompt: str, images: dict[str, dict[str, list]]
         pics = images.get(m["label"], {}).get(prompt)
         alt = html.escape(f"{m['label']}: {prompt}")
         cells.append(
-            f'<td><img src="{png_data_uri(thumbnail_grid(pics))}" alt="{alt}"></td>' if pics else "<td>–</td>"
+            f'<td><img src="{png_data_uri(thumbnail_grid(pics, prompt))}" alt="{alt}"></td>' if pics else "<td>–</td>"
         )
     lead = f"<td>images</td>{''.join(cells)}" if any("<img" in c for c in cells) else ""
     table = html_table(["", *[m["label"] for m, _ in columns]], rows, flags, css="compare", lead=lead)
     return f"<h3>{html.escape(prompt or '(no prompt)')}</h3><div class='scroll'>{table}</div>"
 
 
-def render_html(report: dict, images: dict[str, dict[str, list]]) -> str:
-    """The self-contained HTML page; `images` maps model label -> prompt -> PIL images (seed order)."""
-    s = report["settings"]
+def render_html(report: dict, images: dict[str, dict[str, list]], output: Path | None = None) -> str:
+    """The self-contained HTML page; `images` maps model label -> prompt -> PIL images (seed order); paths
+    are shown relative to `output`, the report's folder."""
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dag eval report</title>"
         f"<style>{CSS}</style></head><body><h1>Evaluation report</h1>"
     ]
     parts.append(
-        "<ul>"
-        + "".join(
-            f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>"
-            for k, v in s.items()
-            if v not in (None, "", [], {})
-        )
+        f"<p>{html.escape(SETTINGS_NOTE)}</p><ul>"
+        + "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in shown_settings(report, output))
         + "</ul>"
     )
     overall = html_table(*summary_rows(report), summary_flags(report))
     parts.append(
-        f"<h2>Overall</h2><div class='row'><div class='scroll'>{overall}</div>{html_legend(report)}</div>"
+        f"<h2>Overall</h2><div class='row'><div class='scroll'>{overall}</div>{html_legend(report, output)}</div>"
     )
     parts.append("<h2>Hacking monitor</h2>")
     if report["warnings"]:
@@ -446,16 +478,13 @@ def render_html(report: dict, images: dict[str, dict[str, list]]) -> str:
         for r in report["rewards"]
     ]
     parts.append("</div>")
-    curves = [
-        (m["label"], training_curves(read_metrics((m.get("source") or {}).get("run_dir")), m["label"]))
-        for m in report["models"]
-    ]
-    curves = [(label, uri) for label, uri in curves if uri]
+    curves = [(run.name, training_curves(read_metrics(run), run.name)) for run in run_dirs(report)]
+    curves = [(name, uri) for name, uri in curves if uri]
     if curves:
         parts.append("<h2>Training curves</h2><div class='row plot'>")
         parts += [
-            f"<figure><img src='{uri}' alt='{html.escape(label)} training curves'></figure>"
-            for label, uri in curves
+            f"<figure><img src='{uri}' alt='run {html.escape(name)} training curves'></figure>"
+            for name, uri in curves
         ]
         parts.append("</div>")
     parts.append(
@@ -477,7 +506,7 @@ def terminal_table(report: dict):
 
     header, rows = summary_rows(report)
     columns = (Column(header[0]), *(Column(h, numeric=True) for h in header[1:]))
-    return TextTable("dag eval", columns, tuple(tuple(r) for r in rows))
+    return TextTable("dag eval", columns, tuple(tuple(r) for r in rows), noun="model")
 
 
 def images_by_prompt(sets) -> dict[str, dict[str, list]]:
@@ -495,5 +524,5 @@ def write_report(report: dict, sets, output: Path) -> dict[str, Path]:
     paths = {"json": output / "report.json", "md": output / "report.md", "html": output / "report.html"}
     paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     paths["md"].write_text(render_markdown(report, output) + "\n", encoding="utf-8")
-    paths["html"].write_text(render_html(report, images_by_prompt(sets)), encoding="utf-8")
+    paths["html"].write_text(render_html(report, images_by_prompt(sets), output), encoding="utf-8")
     return paths

@@ -13,10 +13,14 @@ TINY_FLOW_DIR = WEIGHTS_DIR / "tiny-flow"  # StableDiffusion3Pipeline folder (re
 TINY_NAME = "tiny"  # the pretrained tiny text-to-image model (shapes and colours)
 TINY_FLOW_NAME = "tiny-flow"  # the pretrained tiny rectified-flow (SD3-style) model, same data and parts
 TINY_RANDOM_NAME = "tiny-random"  # random weights, built in code; for tests and plumbing checks
+# the random-weight built-in names, one per family (their builders: `random_models.RANDOM_MODELS`)
+RANDOM_NAMES = (TINY_RANDOM_NAME, "tiny-random-sd3", "tiny-random-flux", "tiny-random-sdxl")
 
 
 # pretrained built-in `--model` name -> its pipeline folder (both judged by the tiny CLIP in TINY_CLIP_DIR)
 PRETRAINED_DIRS = {TINY_NAME: TINY_SD_DIR, TINY_FLOW_NAME: TINY_FLOW_DIR}
+# every built-in `--model` name (readable without importing torch, e.g. by `--help`)
+BUILTIN_NAMES = (*PRETRAINED_DIRS, *RANDOM_NAMES)
 
 
 def tiny_available(name: str = TINY_NAME) -> bool:

@@ -249,7 +249,7 @@ class PixelJudgement:
 
     background: str
     colour: str | None  # None when no foreground pixels were found
-    shape: str | None
+    shape: str | None  # the nearest of SHAPES (`shape_errors`)
     fill_ratio: float  # foreground pixels / bounding-box area
 
 
@@ -258,8 +258,8 @@ def judge_pixels(image: Image.Image | np.ndarray) -> PixelJudgement:
 
     The background is the median of the border pixels; foreground pixels differ from it by more than a
     threshold; the shape colour is the median foreground colour, named by its nearest palette entry (a
-    shape colour equal to the background name is excluded). The shape is guessed from how much of its
-    bounding box the foreground fills (square ~1, circle ~0.78, triangle ~0.5).
+    shape colour equal to the background name is excluded). The shape is the one whose rendering, of the
+    same area at the same centroid, differs least from the image's per-pixel coverage (`shape_errors`).
     """
     arr = np.asarray(image, dtype=np.float64)  # (H, W, 3)
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
@@ -272,9 +272,37 @@ def judge_pixels(image: Image.Image | np.ndarray) -> PixelJudgement:
     palette = {k: v for k, v in COLOURS.items() if v != BACKGROUNDS[background]}
     # Core pixels (far from the background) avoid anti-aliased edge colours.
     core = dist > 0.5 * dist[mask].max()
-    colour = nearest_colour(np.median(arr[core], axis=0), palette)
+    fill_rgb = np.median(arr[core], axis=0)
+    colour = nearest_colour(fill_rgb, palette)
+    errors = shape_errors(coverage(arr, bg_rgb, fill_rgb))
     ys, xs = np.nonzero(mask)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    fill = float(mask.sum() / box)
-    shape = "square" if fill > 0.88 else ("circle" if fill > 0.665 else "triangle")
-    return PixelJudgement(background, colour, shape, fill)
+    fill = float(mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+    return PixelJudgement(background, colour, min(errors, key=errors.get), fill)
+
+
+def coverage(img: np.ndarray, background: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """Per-pixel shape coverage in [0, 1] of an anti-aliased two-colour image (H, W, 3): its projection onto
+    the line from the background colour to the fill colour."""
+    d = np.asarray(fill, dtype=np.float64) - background
+    a = ((np.asarray(img, dtype=np.float64) - background) @ d) / max(float(d @ d), 1e-6)
+    return np.clip(a, 0.0, 1.0)
+
+
+# Area of each rendered shape per squared circumscribed radius (see `_polygon` and `render`).
+_AREA_PER_R2 = {"circle": np.pi * 0.92**2, "square": 2 * 1.15**2, "triangle": 3 * np.sqrt(3) / 4}
+
+
+def shape_errors(cover: np.ndarray) -> dict[str, float]:
+    """Shape name -> L1 distance, relative to the area, between a coverage map (RESOLUTION x RESOLUTION) and
+    that shape rendered with the same area and centroid (squares axis-aligned, triangles pointing up, as in
+    the data set). Robust to soft edges and rounded corners, which a bounding-box fill ratio is not."""
+    area = float(cover.sum())
+    ys, xs = np.mgrid[0 : cover.shape[0], 0 : cover.shape[1]] + 0.5  # pixel centres
+    cx, cy = float((cover * xs).sum() / area), float((cover * ys).sum() / area)
+    white, black = np.asarray(COLOURS["white"], dtype=np.float64), np.asarray(BACKGROUNDS["black"], dtype=np.float64)
+    errors = {}
+    for shape, per_r2 in _AREA_PER_R2.items():
+        spec = ShapeSpec("white", shape, "black", "small", float(np.sqrt(area / per_r2)), cx, cy)
+        template = coverage(np.asarray(render(spec), dtype=np.float64), black, white)
+        errors[shape] = float(np.abs(cover - template).sum() / area)
+    return errors

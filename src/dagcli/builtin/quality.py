@@ -6,7 +6,8 @@
    (argmax of cosine similarity); colour and shape accuracy are read from the chosen caption.
 2. Tiny diffusion model: `--num-per-prompt` samples for each `shapes-heldout` prompt with the shipped DDIM
    scheduler (eta 0, fixed seeds), judged by the tiny CLIP (same argmax as above) and by the pixels
-   (`dataset.judge_pixels`: median foreground colour nearest to the palette, and a fill-ratio shape guess).
+   (`dataset.judge_pixels`: median foreground colour nearest to the palette, and the rendered shape of the
+   same area and centroid nearest to the image's coverage).
    Also: how often the tiny CLIP ranks the sample's own prompt first among the 12 prompts.
 3. A guidance sweep with fewer samples, and a labelled grid of samples (rows = prompts).
 
@@ -256,9 +257,9 @@ def markdown_section(result: dict, command: str) -> str:
         f"**Tiny diffusion model**, {main['num_per_prompt']} samples per held-out prompt, guidance "
         f"{main['guidance']}, {main['steps']} DDIM steps (eta 0, seeds fixed). Columns are the fraction of "
         "samples showing the prompt's attribute, by judge: CLIP = tiny CLIP joint argmax; CLIP tmpl = shape "
-        "from the shape captions (colour still joint); pixel = median foreground "
-        "colour nearest to the palette / bounding-box fill-ratio shape guess / border colour; retrieval = the "
-        "tiny CLIP ranks the sample's own prompt first among the 12 prompts.",
+        "from the shape captions (colour still joint); pixel = median foreground colour nearest to the palette / "
+        "nearest rendered shape of the same area and centroid / border colour; retrieval = the tiny CLIP ranks "
+        "the sample's own prompt first among the 12 prompts.",
         "",
         "| prompt | CLIP colour | CLIP shape | CLIP colour+shape | CLIP tmpl shape | CLIP tmpl colour+shape "
         "| pixel colour | pixel shape | pixel background | CLIP colour+shape and pixel colour | retrieval |",

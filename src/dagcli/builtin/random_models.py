@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 
+from dagcli.builtin import RANDOM_NAMES
 from dagcli.builtin.random_flow import build_tiny_random_flux, build_tiny_random_sd3
 from dagcli.families.sdxl import build_tiny_random_sdxl
 
@@ -72,9 +73,8 @@ def tiny_text_config(tokenizer, **overrides):
 
 
 # `--model` name -> builder(seed) of a pipeline with random weights
-RANDOM_MODELS: dict[str, Callable[[int], object]] = {
-    "tiny-random": build_tiny_random_pipeline,
-    "tiny-random-sd3": build_tiny_random_sd3,
-    "tiny-random-flux": build_tiny_random_flux,
-    "tiny-random-sdxl": build_tiny_random_sdxl,
-}
+RANDOM_MODELS: dict[str, Callable[[int], object]] = dict(zip(
+    RANDOM_NAMES,
+    (build_tiny_random_pipeline, build_tiny_random_sd3, build_tiny_random_flux, build_tiny_random_sdxl),
+    strict=True,
+))

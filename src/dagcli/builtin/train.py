@@ -364,20 +364,13 @@ def _on_background(img: np.ndarray, spec: ds.ShapeSpec, fill: np.ndarray, backgr
     """A rendered (32, 32, 3) uint8 image of `spec` in colour `fill`, its palette background replaced by
     `background`, anti-aliased edges kept (blended by the shape's per-pixel coverage)."""
     old = np.asarray(ds.BACKGROUNDS[spec.background], dtype=np.float64)
-    alpha = _coverage(img, old, fill)[..., None]  # (32, 32, 1) shape coverage in [0, 1]
+    alpha = ds.coverage(img, old, fill)[..., None]  # (32, 32, 1) shape coverage in [0, 1]
     return (alpha * fill + (1 - alpha) * background).round().astype(np.uint8)
 
 
 def _to_tensor(arr: np.ndarray) -> torch.Tensor:
     """(N, 32, 32, 3) uint8 -> (N, 3, 32, 32) float in [-1, 1]."""
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _coverage(img: np.ndarray, background: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """Per-pixel shape coverage of an anti-aliased two-colour image: projection onto background -> fill."""
-    d = fill.astype(np.float64) - background
-    a = ((img.astype(np.float64) - background) @ d) / max(float(d @ d), 1e-6)
-    return np.clip(a, 0.0, 1.0)
 
 
 def shape_caption(shape: str) -> str:

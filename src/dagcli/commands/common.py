@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from dagcli.builtin import BUILTIN_NAMES
 from dagcli.errors import DagError
 
 # The names of `dagcli.models.DEVICES` and `DTYPES`, spelt out so that `--help` and usage errors need no torch.
@@ -17,8 +18,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 MODEL_HELP = "Base model (see below). \\[default: the checkpoint's, else tiny]"
 # Below the options, at full width: a hub id is too long for the help column of an 80-column terminal.
 MODEL_EPILOG = (
-    "--model takes the built-in 'tiny' or 'tiny-random', a local diffusers folder, or a hub id, e.g. "
-    "stable-diffusion-v1-5/stable-diffusion-v1-5 for Stable Diffusion 1.5."
+    f"--model takes a built-in model ({', '.join(BUILTIN_NAMES)}), a local diffusers folder, or a hub id, "
+    "e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 for Stable Diffusion 1.5."
 )
 SAMPLER_DEFAULTS_HELP = {
     "steps": "Sampler steps. \\[default: the model's; Stable Diffusion: 50]",

@@ -48,7 +48,7 @@ def reward_table():
         Column("differentiable"),
     )
     rows = [(r.name, r.description, r.unit, r.needs, "yes" if r.differentiable else "no") for r in list_rewards()]
-    return TextTable("Rewards", columns, tuple(rows))
+    return TextTable("Rewards", columns, tuple(rows), noun="reward")
 
 
 def score_table(title: str, summaries):
@@ -57,7 +57,7 @@ def score_table(title: str, summaries):
 
     columns = (Column("component"), *(Column(h, numeric=True) for h in ("mean", "std", "images")))
     rows = [(s.name, f"{s.mean:.4f}", f"{s.std:.4f}", str(s.count)) for s in summaries]
-    return TextTable(title, columns, tuple(rows))
+    return TextTable(title, columns, tuple(rows), noun="component")
 
 
 def register(app: typer.Typer) -> None:
