@@ -137,6 +137,22 @@ def test_prompt_metadata_reaches_a_remote_reward(tmp_path, tiny_pipeline_dir, ca
     assert seen and {p: values[p] for p in seen} == seen
 
 
+def test_eval_gives_metadata_to_the_reward_and_keeps_it_in_the_report(tmp_path, tiny_pipeline_dir, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"prompt": "a red circle", "value": 2.5, "tag": "colors", "include": [{"class": "circle", "count": 1}]},
+               {"prompt": "a blue square", "value": -0.5, "tag": "single_object"}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with standin("ok") as server:
+        code, _, err = run_cli(["eval", "--prompts", prompts, "--reward", server.url, "-n", "2", "--steps", "2",
+                                "--guidance", "1", "--model", tiny_pipeline_dir, "--embed-model", "none",
+                                "--device", "cpu", "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    blocks = report["models"][0]["per_prompt"]
+    assert [b["metadata"] for b in blocks] == [{k: v for k, v in r.items() if k != "prompt"} for r in records]
+    assert [b["rewards"]["remote"]["scores"] for b in blocks] == [[2.5, 2.5], [-0.5, -0.5]]
+
+
 def test_unreachable_server_stops_before_sampling(tmp_path, tiny_pipeline_dir, capsys):
     code, _, err = train(tmp_path, tiny_pipeline_dir, capsys, f"http://127.0.0.1:{closed_port()}?{FAST}")
     assert code == 2 and len(err.strip().splitlines()) == 1, err  # before the banner: nothing but the error
