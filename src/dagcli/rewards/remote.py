@@ -50,6 +50,7 @@ _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 DEFAULT_TIMEOUT, DEFAULT_RETRIES, DEFAULT_BACKOFF = 60.0, 3, 0.5
 HEALTH_TIMEOUT = 5.0  # the health check answers at once or the server is not ready
+HTTP_TRUE, HTTP_FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}  # option values of a switch
 
 
 def is_url(text: str) -> bool:
@@ -83,7 +84,9 @@ class ServerURL:
     options: dict[str, str]
 
     def endpoint(self, name: str) -> str:
-        """`BASE/name`, or BASE itself when its path already ends with `/name`."""
+        """`BASE/name`, or BASE itself when its path already ends with `/name` (or `name` is empty: `BASE/`)."""
+        if not name:
+            return self.base + ("/" if self.base.count("/") == 2 else "")
         return self.base if self.base.endswith("/" + name) else f"{self.base}/{name}"
 
     @property
@@ -147,18 +150,21 @@ class HttpClient:
     Proxies are never used (reward servers are reached directly). Safe to use from several threads.
     """
 
-    def __init__(self, who: str, timeout: float, retries: int, backoff: float):
+    def __init__(self, who: str, timeout: float, retries: int, backoff: float, headers: dict | None = None):
         self.who, self.timeout, self.retries, self.backoff = who, timeout, retries, backoff
+        self.headers = dict(headers or {})
         self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def request(self, url: str, body: bytes | None = None, content_type: str = "application/json",
-                timeout: float | None = None, retries: int | None = None) -> bytes:
-        """The reply body of a GET (no body) or POST to `url`; raises a DagError once retries are spent."""
+                timeout: float | None = None, retries: int | None = None, any_status: bool = False) -> bytes:
+        """The reply body of a GET (no body) or POST to `url`; raises a DagError once retries are spent.
+
+        With `any_status`, an HTTP error reply counts as an answer (b"" is returned): the server is up."""
         retries = self.retries if retries is None else retries
         timeout = self.timeout if timeout is None else timeout
         for attempt in range(retries + 1):
             try:
-                return self._once(url, body, content_type, timeout)
+                return self._once(url, body, content_type, timeout, any_status)
             except _Retryable as e:
                 if attempt == retries:
                     tries = f" after {retries + 1} attempts" if retries else ""
@@ -167,13 +173,15 @@ class HttpClient:
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _once(self, url: str, body: bytes | None, content_type: str, timeout: float) -> bytes:
-        headers = {"Content-Type": content_type} if body is not None else {}
+    def _once(self, url: str, body: bytes | None, content_type: str, timeout: float, any_status: bool) -> bytes:
+        headers = {**self.headers, **({"Content-Type": content_type} if body is not None else {})}
         req = urllib.request.Request(url, data=body, headers=headers, method="POST" if body is not None else "GET")
         try:
             with self.opener.open(req, timeout=timeout) as reply:
                 return reply.read()
         except urllib.error.HTTPError as e:
+            if any_status:
+                return b""
             message = first_line(e.read().decode("utf-8", "replace")) or e.reason
             if e.code in RETRY_STATUS:
                 raise _Retryable(f"HTTP {e.code}: {message}") from None
@@ -209,7 +217,7 @@ def client_settings(url: ServerURL, options: dict) -> dict:
     return {**url.options, **{k: v for k, v in options.items() if v is not None}}
 
 
-def make_client(url: ServerURL, who: str, timeout, retries, backoff) -> HttpClient:
+def make_client(url: ServerURL, who: str, timeout, retries, backoff, headers: dict | None = None) -> HttpClient:
     retries_n = int(as_float("retries", retries))
     if retries_n < 0 or retries_n != as_float("retries", retries):
         raise DagError(f"option retries must be a whole number >= 0, got {retries!r}")
@@ -217,7 +225,7 @@ def make_client(url: ServerURL, who: str, timeout, retries, backoff) -> HttpClie
     if not seconds > 0 or not pause >= 0 or math.isinf(seconds):
         raise DagError(f"options timeout (> 0) and backoff (>= 0) of {url.text!r} must be seconds, "
                        f"got {timeout!r} and {backoff!r}")
-    return HttpClient(who, seconds, retries_n, pause)
+    return HttpClient(who, seconds, retries_n, pause, headers)
 
 
 def png_base64(images: torch.Tensor) -> list[str]:
@@ -252,17 +260,32 @@ def numeric_scores(values: object, n: int, who: str, key: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-class RemoteReward:
-    """A reward computed by a server speaking dagcli's JSON protocol (e.g. `dag serve-reward`)."""
+class BatchedServerReward:
+    """A reward a server computes, asked `batch_size` images per request (`_batch` makes one request)."""
 
     slow = True
+    batch_size: int
+    name: str
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url.text!r})"
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):
+        prompts = check_prompts(prompts, len(images))
+        meta = metadata_list(metadata, len(images))
+        scores = [self._batch(images[s], prompts[s], meta[s]) for s in batches(len(images), self.batch_size)]
+        return single_output(self.name, torch.cat(scores))
+
+    def _batch(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RemoteReward(BatchedServerReward):
+    """A reward computed by a server speaking dagcli's JSON protocol (e.g. `dag serve-reward`)."""
 
     def __init__(self, url: ServerURL, client: HttpClient, name: str, batch_size: int):
         self.url, self.client, self.name, self.batch_size = url, client, name, batch_size
         self.server: dict = {}
-
-    def __repr__(self) -> str:
-        return f"RemoteReward({self.url.text!r})"
 
     def check_health(self) -> dict:
         """The server's `GET /health` reply; a server that is down fails here, within seconds."""
@@ -275,12 +298,6 @@ class RemoteReward:
         if not isinstance(self.server, dict) or self.server.get("status", "ok") != "ok":
             raise DagError(f"{self.client.who} is not healthy: {first_line(json.dumps(self.server))}")
         return self.server
-
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):
-        prompts = check_prompts(prompts, len(images))
-        meta = metadata_list(metadata, len(images))
-        scores = [self._batch(images[s], prompts[s], meta[s]) for s in batches(len(images), self.batch_size)]
-        return single_output(self.name, torch.cat(scores))
 
     def _batch(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         body = json.dumps({"prompts": prompts, "images": png_base64(images), "metadata": metadata}).encode()
@@ -298,17 +315,27 @@ class RemoteReward:
 def remote_json(url: ServerURL, timeout=None, retries=None, backoff=None, batch_size=None,
                 name=None) -> RemoteReward:
     """Options: batch_size (images per request, 32), timeout (60 s), retries (3), backoff (0.5 s), name."""
-    o = client_settings(url, dict(timeout=timeout, retries=retries, backoff=backoff, batch_size=batch_size, name=name))
-    _check_known(url, o, {"timeout", "retries", "backoff", "batch_size", "name"})
-    client = make_client(url, f"reward server {url.text}", o.get("timeout", DEFAULT_TIMEOUT),
-                         o.get("retries", DEFAULT_RETRIES), o.get("backoff", DEFAULT_BACKOFF))
+    o, client = options_and_client(url, dict(timeout=timeout, retries=retries, backoff=backoff, name=name,
+                                             batch_size=batch_size), f"reward server {url.text}")
     reward = RemoteReward(url, client, str(o.get("name") or "remote"), positive_int("batch_size",
                                                                                      o.get("batch_size", 32)))
     reward.check_health()
     return reward
 
 
-def _check_known(url: ServerURL, options: dict, known: set[str]) -> None:
+def options_and_client(url: ServerURL, given: dict, who: str,
+                       default_timeout: float = DEFAULT_TIMEOUT) -> tuple[dict, HttpClient]:
+    """A server reward's options (the query's under the given ones, all checked against the factory's keyword
+    names) and its client with the common ones (timeout, retries, backoff)."""
+    o = client_settings(url, given)
+    check_known(url, o, set(given))
+    client = make_client(url, who, o.get("timeout", default_timeout), o.get("retries", DEFAULT_RETRIES),
+                         o.get("backoff", DEFAULT_BACKOFF))
+    return o, client
+
+
+def check_known(url: ServerURL, options: dict, known: set[str]) -> None:
+    """Every option is one of `known` (the query's too)."""
     unknown = sorted(set(options) - known)
     if unknown:
         raise DagError(f"unknown option {unknown[0]!r} for reward {url.text!r}; valid options: "
