@@ -137,6 +137,25 @@ def test_prompt_metadata_reaches_a_remote_reward(tmp_path, tiny_pipeline_dir, ca
     assert seen and {p: values[p] for p in seen} == seen
 
 
+def test_metadata_goes_to_rewards_that_take_it_and_not_to_older_ones():
+    from dagcli.rewards.plugins import ValidatedReward
+
+    seen = []
+
+    def with_metadata(images, prompts, metadata=None):
+        seen.append(metadata)
+        return torch.zeros(len(images))
+
+    def without(images, prompts):  # written before rewards took metadata
+        return torch.ones(len(images))
+
+    meta = [{"tag": "colors"}, {"include": [{"class": "cat"}]}]
+    images = quantised_images(2)
+    assert ValidatedReward(with_metadata, "a", "a", plugin=True)(images, ["x", "y"], meta).scores.tolist() == [0, 0]
+    assert seen == [meta]
+    assert ValidatedReward(without, "b", "b", plugin=True)(images, ["x", "y"], meta).scores.tolist() == [1, 1]
+
+
 def test_eval_gives_metadata_to_the_reward_and_keeps_it_in_the_report(tmp_path, tiny_pipeline_dir, capsys):
     prompts = tmp_path / "prompts.jsonl"
     records = [{"prompt": "a red circle", "value": 2.5, "tag": "colors", "include": [{"class": "circle", "count": 1}]},
