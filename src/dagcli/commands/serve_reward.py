@@ -66,4 +66,6 @@ def serve(reward, spec: str, host: str, port: int, batch_size: int) -> None:
 
 def register(app: typer.Typer) -> None:
     """Add the `serve-reward` command to the app."""
-    app.command("serve-reward")(serve_reward)
+    from dagcli.commands.common import REWARD_SERVERS_EPILOG
+
+    app.command("serve-reward", epilog=REWARD_SERVERS_EPILOG)(serve_reward)

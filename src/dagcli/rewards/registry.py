@@ -34,7 +34,7 @@ from dagcli.rewards.plugins import (
     load_entry_point,
     load_plugin_factory,
 )
-from dagcli.rewards.remote import is_url, server_factory, split_weight
+from dagcli.rewards.remote import is_url, server_factory, server_rows, split_weight
 
 F = TypeVar("F", bound=Callable[..., Reward])
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -74,7 +74,7 @@ def list_rewards() -> list[RewardInfo]:
         if name not in REWARDS:
             dist = ep.dist.name if getattr(ep, "dist", None) else "an installed package"
             rows.append(RewardInfo(name, f"plugin from {dist}", "plugin-defined", ep.value, False))
-    return rows
+    return rows + server_rows()
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,15 @@ import torch
 from PIL import Image
 
 from dagcli.errors import DagError
-from dagcli.rewards.base import as_float, batches, check_prompts, positive_int, single_output, to_hwc_arrays
+from dagcli.rewards.base import (
+    RewardInfo,
+    as_float,
+    batches,
+    check_prompts,
+    positive_int,
+    single_output,
+    to_hwc_arrays,
+)
 
 SCHEMES = {"http": "json", "https": "json", "pickle+http": "pickle", "pickle+https": "pickle",
            "vlm+http": "vlm", "vlm+https": "vlm"}
@@ -51,6 +59,22 @@ RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 DEFAULT_TIMEOUT, DEFAULT_RETRIES, DEFAULT_BACKOFF = 60.0, 3, 0.5
 HEALTH_TIMEOUT = 5.0  # the health check answers at once or the server is not ready
 HTTP_TRUE, HTTP_FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}  # option values of a switch
+
+
+def server_rows() -> list[RewardInfo]:
+    """The rows of `dag rewards` for the server kinds (after the registered rewards)."""
+    return [
+        RewardInfo("http://HOST:PORT", "a reward served over HTTP with dagcli's JSON protocol, e.g. any reward above "
+                   "behind `dag serve-reward SPEC`", "the served reward's", "a running server; options batch_size, "
+                   "timeout, retries, backoff, name"),
+        RewardInfo("pickle+http://HOST:PORT", "a Flow-GRPO reward server (GenEval, OCR, DeQA: pickle protocol); "
+                   "unpickling its reply can run its code, so this machine only unless allow_remote=true",
+                   "the server's (reply key `scores`)", "a running server; options key, batch_size, only_strict, "
+                   "allow_remote"),
+        RewardInfo("vlm+http://HOST:PORT", "a VLM judge behind an OpenAI-compatible chat endpoint (vLLM, sglang): "
+                   "P(yes) from log-probabilities, else the score in its answer", "probability of Yes, or the "
+                   "rubric's score", "a running server; options model, rubric, concurrency, logprobs"),
+    ]
 
 
 def is_url(text: str) -> bool:
