@@ -74,8 +74,13 @@ class Trainer:
             raise DagError(f"sampling.resolution = {self.resolution} must be a multiple of "
                            f"{self.family.resolution_multiple} for this model")
         self.config = c = replace(c, "sampling", resolution=self.resolution)  # the run records what it used
-        self.reward = build_reward(c.reward.spec, device=device, base_model=self.model.name,
-                                   options=dict(c.reward.options), strict_finite=False)
+        try:  # a reward server may answer one process and not another: they agree before sampling
+            self.reward, failure = build_reward(c.reward.spec, device=device, base_model=self.model.name,
+                                                options=dict(c.reward.options), strict_finite=False), None
+        except DagError as e:
+            failure = e
+        if self.dist.sum_int(int(failure is not None)):
+            raise failure or DagError("the reward could not be built on another process")
         self.rollout = Rollout(self.model, self.reward, c.sampling, seed=c.train.seed, prompts=self.prompts,
                                height=self.resolution, width=self.resolution, reduction=c.train.reduction,
                                rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter,

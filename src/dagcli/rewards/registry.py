@@ -34,7 +34,7 @@ from dagcli.rewards.plugins import (
     load_entry_point,
     load_plugin_factory,
 )
-from dagcli.rewards.remote import is_url, server_factory, server_rows, split_weight
+from dagcli.rewards.remote import is_url, probe, server_factory, server_rows, split_weight
 
 F = TypeVar("F", bound=Callable[..., Reward])
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -140,11 +140,14 @@ def _resolve_factory(part: SpecPart) -> tuple[Callable[..., Reward], bool]:
 def validate_spec(spec: str) -> list[SpecPart]:
     """Parse a spec and find every factory it names (importing plugins) without building anything.
 
-    For checks before any model is loaded; raises the same DagErrors `build_reward` would for bad names.
+    For checks before any model is loaded; raises the same DagErrors `build_reward` would for bad names, and
+    for a reward server that does not answer.
     """
     parts = parse_spec(spec)
     for part in parts:
         _resolve_factory(part)
+        if is_url(part.label):
+            probe(part.label)
     return parts
 
 

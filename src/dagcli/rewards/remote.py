@@ -211,18 +211,18 @@ class HttpClient:
                 raise _Retryable(f"HTTP {e.code}: {message}") from None
             raise DagError(f"{self.who}: HTTP {e.code} from {url}: {message}") from None
         except TimeoutError:
-            raise self._timed_out(url) from None
+            raise self._timed_out(url, timeout) from None
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise self._timed_out(url) from None
+                raise self._timed_out(url, timeout) from None
             if isinstance(e.reason, socket.gaierror):
                 raise DagError(f"{self.who}: unknown host in {url} ({e.reason.strerror})") from None
             raise _Retryable(f"cannot connect ({_reason(e.reason)})") from None
         except (ConnectionError, http.client.HTTPException) as e:
             raise _Retryable(f"connection lost ({_reason(e)})") from None
 
-    def _timed_out(self, url: str) -> DagError:
-        return DagError(f"{self.who}: no answer within {self.timeout:g} s from {url}; "
+    def _timed_out(self, url: str, timeout: float) -> DagError:
+        return DagError(f"{self.who}: no answer within {timeout:g} s from {url}; "
                         "check the server, or raise the option timeout")
 
 
@@ -364,6 +364,20 @@ def check_known(url: ServerURL, options: dict, known: set[str]) -> None:
     if unknown:
         raise DagError(f"unknown option {unknown[0]!r} for reward {url.text!r}; valid options: "
                        f"{', '.join(sorted(known))}")
+
+
+def probe(text: str) -> None:
+    """Whether the server a URL part names answers at all (any HTTP reply), within seconds: for the checks a
+    command makes before loading a model. The full health check comes when the reward is built. A pickle server
+    on another machine is not contacted here (whether it may be is decided with all its options, when built)."""
+    url = parse_url(text)
+    if url.kind == "pickle" and not url.loopback:
+        return
+    o = url.options
+    client = make_client(url, f"reward server {url.text}", o.get("timeout", DEFAULT_TIMEOUT),
+                         o.get("retries", DEFAULT_RETRIES), o.get("backoff", DEFAULT_BACKOFF))
+    client.request(url.endpoint("" if url.kind == "pickle" else "health"), timeout=min(client.timeout, HEALTH_TIMEOUT),
+                   any_status=True)
 
 
 def server_factory(text: str) -> Callable:
