@@ -25,8 +25,8 @@ def dag_command() -> list[str]:
 class Server:
     """A server process and the URL it printed."""
 
-    def __init__(self, args: list[str]):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    def __init__(self, args: list[str], env: dict | None = None):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src"), **(env or {})}
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         self.first_line = self._first_line()
         self.url = "http://" + self.first_line.split("http://", 1)[1].split()[0]
@@ -65,9 +65,10 @@ def standin(mode: str, count: int = 0):
 
 
 @contextlib.contextmanager
-def serve_reward(*args: str):
-    """`dag serve-reward ARGS --port 0` (CPU)."""
-    server = Server([*dag_command(), "serve-reward", *args, "--port", "0", "--device", "cpu"])
+def serve_reward(*args: str, env: dict | None = None):
+    """`dag serve-reward ARGS --port 0` (CPU); `env` e.g. DAGCLI_FAULT=serve-reward-compute:2 kills it (SIGKILL)
+    when its second request arrives."""
+    server = Server([*dag_command(), "serve-reward", *args, "--port", "0", "--device", "cpu"], env)
     try:
         yield server
     finally:

@@ -181,11 +181,13 @@ def test_unreachable_server_stops_before_sampling(tmp_path, tiny_pipeline_dir, c
 
 @pytest.mark.parametrize("mode, words", [
     ("stall", ["no answer within 1 s", "raise the option timeout"]),
-    ("die", ["connection", "after 2 attempts"]),
+    ("killed", ["connection", "after 2 attempts"]),
 ])
 def test_server_lost_mid_run_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, tiny_pipeline_dir, capsys,
                                                                          mode, words):
-    with standin(mode, 1) as server:  # answers epoch 1 (one request), then stalls or dies
+    # epoch 1 is one request; the stand-in then holds the next one, or dag serve-reward is SIGKILLed by it
+    fault = {"DAGCLI_FAULT": "serve-reward-compute:2"}
+    with (standin("stall", 1) if mode == "stall" else serve_reward("compressibility", env=fault)) as server:
         code, _, err = train(tmp_path, tiny_pipeline_dir, capsys, f"{server.url}?timeout=1&retries=1&backoff=0.05",
                              epochs=3, output={"checkpoint_every": 1})
     assert code == 2 and len(error_lines(err)) == 1, err

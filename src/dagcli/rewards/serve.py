@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from dagcli.errors import DagError
+from dagcli.faults import fault_point
 from dagcli.rewards.base import Reward, batches, images_from_pil
 
 PROTOCOL = "dagcli-reward/1"
@@ -56,6 +57,7 @@ class RewardServer(ThreadingHTTPServer):
     def compute(self, request: object) -> dict:
         """Score one request (raises DagError for a bad request, RewardFailure for a failing reward)."""
         images, prompts, metadata = parse_request(request)
+        fault_point("serve-reward-compute")  # tests kill the server here (DAGCLI_FAULT)
         outs = []
         with self.lock:
             for part in batches(len(prompts), self.batch_size):
