@@ -192,8 +192,7 @@ class HttpClient:
             except _Retryable as e:
                 if attempt == retries:
                     tries = f" after {retries + 1} attempts" if retries else ""
-                    raise DagError(f"{self.who}: {e}{tries} ({url}); is the server running? "
-                                   f"Start one with `dag serve-reward SPEC`, or raise the option retries") from None
+                    raise DagError(f"{self.who}: {e}{tries} ({url}); {e.hint}") from None
             time.sleep(self.backoff * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -208,7 +207,8 @@ class HttpClient:
                 return b""
             message = first_line(e.read().decode("utf-8", "replace")) or e.reason
             if e.code in RETRY_STATUS:
-                raise _Retryable(f"HTTP {e.code}: {message}") from None
+                raise _Retryable(f"HTTP {e.code}: {message}", "see the server's log, or raise the option "
+                                 "retries for a server that is busy") from None
             raise DagError(f"{self.who}: HTTP {e.code} from {url}: {message}") from None
         except TimeoutError:
             raise self._timed_out(url, timeout) from None
@@ -228,6 +228,11 @@ class HttpClient:
 
 class _Retryable(Exception):
     """A failure worth another attempt: refused or dropped connection, HTTP 408/429/5xx."""
+
+    def __init__(self, message: str, hint: str = "is the server running? Start one with `dag serve-reward SPEC`, "
+                                                 "or raise the option retries"):
+        super().__init__(message)
+        self.hint = hint
 
 
 def _reason(error: object) -> str:
