@@ -81,6 +81,15 @@ def test_remote_scores_equal_local_scores(jpeg_server):
     assert list(remote.components) == ["remote"]
 
 
+def test_served_tiny_clip_equals_local_clip():
+    images, prompts = quantised_images(4, seed=2), ["a red circle", "a blue square"] * 2
+    with serve_reward("clip", "--model", "tiny") as server:
+        remote = build_reward(server.url + "?batch_size=3")(images, prompts).scores
+    local = build_reward("clip", base_model="tiny")(images, prompts).scores
+    torch.testing.assert_close(remote, local, rtol=0, atol=1e-6)
+    assert remote.std() > 0  # distinct cosines, not one constant
+
+
 def test_weighted_sum_logs_each_component(jpeg_server):
     images, prompts = quantised_images(3, seed=1), ["p"] * 3
     spec = f"incompressibility:0.5,{jpeg_server.url}?name=jpeg&batch_size=2:2"
