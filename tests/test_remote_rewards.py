@@ -174,7 +174,11 @@ def test_eval_gives_metadata_to_the_reward_and_keeps_it_in_the_report(tmp_path, 
         code, _, err = run_cli(["eval", "--prompts", prompts, "--reward", server.url, "-n", "2", "--steps", "2",
                                 "--guidance", "1", "--model", tiny_pipeline_dir, "--embed-model", "none",
                                 "--device", "cpu", "-o", tmp_path / "out"], capsys)
-    assert code == 0, err
+        assert code == 0, err
+        rescored = run_cli(["rewards", "--score", tmp_path / "out" / "images" / "base", "--reward", server.url],
+                           capsys)  # the metadata dag sample recorded in samples.jsonl reaches the reward too
+    row = next(line.split() for line in rescored[1].splitlines() if line.startswith("remote"))
+    assert rescored[0] == 0 and row[1:4] == ["1.0000", "1.5000", "4"], rescored  # 2.5, 2.5, -0.5, -0.5 (not 1s)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     blocks = report["models"][0]["per_prompt"]
     assert [b["metadata"] for b in blocks] == [{k: v for k, v in r.items() if k != "prompt"} for r in records]
