@@ -27,10 +27,10 @@ from dagcli.rewards.base import positive_int, to_hwc_arrays
 from dagcli.rewards.remote import (
     HTTP_FALSE,
     HTTP_TRUE,
-    BatchedServerReward,
     ServerURL,
     numeric_scores,
     options_and_client,
+    score_in_batches,
 )
 
 DEFAULT_BATCH = 64  # what Flow-GRPO sends per request
@@ -86,13 +86,21 @@ def jpeg_bytes(images: torch.Tensor, quality: int) -> list[bytes]:
     return out
 
 
-class PickleReward(BatchedServerReward):
+class PickleReward:
     """A reward computed by a Flow-GRPO-style pickle server."""
+
+    slow = True
 
     def __init__(self, url: ServerURL, client, name: str, key: str, batch_size: int, only_strict: bool,
                  quality: int):
         self.url, self.client, self.name, self.key = url, client, name, key
         self.batch_size, self.only_strict, self.quality = batch_size, only_strict, quality
+
+    def __repr__(self) -> str:
+        return f"PickleReward({self.url.text!r})"
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):
+        return score_in_batches(self._batch, self.name, self.batch_size, images, prompts, metadata)
 
     def _batch(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         body = pickle.dumps({"images": jpeg_bytes(images, self.quality), "meta_datas": metadata,

@@ -43,6 +43,7 @@ from PIL import Image
 from dagcli.errors import DagError
 from dagcli.rewards.base import (
     RewardInfo,
+    RewardOutput,
     as_float,
     batches,
     check_prompts,
@@ -289,32 +290,29 @@ def numeric_scores(values: object, n: int, who: str, key: str) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-class BatchedServerReward:
-    """A reward a server computes, asked `batch_size` images per request (`_batch` makes one request)."""
+def score_in_batches(score_batch: Callable, name: str, batch_size: int, images: torch.Tensor, prompts: list[str],
+                     metadata: list[dict] | None) -> RewardOutput:
+    """One component `name` from `score_batch(images, prompts, metadata) -> [b]`, asked `batch_size` at a time."""
+    prompts = check_prompts(prompts, len(images))
+    meta = metadata_list(metadata, len(images))
+    scores = [score_batch(images[s], prompts[s], meta[s]) for s in batches(len(images), batch_size)]
+    return single_output(name, torch.cat(scores))
+
+
+class RemoteReward:
+    """A reward computed by a server speaking dagcli's JSON protocol (e.g. `dag serve-reward`)."""
 
     slow = True
-    batch_size: int
-    name: str
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url.text!r})"
-
-    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):
-        prompts = check_prompts(prompts, len(images))
-        meta = metadata_list(metadata, len(images))
-        scores = [self._batch(images[s], prompts[s], meta[s]) for s in batches(len(images), self.batch_size)]
-        return single_output(self.name, torch.cat(scores))
-
-    def _batch(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class RemoteReward(BatchedServerReward):
-    """A reward computed by a server speaking dagcli's JSON protocol (e.g. `dag serve-reward`)."""
 
     def __init__(self, url: ServerURL, client: HttpClient, name: str, batch_size: int):
         self.url, self.client, self.name, self.batch_size = url, client, name, batch_size
         self.server: dict = {}
+
+    def __repr__(self) -> str:
+        return f"RemoteReward({self.url.text!r})"
+
+    def __call__(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None):
+        return score_in_batches(self._batch, self.name, self.batch_size, images, prompts, metadata)
 
     def check_health(self) -> dict:
         """The server's `GET /health` reply; a server that is down fails here, within seconds."""
