@@ -114,7 +114,7 @@ def _register_commands() -> None:
     from dagcli.commands import sample
 
     sample.register(app)
-    for name in ("rewards", "train", "export", "evaluate"):
+    for name in ("rewards", "train", "export", "evaluate", "serve_reward"):
         try:
             module = __import__(f"dagcli.commands.{name}", fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -289,6 +289,7 @@ class ImageSet:
     seeds: list[int | None]
     files: list[str]  # paths as written in the report (relative to the output folder when generated)
     source: dict = field(default_factory=dict)  # kind (base/checkpoint/folder), path, run_dir
+    metadata: list[dict] = field(default_factory=list)  # per image, its prompt's .jsonl fields (empty: none)
 
     def tensor(self) -> torch.Tensor:
         """[N, 3, H, W] float32 in [0, 1]: exactly what was written to disk (uint8)."""
@@ -379,6 +380,7 @@ def generate_sets(
                 [g.seed for g in generated],
                 [str(Path("images") / folder.name / f) for f in files],
                 source,
+                [dict(g.metadata) for g in generated],
             )
         )
     return sets
@@ -397,7 +399,8 @@ def folder_set(directory: Path, label: str, prompt: str | None) -> ImageSet:
     found = read_image_folder(directory, prompt or "")
     seeds = [r.get("seed") for r in found.records]
     source = {"kind": "folder", "path": str(directory)}
-    return ImageSet(label, found.prompts, found.images, seeds, [str(f) for f in found.files], source)
+    metadata = [dict(r.get("metadata") or {}) for r in found.records]
+    return ImageSet(label, found.prompts, found.images, seeds, [str(f) for f in found.files], source, metadata)
 
 
 # --- scoring and embedding ----------------------------------------------------------------------------
@@ -407,7 +410,8 @@ def score_set(reward, image_set: ImageSet, batch_size: int) -> dict[str, torch.T
     """Each reward component's scores [N] for a set (a spec `a,b` gives components a and b)."""
     from dagcli.rewards.scoring import score_images
 
-    out = score_images(reward, image_set.tensor(), list(image_set.prompts), batch_size)
+    metadata = list(image_set.metadata) if any(image_set.metadata) else None
+    out = score_images(reward, image_set.tensor(), list(image_set.prompts), batch_size, metadata)
     return {name: scores.double() for name, scores in out.components.items()}
 
 
@@ -484,6 +488,7 @@ def prompt_block(
         "prompt": prompt,
         "seeds": [s.seeds[i] for i in idx],
         "files": [s.files[i] for i in idx],
+        "metadata": next((s.metadata[i] for i in idx if i < len(s.metadata) and s.metadata[i]), None),
         "rewards": {
             name: {**mean_std(v[idx]), "scores": [float(x) for x in v[idx]]}
             for name, v in inputs.rewards[s.label].items()

@@ -105,3 +105,17 @@ def _parse_jsonl(text: str, path: Path) -> list[PromptItem]:
         meta = {k: v for k, v in record.items() if k != "prompt"}
         items.append(PromptItem(record["prompt"].strip(), meta))
     return items
+
+
+def prompt_metadata(source: str | Path) -> dict[str, dict]:
+    """Prompt -> the extra fields of its `.jsonl` line (GenEval's `tag`, `include`, ...), for the rewards; the first
+    line wins for a prompt given twice. Empty for text files and built-in sets, and when `source` cannot be read."""
+    try:
+        items = load_prompts(source)
+    except DagError:
+        return {}
+    found: dict[str, dict] = {}
+    for item in items:
+        if item.metadata:
+            found.setdefault(item.prompt, item.metadata)
+    return found

@@ -87,11 +87,13 @@ class Rollout:
     """Samples and scores a process's trajectories for an epoch; `settings` is the `[sampling]` section."""
 
     def __init__(self, model, reward, settings, *, seed: int, prompts: list[str], height: int, width: int,
-                 reduction: str, rank: int, autocast: Callable, reporter, group_size: int = 1):
+                 reduction: str, rank: int, autocast: Callable, reporter, group_size: int = 1,
+                 metadata: dict[str, dict] | None = None):
         self.model, self.family, self.reward, self.settings = model, model.family, reward, settings
         self.seed, self.prompts, self.height, self.width = seed, prompts, height, width
         self.reduction, self.rank, self.autocast, self.reporter = reduction, rank, autocast, reporter
         self.group_size = group_size
+        self.metadata = metadata or {}  # prompt -> its fields from a .jsonl prompts file, given to every reward call
         if settings.batch_size % group_size:
             raise DagError(f"sampling.batch_size = {settings.batch_size} does not divide into groups of {group_size}; "
                            f"use a multiple of {group_size}")
@@ -147,8 +149,9 @@ class Rollout:
         return Trajectory.concat(parts)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Rewards [B] and their components, float32 on the CPU."""
-        out = self.reward(images, prompts, None)
+        """Rewards [B] and their components, float32 on the CPU; each prompt's metadata goes to the reward."""
+        metadata = [dict(self.metadata.get(p, {})) for p in prompts] if self.metadata else None
+        out = self.reward(images, prompts, metadata)
         return out.scores.float().cpu(), {k: v.float().cpu() for k, v in out.components.items()}
 
     def forward_looking_rewards(self, traj: Trajectory, stored_x0: str,

@@ -31,6 +31,7 @@ from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
 from dagcli.models import add_lora, load_model, load_tiny_decoder, lora_disabled
 from dagcli.optim import make_optimizer
 from dagcli.progress import NullReporter, Reporter
+from dagcli.prompts import prompt_metadata
 from dagcli.rollout import EpochBatch, Rollout
 from dagcli.stopping import StopRequest
 
@@ -72,12 +73,18 @@ class Trainer:
         self.resolution = c.sampling.resolution or self.model.resolution
         check_image_size(self.family, {"sampling.resolution": self.resolution})  # before anything is written
         self.config = c = replace(c, "sampling", resolution=self.resolution)  # the run records what it used
-        self.reward = build_reward(c.reward.spec, device=device, base_model=self.model.name,
-                                   options=dict(c.reward.options), strict_finite=False)
+        try:  # a reward server may answer one process and not another: they agree before sampling
+            self.reward, failure = build_reward(c.reward.spec, device=device, base_model=self.model.name,
+                                                options=dict(c.reward.options), strict_finite=False), None
+        except DagError as e:
+            failure = e
+        if self.dist.sum_int(int(failure is not None)):
+            raise failure or DagError("the reward could not be built on another process")
         self.rollout = Rollout(self.model, self.reward, c.sampling, seed=c.train.seed, prompts=self.prompts,
                                height=self.resolution, width=self.resolution, reduction=c.train.reduction,
                                rank=self.dist.rank, autocast=acc.autocast, reporter=self.reporter,
-                               group_size=ALGORITHMS[c.train.algorithm].group_size(c))
+                               group_size=ALGORITHMS[c.train.algorithm].group_size(c),
+                               metadata=prompt_metadata(c.sampling.prompts))
         self.context = self._context()
         self.algorithm = build_algorithm(c.train.algorithm, c, self.context)
         if self.algorithm.x0_decoder:
@@ -125,8 +132,14 @@ class Trainer:
     def collect(self, epoch: int) -> tuple[EpochBatch, dict]:
         """Sampling and rewards for one epoch (NaN/inf rewards dropped and counted), prepared for the algorithm."""
         c = self.config
-        batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards,
-                                                      c.train.timestep_fraction, c.train.always_last_step)
+        try:
+            batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards,
+                                                          c.train.timestep_fraction, c.train.always_last_step)
+            failure = None
+        except DagError as e:  # e.g. a reward server that stopped answering: every process stops, none waits
+            failure = e
+        if self.dist.sum_int(int(failure is not None)):
+            raise DagError(self._stopping_message(epoch, failure)) from failure
         dropped = self.dist.sum_int(dropped)  # over all processes: they stop together
         if dropped:
             limit = c.reward.max_nonfinite
@@ -258,6 +271,16 @@ class Trainer:
                               self.resolution, self.run_dir / "samples" / f"epoch-{self.state.epoch:04d}.png")
         if self.stop.requested:
             self.reporter.warn(f"stopped after epoch {self.state.epoch}; resume with --resume")
+
+    def _stopping_message(self, epoch: int, failure: DagError | None) -> str:
+        """Why the run stops in `epoch`, and how to continue from what is saved (nothing of the epoch is)."""
+        from dagcli.checkpoint import list_checkpoints
+
+        why = str(failure) if failure is not None else "the rewards failed on another process"
+        saved = list_checkpoints(self.run_dir)
+        hint = (f"the last checkpoint {saved[-1][1]} is intact; resume with "
+                f"`dag train --resume --output {self.run_dir}`" if saved else "no checkpoint had been saved yet")
+        return f"stopping in epoch {epoch + 1}: {why}; {hint}"
 
     def _checkpoint_due(self) -> bool:
         """`output.checkpoint_minutes` passed since the last save (or the start); every process agrees."""

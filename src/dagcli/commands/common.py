@@ -21,6 +21,15 @@ MODEL_EPILOG = (
     f"--model takes a built-in model ({', '.join(BUILTIN_NAMES)}), a local diffusers folder, or a hub id, "
     "e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 for Stable Diffusion 1.5."
 )
+# Below the options of the commands that take a reward spec.
+REWARD_SERVERS_EPILOG = (
+    "A reward spec part may be a server: http://HOST:PORT (dagcli's JSON protocol, e.g. dag serve-reward), "
+    "pickle+http://HOST:PORT (Flow-GRPO's GenEval/OCR servers) or vlm+http://HOST:PORT (an OpenAI-compatible VLM "
+    "judge), with options in its query, e.g. http://127.0.0.1:8000?timeout=30; in a sum the weight follows the "
+    "port: clip:0.5,http://127.0.0.1:8000:1. Warning: a pickle server's reply is unpickled, and unpickling can run "
+    "the server's code: only hosts on this machine are used unless the option allow_remote=true is given. "
+    "See docs/rewards.md."
+)
 SAMPLER_DEFAULTS_HELP = {
     "steps": "Sampler steps. \\[default: the model's; Stable Diffusion: 50]",
     "guidance": "Classifier-free guidance weight. \\[default: the model's; Stable Diffusion: 5]",

@@ -55,7 +55,7 @@ def evaluate(
         help="Score the images of this folder instead of generating (repeatable).",
     ),
     reward: str = typer.Option(
-        None, "--reward", "-r", help="Rewards, e.g. aesthetic,clip (one metric each)."
+        None, "--reward", "-r", help="Rewards, e.g. aesthetic,clip or http://HOST:PORT (one metric each; see dag rewards --help)."
     ),
     reward_option: list[str] = typer.Option(
         None, "--reward-option", metavar="<key=value>", help="Reward option REWARD.KEY=VALUE (repeatable)."

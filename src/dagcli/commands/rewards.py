@@ -62,4 +62,6 @@ def score_table(title: str, summaries):
 
 def register(app: typer.Typer) -> None:
     """Add the `rewards` command to the app."""
-    app.command("rewards")(rewards)
+    from dagcli.commands.common import REWARD_SERVERS_EPILOG
+
+    app.command("rewards", epilog=REWARD_SERVERS_EPILOG)(rewards)

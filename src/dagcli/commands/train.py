@@ -18,7 +18,7 @@ def train(
     ),
     algorithm: str = typer.Option(None, "--algorithm", help=f"{' | '.join(ALGORITHMS)}. \\[default: dag-db]"),
     reward: str = typer.Option(
-        None, "--reward", "-r", help="Reward spec, e.g. aesthetic or aesthetic:1,clip:0.5. \\[default: aesthetic]"
+        None, "--reward", "-r", help="Reward spec, e.g. aesthetic, aesthetic:1,clip:0.5 or http://HOST:PORT. \\[default: aesthetic]"
     ),
     prompts: str = typer.Option(
         None, "--prompts",
@@ -258,4 +258,6 @@ def banner(trainer, reporter) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("train")(train)
+    from dagcli.commands.common import REWARD_SERVERS_EPILOG
+
+    app.command("train", epilog=REWARD_SERVERS_EPILOG)(train)

@@ -131,6 +131,17 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
+def takes_metadata(reward: Callable) -> bool:
+    """Whether a reward can be called as `reward(images, prompts, metadata)`: a third positional parameter (or
+    *args); a reward written as `reward(images, prompts)` is called without the prompts' metadata."""
+    try:
+        params = list(inspect.signature(reward).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
 class ValidatedReward:
     """A reward whose every output is checked: `[B]` float scores, finite unless `strict_finite` is off.
 
@@ -145,6 +156,7 @@ class ValidatedReward:
         self.plugin = plugin
         self.strict_finite = strict_finite
         self.slow = bool(getattr(inner, "slow", False))
+        self.takes_metadata = takes_metadata(inner)
 
     def __repr__(self) -> str:
         return f"ValidatedReward({self.label!r})"
@@ -157,11 +169,12 @@ class ValidatedReward:
         self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None
     ) -> RewardOutput:
         batch = len(check_images(images))
+        args = (images, prompts, metadata) if self.takes_metadata else (images, prompts)
         if not self.plugin:
-            out = self.inner(images, prompts, metadata)
+            out = self.inner(*args)
         else:
             try:
-                out = self.inner(images, prompts, metadata)
+                out = self.inner(*args)
             except DagError as e:
                 raise DagError(f"{self._who}: {e}") from e
             except Exception as e:  # third-party code may raise anything

@@ -7,6 +7,8 @@ Spec grammar (comma-separated parts, each optionally followed by `:WEIGHT`, a pl
     my_module:make_reward              a plugin factory, imported only when named
     my_module:make_reward:0.5          the same plugin with a weight
     path/to/file.py:make_reward        a plugin factory defined in a Python file
+    http://127.0.0.1:8000              a reward server (`dagcli.rewards.remote`: also pickle+http://, vlm+http://)
+    clip:0.5,http://127.0.0.1:8000:1   a server in a weighted sum: the weight follows its port or path
 
 A part `a:b` is a weighted name when `b` is a number and a plugin otherwise, except that a registered
 reward name before the last `:`, or text after it that cannot name a factory (not an identifier), makes it
@@ -32,6 +34,7 @@ from dagcli.rewards.plugins import (
     load_entry_point,
     load_plugin_factory,
 )
+from dagcli.rewards.remote import is_url, probe, server_factory, server_rows, split_weight
 
 F = TypeVar("F", bound=Callable[..., Reward])
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
@@ -71,7 +74,7 @@ def list_rewards() -> list[RewardInfo]:
         if name not in REWARDS:
             dist = ep.dist.name if getattr(ep, "dist", None) else "an installed package"
             rows.append(RewardInfo(name, f"plugin from {dist}", "plugin-defined", ep.value, False))
-    return rows
+    return rows + server_rows()
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ def parse_spec(spec: str) -> list[SpecPart]:
         raise DagError(f"empty reward spec; valid rewards: {', '.join(REWARDS)}")
     parts = []
     for raw in spec.split(","):
+        if is_url(raw):
+            url, weight = split_weight(raw)
+            parts.append(SpecPart(url, weight, None))
+            continue
         pieces = [p.strip() for p in raw.strip().split(":")]
         weight = None
         if len(pieces) > 1 and _NUMBER.match(pieces[-1]):
@@ -120,6 +127,8 @@ def _resolve_factory(part: SpecPart) -> tuple[Callable[..., Reward], bool]:
     """(factory, is_plugin) for a spec part: built-in, else entry point, else a plugin module."""
     if part.plugin is not None:
         return load_plugin_factory(*part.plugin), True
+    if is_url(part.label):
+        return server_factory(part.label), False
     if part.label in REWARDS:
         return REWARDS[part.label].factory, False
     eps = entry_points()
@@ -131,11 +140,14 @@ def _resolve_factory(part: SpecPart) -> tuple[Callable[..., Reward], bool]:
 def validate_spec(spec: str) -> list[SpecPart]:
     """Parse a spec and find every factory it names (importing plugins) without building anything.
 
-    For checks before any model is loaded; raises the same DagErrors `build_reward` would for bad names.
+    For checks before any model is loaded; raises the same DagErrors `build_reward` would for bad names, and
+    for a reward server that does not answer.
     """
     parts = parse_spec(spec)
     for part in parts:
         _resolve_factory(part)
+        if is_url(part.label):
+            probe(part.label)
     return parts
 
 
@@ -166,7 +178,7 @@ def _build_part(
         if key in accepted and key not in kwargs:
             kwargs[key] = value
     reward = call_factory(part.label, factory, kwargs, plugin)
-    name = getattr(reward, "name", None) if plugin else part.label
+    name = getattr(reward, "name", None) if plugin or is_url(part.label) else part.label
     if not isinstance(name, str) or not name:
         name = part.label
     return ValidatedReward(reward, name=name, label=part.label, plugin=plugin, strict_finite=strict_finite)

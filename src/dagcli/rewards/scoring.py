@@ -21,10 +21,13 @@ class ScoreSummary:
 
 
 def score_images(
-    reward: Reward, images: torch.Tensor, prompts: list[str], batch_size: int = 16
+    reward: Reward, images: torch.Tensor, prompts: list[str], batch_size: int = 16,
+    metadata: list[dict] | None = None,
 ) -> RewardOutput:
-    """Run a reward over many images in batches and concatenate the outputs (info is dropped)."""
-    outs = [reward(images[part], prompts[part]) for part in batches(len(images), batch_size)]
+    """Run a reward over many images in batches and concatenate the outputs (info is dropped); `metadata` (one
+    dict per image, e.g. from a .jsonl prompts file) is handed to the reward with its images."""
+    outs = [reward(images[part], prompts[part], None if metadata is None else metadata[part])
+            for part in batches(len(images), batch_size)]
     names = list(outs[0].components)
     return RewardOutput(
         scores=torch.cat([o.scores for o in outs]),
@@ -46,4 +49,10 @@ def summarize(output: RewardOutput) -> list[ScoreSummary]:
 def score_folder(reward: Reward, directory: str | Path, batch_size: int = 16) -> list[ScoreSummary]:
     """Summaries of a reward over the images of a folder (`read_image_folder`: those samples.jsonl lists)."""
     found = read_image_folder(directory)
-    return summarize(score_images(reward, found.tensor(), found.prompts, batch_size))
+    return summarize(score_images(reward, found.tensor(), found.prompts, batch_size, record_metadata(found.records)))
+
+
+def record_metadata(records: list[dict]) -> list[dict] | None:
+    """Each image's prompt metadata as `dag sample` recorded it in samples.jsonl (None when no image has any)."""
+    found = [dict(r.get("metadata") or {}) for r in records]
+    return found if any(found) else None
