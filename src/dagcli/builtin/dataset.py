@@ -274,7 +274,10 @@ def judge_pixels(image: Image.Image | np.ndarray) -> PixelJudgement:
     core = dist > 0.5 * dist[mask].max()
     fill_rgb = np.median(arr[core], axis=0)
     colour = nearest_colour(fill_rgb, palette)
-    errors = shape_errors(coverage(arr, bg_rgb, fill_rgb))
+    cover = coverage(arr, bg_rgb, fill_rgb)
+    if cover.shape != (RESOLUTION, RESOLUTION):  # the templates are drawn at the data set's size
+        cover = np.asarray(Image.fromarray(cover.astype(np.float32)).resize((RESOLUTION, RESOLUTION), Image.BILINEAR))
+    errors = shape_errors(cover)
     ys, xs = np.nonzero(mask)
     fill = float(mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
     return PixelJudgement(background, colour, min(errors, key=errors.get), fill)
