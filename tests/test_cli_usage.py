@@ -137,16 +137,17 @@ def test_train_help_shows_every_effective_default(capsys, monkeypatch):
     out = help_text(capsys, monkeypatch, "train", 250)
     c = Config()
     expected = {
-        "--algorithm": c.train.algorithm, "--reward": c.reward.spec, "--epochs": c.train.epochs,
+        "--algorithm": c.train.algorithm, "--epochs": c.train.epochs,
         "--batch-size": c.sampling.batch_size, "--train-batch-size": c.train.batch_size, "--seed": c.train.seed,
-        "--output": c.output.dir, "--model": TINY_NAME, "--device": c.model.device,
+        "--output": c.output.dir, "--model": TINY_NAME, "--device": c.model.device, "--dtype": c.model.dtype,
         "--report-to": c.output.report_to,
     }
     rows = {line.split()[1]: line for line in out.splitlines() if re.match(r"^│ --", line)}
     for flag, value in expected.items():
         assert f"[default: {value}]" in rows[flag], rows[flag]
-    for flag in ["--steps", "--prompts"]:
+    for flag in ["--steps", "--prompts", "--eta", "--guidance"]:
         assert "[default: the model's; Stable Diffusion: " in rows[flag]
+    assert "[default: the model's; built-in models: compressibility, others: aesthetic]" in rows["--reward"]
 
 
 @pytest.mark.parametrize("command", ["sample", "eval"])

@@ -124,7 +124,7 @@ def bad_cases(d: Path, model: str) -> list[tuple[list, str]]:
         (["sample", "-p", "x", "--model", model, "--height", "30"], "multiple of"),
         # dag train: configuration
         (["train", *tiny, "--reward", "nope"], "unknown reward 'nope'"),
-        (["train", *tiny, "--algorithm", "ppo"], "train.algorithm = 'ppo'"),
+        (["train", *tiny, "--algorithm", "ppo"], "--algorithm ppo: valid options"),
         (["train", "--config", d / "syntax.toml"], "not valid TOML"),
         (["train", "--config", d / "missing.toml"], "missing.toml"),
         (["train", *tiny, "--set", "train.nope=1"], "unknown key train.nope"),
@@ -137,12 +137,12 @@ def bad_cases(d: Path, model: str) -> list[tuple[list, str]]:
         (["train", *tiny, "--set", "lora.rank=0"], "lora.rank = 0: must be positive"),
         (["train", *tiny, "--set", "garbage"], "expected section.key=value"),
         (["train", *tiny, "--prompts", d / "empty.txt"], "no prompts"),
-        (["train", *tiny, "--report-to", "mlflow"], "output.report_to = 'mlflow'"),
+        (["train", *tiny, "--report-to", "mlflow"], "--report-to mlflow: valid options"),
         # dag train: resuming
         (["train", *tiny, "--resume"], "no checkpoints to resume"),
         (["train", *tiny, "--resume-from", d / "nope"], "not found"),
         (["train", *tiny, "--resume-from", d], "no pytorch_lora_weights"),
-        (["train", *tiny, "--resume-from", step, "--model", "tiny-random"], "model.name = 'tiny-random' differs"),
+        (["train", *tiny, "--resume-from", step, "--model", "tiny-random"], "--model tiny-random differs from the run's"),
         (["train", *tiny, "--resume-from", step, "--set", "lora.rank=8"], "lora.rank = 8 differs from the run's 4"),
         (["train", "--config", d / "tiny.toml", "-o", d / "run"], "already has checkpoints"),
         # reward plugins
@@ -272,7 +272,7 @@ def _epoch_counters(run: Path) -> list[tuple[int, int, int]]:
     return [(m["epoch"], m["optimizer_steps"], m["trajectories_seen"]) for m in lines]
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(files, tmp_path):
+def test_sigint_saves_a_checkpoint_and_exits_130(files, tmp_path):
     run = tmp_path / "int"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "dagcli", "train", "--config", files / "tiny.toml",
@@ -284,9 +284,11 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(files, tmp_path):
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 130, err
     steps = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-")]
-    assert len(steps) == 1 and "resume with --resume" in err
+    assert len(steps) == 1 and err.splitlines()[-1] == (f"interrupted: stopped after epoch {int(steps[0][5:])}; the "
+                                                        f"last checkpoint is {run / 'checkpoints' / steps[0]} "
+                                                        f"(epoch {int(steps[0][5:])}); resume with --resume")
     assert "Traceback" not in err
 
 

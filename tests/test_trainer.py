@@ -115,12 +115,12 @@ def test_gradients_reach_only_lora_and_flow(tiny_config, tmp_path):
     "extra, needle",
     [
         (["--reward", "nope"], "unknown reward 'nope'"),
-        (["--algorithm", "ppo"], "train.algorithm = 'ppo'"),
+        (["--algorithm", "ppo"], "--algorithm ppo: valid options: dag-db, dag-kl, ddpo, grpo"),
         (["--algorithm", "dag-kl", "--train-batch-size", "1"], "dag-kl needs at least 2"),
         (["--set", "train.nope=1"], "unknown key train.nope"),
         (["--prompts", "missing.txt"], "missing.txt"),
         (["--resume"], "no checkpoints to resume"),
-        (["--steps", "0"], "sampling.steps = 0"),
+        (["--steps", "0"], "--steps 0: must be positive"),
     ],
 )
 def test_bad_train_input(tiny_config, tmp_path, capsys, extra, needle):

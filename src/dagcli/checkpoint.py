@@ -287,14 +287,15 @@ def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict
                     optimizer, state: dict, config: dict, base_model: str, lora: dict, keep_last: int) -> Path:
     """Write a checkpoint atomically: everything goes to a temporary folder that is renamed when complete.
 
-    A process killed at any moment leaves either the previous checkpoints only, or them plus the new one.
-    `modules` (name -> network, e.g. the flow network) are written as `NAME.safetensors` with their metadata.
+    A process killed at any moment leaves either the previous checkpoints only, or them plus the new one; an
+    interrupted write (Ctrl-C) removes its temporary folder, and the rename and pruning finish before a signal
+    is handled. `modules` (name -> network, e.g. the flow network) are written as `NAME.safetensors` with their
+    metadata.
     """
     import os
     import shutil
 
-    import torch
-    from safetensors.torch import save_file
+    from dagcli.stopping import signals_deferred
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -303,6 +304,30 @@ def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
     tmp.mkdir()
+    try:
+        meta = {"format": 1, "step": step, "base_model": base_model, "family": family.name, "lora": lora,
+                "state": state, "config": config, "algorithm": config.get("train", {}).get("algorithm")}
+        _write_files(tmp, meta, family, denoiser, modules, module_metadata, optimizer)
+    except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    with signals_deferred():  # the previous checkpoints are never half deleted, "latest" never half renamed
+        fault_point("checkpoint-rename")
+        if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, meta: dict, family, denoiser, modules: dict, module_metadata: dict[str, dict],
+                 optimizer) -> None:
+    """A checkpoint's files in `tmp`, `meta.json` (with every file's checksum) last, all synced to disk."""
+    import torch
+    from safetensors.torch import save_file
+
+    lora = meta["lora"]
     write_lora(tmp, family, denoiser, lora["rank"], lora["alpha"], lora["target_modules"])
     fault_point("checkpoint-write")
     for name, module in modules.items():
@@ -313,26 +338,9 @@ def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
     usual_modes(tmp)
     files = sorted(p.name for p in tmp.iterdir())
-    meta = {
-        "format": 1,
-        "step": step,
-        "base_model": base_model,
-        "family": family.name,
-        "lora": lora,
-        "state": state,
-        "config": config,
-        "algorithm": config.get("train", {}).get("algorithm"),
-        "sha256": {name: sha256(tmp / name) for name in files},
-    }
+    meta["sha256"] = {name: sha256(tmp / name) for name in files}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
     _fsync_dir(tmp)
-    fault_point("checkpoint-rename")
-    if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def verify_file(folder: Path, name: str, meta: dict | None = None) -> Path:

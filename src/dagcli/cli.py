@@ -1,20 +1,36 @@
 """The `dag` command line: thin Typer commands over the engine.
 
 Every user-facing problem is a `DagError`: printed on one line, exit code 2, no traceback (`--debug` shows it).
+Ctrl-C at any moment, from here on: one line, exit code 130 (`stopping.py`).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from contextlib import contextmanager
 
-import typer
-from typer.core import TyperCommand, TyperGroup
+from dagcli.faults import fault_point
 
-from dagcli import __version__
-from dagcli.errors import DagError
+
+def _interrupted_while_importing(signum, frame) -> None:
+    print("interrupted", file=sys.stderr)
+    raise SystemExit(130)
+
+
+try:  # until the imports are done (then `main` takes over): no traceback from inside an import
+    _sigint_before_import = signal.signal(signal.SIGINT, _interrupted_while_importing)
+except ValueError:  # imported outside the main thread
+    _sigint_before_import = None
+fault_point("start")
+
+import typer  # noqa: E402
+from typer.core import TyperCommand, TyperGroup  # noqa: E402
+
+from dagcli import __version__  # noqa: E402
+from dagcli.errors import DagError, Interrupted  # noqa: E402
 
 # typer 0.29 raises the exceptions of its own copy of click; typer releases built on the click package raise
 # click's. Usage errors of either are caught.
@@ -183,20 +199,47 @@ def _show_usage_error(error: BaseException) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `dag` script."""
+    from dagcli.stopping import clear_interrupt, on_interrupt
+
+    clear_interrupt()
+    previous = _install_sigint(on_interrupt)
+    try:
+        _run(list(sys.argv[1:] if argv is None else argv))
+    finally:
+        _install_sigint(previous)
+
+
+def _install_sigint(handler):
+    """Install a SIGINT handler (main thread only); returns the one it replaces."""
+    import threading
+
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _interrupted(message: str = "", code: int = 130) -> None:
+    typer.secho(f"interrupted: {message}" if message else "interrupted", err=True, fg="yellow")
+    sys.exit(code)
+
+
+def _run(argv: list[str]) -> None:
     _quiet_libraries()
     _register_commands()
-    argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        app(args=argv, standalone_mode=False)
+        # typer turns a KeyboardInterrupt into the return value 130 (without standalone mode)
+        if app(args=argv, standalone_mode=False) == 130:
+            _interrupted()
     except DagError as e:
         if debug:
             raise
         typer.secho(f"error: {e}", err=True, fg="red")
         sys.exit(2)
+    except Interrupted as e:
+        _interrupted(str(e), e.exit_code)
     except KeyboardInterrupt:
-        typer.secho("interrupted", err=True, fg="yellow")
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -205,3 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(e, click_exceptions("ClickException")):
             raise
         sys.exit(_show_usage_error(e))
+
+
+if _sigint_before_import is not None:
+    signal.signal(signal.SIGINT, _sigint_before_import)

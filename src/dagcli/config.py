@@ -10,6 +10,9 @@ import dataclasses
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +48,9 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    spec: str = "aesthetic"  # e.g. "aesthetic", "aesthetic:1.0,clip:0.5", "my_module:make_reward"
+    # e.g. "aesthetic", "aesthetic:1.0,clip:0.5", "my_module:make_reward"; unset: the model's (`models.model_defaults`:
+    # the built-in models' compressibility needs no download; other models: aesthetic)
+    spec: str | None = None
     options: dict = field(default_factory=dict)  # per-component factory options, e.g. {clip = {scale = 1.0}}
     max_nonfinite: int = 16  # NaN/inf rewards tolerated (dropped, counted) before the run stops with a checkpoint
 
@@ -66,8 +71,9 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 8  # transitions per micro-batch (per process)
     # micro-batches per optimiser step when every transition is trained (reference: 4 x 50 timesteps); with
-    # timestep_fraction < 1 it shrinks in proportion, so an epoch takes the same number of optimiser steps
-    gradient_accumulation_steps: int = 200
+    # timestep_fraction < 1 it shrinks in proportion, so an epoch takes the same number of optimiser steps;
+    # unset: the model's (the built-in models: 1; other models: the reference's 200)
+    gradient_accumulation_steps: int | None = None
     learning_rate: float = 3e-4  # LoRA
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
@@ -149,6 +155,37 @@ class Config:
     output: OutputConfig = OutputConfig()
 
 
+# --- how messages name a setting ----------------------------------------------------------------------
+
+# `section.key` -> the command-line flag that gave it in this invocation (`dag train` sets it)
+_FLAGS: ContextVar[dict[str, str] | None] = ContextVar("dagcli_flags", default=None)
+
+
+@contextmanager
+def named_by_flags(flags: dict[str, str]) -> Iterator[None]:
+    """Within the block, messages about the keys of `flags` (`section.key` -> flag) name the flag instead."""
+    token = _FLAGS.set(dict(flags))
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def setting(key: str, value) -> str:
+    """A setting as messages name it: the flag the user typed (`--batch-size 0`), else its key
+    (`sampling.batch_size = 0`, given in a preset, with `--set`, or the default)."""
+    flag = (_FLAGS.get() or {}).get(key)
+    if flag is None:
+        return f"{key} = {value!r}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
+def invalid(problems: list[str]) -> DagError:
+    """One error listing every problem once; one that starts with a flag the user typed needs no preamble."""
+    text = "; ".join(dict.fromkeys(problems))
+    return DagError(text if text.startswith("--") else f"invalid configuration: {text}")
+
+
 # --- loading -------------------------------------------------------------------------------------------
 
 def _hints(cls) -> dict[str, object]:
@@ -219,7 +256,7 @@ def config_from_dict(data: dict, errors: list[str] | None = None) -> Config:
             try:
                 kwargs[key] = _check_type(v, fields[key])
             except TypeError as e:
-                own_errors.append(f"{name}.{key} = {v!r}: {e}")
+                own_errors.append(f"{setting(f'{name}.{key}', v)}: {e}")
         try:
             sections[name] = cls(**kwargs)
         except TypeError as e:
@@ -227,7 +264,7 @@ def config_from_dict(data: dict, errors: list[str] | None = None) -> Config:
     config = Config(**sections)
     own_errors.extend(validate(config))
     if errors is None and own_errors:
-        raise DagError("invalid configuration: " + "; ".join(own_errors))
+        raise invalid(own_errors)
     return config
 
 
@@ -250,8 +287,10 @@ def read_settings(path: str | Path | None = None, overrides: list[str] | None = 
     data: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise DagError(f"--config {str(path)!r} is a directory; expected a TOML file (see examples/)")
         if not path.is_file():
-            raise DagError(f"config file {str(path)!r} not found")
+            raise DagError(f"--config {str(path)!r} not found; expected a TOML file (see examples/)")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -307,7 +346,7 @@ def resume_config(saved: dict, given: dict) -> tuple[Config, list[tuple[str, obj
     if refused:
         raise DagError(
             "a resumed run keeps its own settings: "
-            + "; ".join(f"{k} = {new!r} differs from the run's {old!r}" for k, old, new in refused)
+            + "; ".join(f"{setting(k, new)} differs from the run's {old!r}" for k, old, new in refused)
             + " (drop the flag, or start a new run with another --output)"
         )
     return config, [c for c in changes if c[0] != "output.dir"]
@@ -343,11 +382,7 @@ def validate(c: Config) -> list[str]:
 
     def one_of(name, value, options):
         if value not in options:
-            e.append(f"{name} = {value!r}: valid options: {', '.join(options)}")
-
-    def positive(name, value):
-        if value <= 0:
-            e.append(f"{name} = {value!r}: must be positive")
+            e.append(f"{setting(name, value)}: valid options: {', '.join(options)}")
 
     from dagcli.algorithms import ALGORITHMS
 
@@ -362,19 +397,20 @@ def validate(c: Config) -> list[str]:
     one_of("lora.init", c.lora.init, ("gaussian", "true"))
     one_of("grpo.std", c.grpo.std, GRPO_STD)
     for name in POSITIVE_KEYS:
-        positive(name, _unset_ok(_value(c, name)))
+        if _unset_ok(_value(c, name)) <= 0:
+            e.append(f"{setting(name, _value(c, name))}: must be positive")
     if c.sampling.eta is not None and c.sampling.eta <= 0.0:  # the family's upper bound: `fill_model_defaults`
-        e.append(f"sampling.eta = {c.sampling.eta}: training needs a stochastic sampler, eta > 0")
+        e.append(f"{setting('sampling.eta', c.sampling.eta)}: training needs a stochastic sampler, eta > 0")
     if not 0.0 < c.train.timestep_fraction <= 1.0:
-        e.append(f"train.timestep_fraction = {c.train.timestep_fraction}: must be in (0, 1]")
+        e.append(f"{setting('train.timestep_fraction', c.train.timestep_fraction)}: must be in (0, 1]")
     for name in NON_NEGATIVE_KEYS:
         if _unset_ok(_value(c, name)) < 0:
-            e.append(f"{name} = {_value(c, name)}: must not be negative")
+            e.append(f"{setting(name, _value(c, name))}: must not be negative")
     if c.sampling.steps is not None:  # else checked once the model's default is known
         e.extend(_check_micro_batches(c))
     need = ALGORITHMS[c.train.algorithm].min_micro_batch if c.train.algorithm in ALGORITHMS else 1
-    if c.train.batch_size < need:
-        e.append(f"train.batch_size = {c.train.batch_size}: {c.train.algorithm} needs at least {need} "
+    if 0 < c.train.batch_size < need:  # a batch size <= 0 is already said above
+        e.append(f"{setting('train.batch_size', c.train.batch_size)}: {c.train.algorithm} needs at least {need} "
                  "(its leave-one-out baseline)")
     if c.lora.target_modules is not None and not c.lora.target_modules:
         e.append("lora.target_modules is empty")
@@ -387,13 +423,14 @@ def _check_groups(c: Config) -> list[str]:
     from dagcli.algorithms import ALGORITHMS
 
     if c.grpo.group_size < 2:
-        return [f"grpo.group_size = {c.grpo.group_size}: must be at least 2 (advantages compare a group's members)"]
+        return [f"{setting('grpo.group_size', c.grpo.group_size)}: must be at least 2 (advantages compare a "
+                "group's members)"]
     info = ALGORITHMS.get(c.train.algorithm)
     size = info.group_size(c) if info is not None else 1
     if size > 1 and c.sampling.batch_size % size:
-        return [f"sampling.batch_size = {c.sampling.batch_size} does not divide into groups of grpo.group_size = "
-                f"{size}; use a multiple of {size} (e.g. {size * max(1, round(c.sampling.batch_size / size))}) "
-                "or another group size"]
+        return [f"{setting('sampling.batch_size', c.sampling.batch_size)} does not divide into groups of "
+                f"{setting('grpo.group_size', size)}; use a multiple of {size} "
+                f"(e.g. {size * max(1, round(c.sampling.batch_size / size))}) or another group size"]
     return []
 
 
@@ -418,35 +455,40 @@ def _check_micro_batches(c: Config) -> list[str]:
     total = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
     if c.train.batch_size > 0 and total > 0 and total % c.train.batch_size:
         divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
-        return [f"train.batch_size = {c.train.batch_size} does not divide the {total} transitions trained per "
-                f"epoch (sampling.batch_size x batches_per_epoch x {per_traj} steps); valid options: "
-                + ", ".join(map(str, divisors))]
+        return [f"{setting('train.batch_size', c.train.batch_size)} does not divide the {total} transitions "
+                f"trained per epoch ({c.sampling.batch_size} trajectories x {c.sampling.batches_per_epoch} sampler "
+                f"calls x {per_traj} steps); valid options: " + ", ".join(map(str, divisors))]
     return []
 
 
 def fill_model_defaults(config: Config) -> tuple[Config, str]:
-    """The config with the model named and the sampler settings it leaves unset taken from the model
-    (`models.model_defaults`, read without loading weights); also a line saying what was filled in ("" when
-    nothing was). Checks what could only be checked once the settings are known."""
+    """The config with the model named and the settings it leaves unset (sampler, reward, accumulation) taken
+    from the model (`models.model_defaults`, read without loading weights); also a line saying what was filled
+    in ("" when nothing was). Checks what could only be checked once the settings are known."""
     from dagcli.models import default_model, model_defaults
 
     name = config.model.name or default_model()
     d = model_defaults(name)
-    s = config.sampling
-    filled = {k: v for k, v in [("prompts", d.prompts), ("steps", d.steps), ("guidance", d.guidance),
-                                ("eta", d.eta), ("resolution", d.resolution)]
-              if getattr(s, k) is None and v is not None}
-    config = replace(replace(config, "model", name=name), "sampling", **filled)
+    wanted = {"sampling.prompts": d.prompts, "sampling.steps": d.steps, "sampling.guidance": d.guidance,
+              "sampling.eta": d.eta, "sampling.resolution": d.resolution, "reward.spec": d.reward,
+              "train.gradient_accumulation_steps": d.gradient_accumulation_steps}
+    filled = {k: v for k, v in wanted.items() if _value(config, k) is None and v is not None}
+    config = replace(config, "model", name=name)
+    for section in dict.fromkeys(k.split(".")[0] for k in filled):
+        config = replace(config, section, **{k.split(".")[1]: v for k, v in filled.items() if k.startswith(section + ".")})
     if config.lora.target_modules is None:
         config = replace(config, "lora", target_modules=d.lora_targets)
     problems = _check_micro_batches(config)
     if d.max_eta is not None and config.sampling.eta is not None and config.sampling.eta > d.max_eta:
-        problems.append(f"sampling.eta = {config.sampling.eta}: this model's sampler needs 0 < eta <= {d.max_eta:g}")
+        problems.append(f"{setting('sampling.eta', config.sampling.eta)}: this model's sampler needs "
+                        f"0 < eta <= {d.max_eta:g}")
     if problems:
-        raise DagError("invalid configuration: " + "; ".join(problems))
+        raise invalid(problems)
     if not filled:
         return config, ""
-    said = ", ".join(f"{k} {v!r}" if k == "prompts" else f"{k} {v:g}" for k, v in filled.items())
+    labels = {"reward.spec": "reward"}
+    said = ", ".join(f"{labels.get(k, k.split('.')[1])} " + (repr(v) if isinstance(v, str) else f"{v:g}")
+                     for k, v in filled.items())
     return config, f"settings not given, from the defaults of {d.source}: {said}"
 
 

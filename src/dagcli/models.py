@@ -13,10 +13,18 @@ from pathlib import Path
 
 import torch
 
-from dagcli.builtin import PRETRAINED_DIRS, TINY_NAME, TINY_RANDOM_NAME, is_pretrained_dir, tiny_available
+from dagcli.builtin import (
+    BUILTIN_TRAIN_DEFAULTS,
+    PRETRAINED_DIRS,
+    TINY_NAME,
+    TINY_RANDOM_NAME,
+    is_pretrained_dir,
+    tiny_available,
+)
 from dagcli.builtin.random_models import RANDOM_MODELS
 from dagcli.errors import DagError
 from dagcli.families import family_for
+from dagcli.faults import fault_point
 
 REAL_USE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -105,6 +113,7 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
     check_model_name(model)
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     _quiet_loading()
+    fault_point("model-load")
     if model in RANDOM_MODELS:
         pipe, is_tiny = RANDOM_MODELS[model](0).to(dtype=dt), False
     else:
@@ -136,16 +145,20 @@ class ModelDefaults:
     sample_steps: int = 0  # steps of `dag sample` / `dag eval` (0: as `steps`)
     max_eta: float | None = 1.0  # the largest noise level the family's sampler is defined for (None: no bound)
     lora_targets: tuple[str, ...] = ()  # the family's default LoRA targets
+    reward: str = "aesthetic"  # training reward
+    gradient_accumulation_steps: int = 200  # micro-batches per optimiser step
 
 
 def model_defaults(model: str | None) -> ModelDefaults:
-    """The `dagcli.json` beside a pipeline (the built-in models carry one), over its family's reference settings
-    (Stable Diffusion's when the family cannot be told without loading); reads no weights."""
+    """The `dagcli.json` beside a pipeline (the built-in models carry one), over the built-in models' training
+    defaults (`BUILTIN_TRAIN_DEFAULTS`, for those), over its family's reference settings (Stable Diffusion's when
+    the family cannot be told without loading); reads no weights."""
     from dagcli.families.sd import SDFamily
 
     model = model or default_model()
     family = known_family(model) or SDFamily
     ref, saved = family.reference, _read_defaults(model)
+    train = {**(BUILTIN_TRAIN_DEFAULTS if is_builtin(model) else {}), **saved}
     return ModelDefaults(
         steps=int(saved.get("default_steps", ref.steps)),
         guidance=float(saved.get("default_guidance", ref.guidance)),
@@ -158,7 +171,15 @@ def model_defaults(model: str | None) -> ModelDefaults:
         sample_steps=int(saved.get("default_sample_steps", saved.get("default_steps", ref.sample_steps or ref.steps))),
         max_eta=ref.max_eta,
         lora_targets=tuple(family.default_lora_targets),
+        reward=train.get("default_reward", ref.reward),
+        gradient_accumulation_steps=int(train.get("default_gradient_accumulation_steps",
+                                                  ref.gradient_accumulation_steps)),
     )
+
+
+def is_builtin(model: str) -> bool:
+    """A built-in model, by name or by the path of a shipped pipeline."""
+    return model in builtin_names() or is_pretrained_dir(model)
 
 
 def known_family(model: str | None) -> type | None:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from dagcli.errors import DagError
+from dagcli.faults import fault_point
 from dagcli.sampling import Trajectory, sample_batch
+from dagcli.stopping import check_interrupt
 
 SAMPLING_STREAM, TRANSITION_STREAM = 1, 2
 
@@ -149,7 +151,10 @@ class Rollout:
         return Trajectory.concat(parts)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Rewards [B] and their components, float32 on the CPU; each prompt's metadata goes to the reward."""
+        """Rewards [B] and their components, float32 on the CPU (also in the worker thread: stops on Ctrl-C); each
+        prompt's metadata goes to the reward."""
+        check_interrupt()
+        fault_point("reward")
         metadata = [dict(self.metadata.get(p, {})) for p in prompts] if self.metadata else None
         out = self.reward(images, prompts, metadata)
         return out.scores.float().cpu(), {k: v.float().cpu() for k, v in out.components.items()}
@@ -209,15 +214,18 @@ class Rollout:
             with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 return self._score(part, stored_x0, needed[start : start + part.batch_size])
 
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagcli-reward") as pool:
-            futures = []
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dagcli-reward")
+        futures = []
 
-            def submit(part: Trajectory) -> None:
-                futures.append(pool.submit(work, part, len(futures) * self.settings.batch_size))
+        def submit(part: Trajectory) -> None:
+            futures.append(pool.submit(work, part, len(futures) * self.settings.batch_size))
 
+        try:
             traj = self.sample_epoch(epoch, denoiser, on_batch=submit)
             t1 = time.perf_counter()
             results = [f.result() for f in futures]
+        finally:  # on an error or Ctrl-C the queued batches are dropped; the running one stops at its next check
+            pool.shutdown(wait=True, cancel_futures=True)
         rewards = torch.cat([r for r, _, _ in results])
         components = {k: torch.cat([c[k] for _, c, _ in results]) for k in results[0][1]}
         fl = torch.cat([f for _, _, f in results]) if results[0][2] is not None else None

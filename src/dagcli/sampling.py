@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from dagcli.families.base import Cond, Denoise, Family
+from dagcli.faults import fault_point
 from dagcli.kernels.gaussian import Reduction
+from dagcli.stopping import check_interrupt
 
 
 @dataclass
@@ -81,6 +83,8 @@ def rollout(
     states, log_probs, guided, cond = [x], [], [], []
     batch, total = x.shape[0], family.num_steps(schedule)
     for i in range(total):
+        check_interrupt()
+        fault_point("sampler-step")
         index = torch.full((batch,), i, dtype=torch.long)
         out_g, out_c = denoise(x, index)
         out = family.step(schedule, index, x, out_g, eta, generator=generator, reduction=reduction)

@@ -33,7 +33,7 @@ from dagcli.optim import make_optimizer
 from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import prompt_metadata
 from dagcli.rollout import EpochBatch, Rollout
-from dagcli.stopping import StopRequest
+from dagcli.stopping import StopRequest, check_interrupt
 
 
 class Trainer:
@@ -53,6 +53,7 @@ class Trainer:
         self.run_dir = Path(c.output.dir)
         self.state = TrainState()
         self.stop = StopRequest(self.reporter)
+        self.stopped = False  # the last `train()` stopped early, on a signal, with a checkpoint
         self._setup(model)
 
     # --- set-up --------------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Trainer:
             for start in range(0, len(micro), accum):
                 group = micro[start : start + accum]
                 for k, idx in enumerate(group):
+                    check_interrupt()
                     skipped += self._accumulate(batch, idx, epoch, len(group), k == len(group) - 1, sums, counts)
                     advance()
                 self._optimizer_step(frozen, grad_norms)
@@ -242,12 +244,23 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(dump_toml(c))
             self.metrics_log.keep_epochs(self.state.epoch)
+        self._saved_epoch = self.state.epoch  # nothing new to save yet
+        self.stopped = False
         try:
-            while self.state.epoch < until and not self.stop.requested:
+            while self.state.epoch < until:
+                if self._stop_agreed():  # a signal after the last epoch's save: save that epoch, then stop
+                    if self._saved_epoch != self.state.epoch:
+                        self.save()
+                    self.stopped = True
+                    break
                 self._run_epoch()
         finally:
             self.stop.restore()
         return self.state
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop (a signal may reach one process only): all agree."""
+        return self.dist.sum_int(int(self.stop.requested)) > 0
 
     def _run_epoch(self) -> None:
         c, epoch = self.config, self.state.epoch
@@ -260,17 +273,14 @@ class Trainer:
         metrics = epoch_metrics(batch, train_logs, timing, self.state, self.dist)
         if self.is_main:
             self.metrics_log.log(metrics)
-        # a signal may reach one process only: every process saves and stops after the same epoch
-        self.stop.requested = self.dist.sum_int(int(self.stop.requested)) > 0
         last = self.state.epoch == c.train.epochs
-        if last or self.state.epoch % c.output.checkpoint_every == 0 or self.stop.requested \
+        # every process saves (and then stops) after the same epoch
+        if last or self.state.epoch % c.output.checkpoint_every == 0 or self._stop_agreed() \
                 or self._checkpoint_due():
             self.save()
         if c.output.sample_every and (self.state.epoch % c.output.sample_every == 0 or last) and self.is_main:
             write_sample_grid(self.model, self.raw_denoiser, self.prompts, c.sampling, self.resolution,
                               self.resolution, self.run_dir / "samples" / f"epoch-{self.state.epoch:04d}.png")
-        if self.stop.requested:
-            self.reporter.warn(f"stopped after epoch {self.state.epoch}; resume with --resume")
 
     def _stopping_message(self, epoch: int, failure: DagError | None) -> str:
         """Why the run stops in `epoch`, and how to continue from what is saved (nothing of the epoch is)."""
@@ -294,6 +304,7 @@ class Trainer:
 
         self.accelerator.wait_for_everyone()
         self._last_save = time.monotonic()
+        self._saved_epoch = self.state.epoch
         if not self.is_main:
             return None
         c = self.config

@@ -23,6 +23,12 @@ PRETRAINED_DIRS = {TINY_NAME: TINY_SD_DIR, TINY_FLOW_NAME: TINY_FLOW_DIR}
 BUILTIN_NAMES = (*PRETRAINED_DIRS, *RANDOM_NAMES)
 
 
+# Training defaults of every built-in model (pretrained and random) that their dagcli.json may override: a reward
+# that needs no download, and an optimiser step per micro-batch (the reference's accumulation of 200 fits Stable
+# Diffusion's 50-step epochs; a small run of a tiny model has a few micro-batches per epoch)
+BUILTIN_TRAIN_DEFAULTS = {"default_reward": "compressibility", "default_gradient_accumulation_steps": 1}
+
+
 def tiny_available(name: str = TINY_NAME) -> bool:
     """True when the pretrained built-in pipeline `name` ships with this install."""
     return (PRETRAINED_DIRS[name] / "model_index.json").is_file()

@@ -45,8 +45,25 @@ def device_option():
     return typer.Option("auto", "--device", help=f"Device: {'|'.join(DEVICES)}.")
 
 
-def dtype_option():
-    return typer.Option("fp32", "--dtype", help=f"Dtype of the frozen weights: {'|'.join(DTYPES)}.")
+def dtype_option(default: str | None = "fp32"):
+    """`--dtype`; `default=None` where a preset may give it (`dag train`: model.dtype)."""
+    shown = "" if default else f" \\[default: {DTYPES[0]}]"
+    return typer.Option(default, "--dtype", help=f"Dtype of the frozen weights: {'|'.join(DTYPES)}.{shown}")
+
+
+def eta_option(training: bool = False):
+    """`--eta`, checked by `check_eta` (for training by `config.validate`, which needs it > 0: a stochastic
+    policy). Sampling flows defaults to their deterministic ODE, training them to their SDE."""
+    if training:
+        bounds, defaults = "(0, 1], the flow SDE's level > 0", "Stable Diffusion: 1, SD3: 0.7, FLUX: 0.9"
+    else:
+        bounds, defaults = "[0, 1], the flow SDE's level >= 0; 0: deterministic", "Stable Diffusion: 1, SD3 and FLUX: 0"
+    return typer.Option(None, "--eta", help=f"Sampler noise: DDIM's η in {bounds}. \\[default: the model's; {defaults}]")
+
+
+def sampler_option(name: str):
+    """`--steps` or `--guidance`, whose defaults come from the model."""
+    return typer.Option(None, f"--{name}", help=SAMPLER_DEFAULTS_HELP[name])
 
 
 def check_positive(name: str, value: int | float | None) -> None:

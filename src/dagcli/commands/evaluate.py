@@ -9,14 +9,15 @@ import typer
 
 from dagcli.commands.common import (
     MODEL_EPILOG,
-    SAMPLER_DEFAULTS_HELP,
     check_eta,
     check_positive,
     check_writable_dir,
     device_option,
     dtype_option,
+    eta_option,
     model_option,
     sampler_defaults,
+    sampler_option,
 )
 from dagcli.errors import DagError
 
@@ -64,13 +65,9 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
     output: Path = typer.Option(Path("eval"), "--output", "-o", help="Output folder (reports and images)."),
     model: str = model_option(),
-    steps: int = typer.Option(None, "--steps", help=SAMPLER_DEFAULTS_HELP["steps"]),
-    guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
-    eta: float = typer.Option(
-        None, "--eta",
-        help="Sampler noise: DDIM's η in [0, 1], the flow SDE's level >= 0; 0: deterministic. "
-        "\\[default: the model's; Stable Diffusion: 1, SD3 and FLUX: 0]",
-    ),
+    steps: int = sampler_option("steps"),
+    guidance: float = sampler_option("guidance"),
+    eta: float = eta_option(),
     batch_size: int = typer.Option(8, "--batch-size", help="Images per sampler and reward call."),
     device: str = device_option(),
     dtype: str = dtype_option(),

@@ -8,14 +8,15 @@ import typer
 
 from dagcli.commands.common import (
     MODEL_EPILOG,
-    SAMPLER_DEFAULTS_HELP,
     check_eta,
     check_positive,
     check_writable_dir,
     device_option,
     dtype_option,
+    eta_option,
     model_option,
     sampler_defaults,
+    sampler_option,
 )
 from dagcli.errors import DagError
 
@@ -25,13 +26,9 @@ def sample(
     prompts: str = typer.Option(None, "--prompts", help="Prompt file (.txt/.jsonl) or built-in set name."),
     num_per_prompt: int = typer.Option(4, "--num-per-prompt", "-n", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
-    steps: int = typer.Option(None, "--steps", help=SAMPLER_DEFAULTS_HELP["steps"]),
-    eta: float = typer.Option(
-        None, "--eta",
-        help="Sampler noise: DDIM's η in [0, 1], the flow SDE's level >= 0; 0: deterministic. "
-        "\\[default: the model's; Stable Diffusion: 1, SD3 and FLUX: 0]",
-    ),
-    guidance: float = typer.Option(None, "--guidance", help=SAMPLER_DEFAULTS_HELP["guidance"]),
+    steps: int = sampler_option("steps"),
+    eta: float = eta_option(),
+    guidance: float = sampler_option("guidance"),
     height: int = typer.Option(
         None, "--height", help="Image height in pixels. \\[default: the --ckpt run's, else the model's]"
     ),

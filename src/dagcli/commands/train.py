@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from dagcli.algorithms import ALGORITHMS
-from dagcli.errors import DagError
+from dagcli.commands.common import dtype_option, eta_option, sampler_option
+from dagcli.errors import DagError, Interrupted
 
 
 def train(
@@ -18,7 +19,9 @@ def train(
     ),
     algorithm: str = typer.Option(None, "--algorithm", help=f"{' | '.join(ALGORITHMS)}. \\[default: dag-db]"),
     reward: str = typer.Option(
-        None, "--reward", "-r", help="Reward spec, e.g. aesthetic, aesthetic:1,clip:0.5 or http://HOST:PORT. \\[default: aesthetic]"
+        None, "--reward", "-r",
+        help="Reward spec, e.g. aesthetic, aesthetic:1,clip:0.5 or http://HOST:PORT. "
+        "\\[default: the model's; built-in models: compressibility, others: aesthetic]",
     ),
     prompts: str = typer.Option(
         None, "--prompts",
@@ -31,15 +34,16 @@ def train(
     train_batch_size: int = typer.Option(
         None, "--train-batch-size", help="Transitions per micro-batch (per process). \\[default: 8]"
     ),
-    steps: int = typer.Option(
-        None, "--steps", help="Sampler steps per trajectory. \\[default: the model's; Stable Diffusion: 50]"
-    ),
+    steps: int = sampler_option("steps"),
+    eta: float = eta_option(training=True),
+    guidance: float = sampler_option("guidance"),
     seed: int = typer.Option(None, "--seed", help="Run seed. \\[default: 0]"),
     output: Path = typer.Option(None, "--output", "-o", help="Run directory. \\[default: runs/dag]"),
     model: str = typer.Option(
         None, "--model", "-m", help="Base model: built-in name, local folder or hub id. \\[default: tiny]"
     ),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda. \\[default: auto]"),
+    dtype: str = dtype_option(default=None),
     report_to: str = typer.Option(
         None, "--report-to", help="none | tensorboard | wandb (optional extras). \\[default: none]"
     ),
@@ -47,20 +51,33 @@ def train(
     resume_from: Path = typer.Option(None, "--resume-from", help="Continue from this checkpoint folder."),
 ) -> None:
     """Fine-tune a LoRA so that high-reward images become likely (DAG-DB with the forward-looking flow)."""
-    from dagcli.config import read_settings
+    from dagcli.config import named_by_flags, read_settings
     from dagcli.progress import default_reporter
 
-    flags = {
+    values = {
         "train.algorithm": algorithm, "reward.spec": reward, "sampling.prompts": prompts, "train.epochs": epochs,
         "sampling.batch_size": batch_size, "train.batch_size": train_batch_size, "sampling.steps": steps,
-        "train.seed": seed, "output.dir": str(output) if output is not None else None, "model.name": model,
-        "model.device": device, "output.report_to": report_to,
+        "sampling.eta": eta, "sampling.guidance": guidance, "train.seed": seed,
+        "output.dir": str(output) if output is not None else None, "model.name": model, "model.device": device,
+        "model.dtype": dtype, "output.report_to": report_to,
     }
-    overrides = list(set_ or []) + [f"{k}={_toml(v)}" for k, v in flags.items() if v is not None]
-    given = read_settings(config, overrides)
-    reporter = default_reporter()
-    cfg = resumed_config(given, resume_from) if (resume or resume_from) else config_from_given(given)
-    run(cfg, resume=resume, resume_from=resume_from, reporter=reporter)
+    given_flags = {key: FLAGS[key] for key, v in values.items() if v is not None}
+    overrides = list(set_ or []) + [f"{k}={_toml(v)}" for k, v in values.items() if v is not None]
+    with named_by_flags(given_flags):  # messages name what the user typed: `--batch-size 0`, not the key
+        given = read_settings(config, overrides)
+        reporter = default_reporter()
+        cfg = resumed_config(given, resume_from) if (resume or resume_from) else config_from_given(given)
+        run(cfg, resume=resume, resume_from=resume_from, reporter=reporter)
+
+
+# the config key each flag of `dag train` sets
+FLAGS = {
+    "train.algorithm": "--algorithm", "reward.spec": "--reward", "sampling.prompts": "--prompts",
+    "train.epochs": "--epochs", "sampling.batch_size": "--batch-size", "train.batch_size": "--train-batch-size",
+    "sampling.steps": "--steps", "sampling.eta": "--eta", "sampling.guidance": "--guidance", "train.seed": "--seed",
+    "output.dir": "--output", "model.name": "--model", "model.device": "--device", "model.dtype": "--dtype",
+    "output.report_to": "--report-to",
+}
 
 
 def config_from_given(given: dict):
@@ -192,7 +209,13 @@ def run(cfg, resume: bool = False, resume_from: Path | None = None, reporter=Non
         if used:
             reporter.info(used)
         banner(trainer, reporter)
-    trainer.train()
+    try:
+        trainer.train()
+    except KeyboardInterrupt as e:  # a second Ctrl-C: at once
+        raise Interrupted(f"stopped at once; {_last_checkpoint(trainer.run_dir)}") from e
+    if trainer.stopped:
+        raise Interrupted(f"stopped after epoch {trainer.state.epoch}; {_last_checkpoint(trainer.run_dir)}",
+                          trainer.stop.signum or 2)  # 2: another process got the signal
     return trainer
 
 
@@ -208,6 +231,17 @@ def finished(folder: Path, cfg, reporter) -> bool:
         reporter.info(f"{cfg.output.dir} is finished: {done} of {cfg.train.epochs} epochs done; to train it further, "
                       f"pass --resume --epochs N with N > {done}")
     return True
+
+
+def _last_checkpoint(run_dir: Path) -> str:
+    """Where an interrupted run can be continued from, for its last message."""
+    from dagcli.checkpoint import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        return "no checkpoint was saved yet"
+    step, folder = found[-1]
+    return f"the last checkpoint is {folder} (epoch {step}); resume with --resume"
 
 
 def run_sizes(trainer) -> dict:
@@ -251,7 +285,8 @@ def banner(trainer, reporter) -> None:
     if total % c.train.batch_size:
         reporter.warn(f"{total} transitions per epoch do not divide into micro-batches of {c.train.batch_size}; "
                       "the last one is smaller")
-    if s["micro_batches_per_epoch"] % s["micro_batches_per_optimizer_step"]:
+    if s["micro_batches_per_epoch"] > s["micro_batches_per_optimizer_step"] \
+            and s["micro_batches_per_epoch"] % s["micro_batches_per_optimizer_step"]:  # fewer: one step per epoch
         reporter.warn(f"{s['micro_batches_per_epoch']} micro-batches per epoch are not a multiple of "
                       f"{s['micro_batches_per_optimizer_step']} micro-batches per optimiser step; "
                       "the last optimiser step of each epoch accumulates fewer")

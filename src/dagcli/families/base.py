@@ -49,6 +49,8 @@ class FamilyDefaults:
     source: str  # where the numbers come from (said in messages and docs)
     sample_steps: int | None = None  # steps of `dag sample` / `dag eval` when they differ from training's
     max_eta: float | None = 1.0  # the largest noise level the sampler is defined for (DDIM: 1); None: no bound
+    reward: str = "aesthetic"  # training reward
+    gradient_accumulation_steps: int = 200  # micro-batches per optimiser step (reference: 4 x 50 timesteps)
 
 
 # (x [B,...], state index j [B]) -> (guided model output, conditional model output), both float32

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dagcli.rewards.base import Reward, RewardOutput, batches, read_image_folder
+from dagcli.stopping import check_interrupt
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,10 @@ def score_images(
 ) -> RewardOutput:
     """Run a reward over many images in batches and concatenate the outputs (info is dropped); `metadata` (one
     dict per image, e.g. from a .jsonl prompts file) is handed to the reward with its images."""
-    outs = [reward(images[part], prompts[part], None if metadata is None else metadata[part])
-            for part in batches(len(images), batch_size)]
+    outs = []
+    for part in batches(len(images), batch_size):
+        check_interrupt()
+        outs.append(reward(images[part], prompts[part], None if metadata is None else metadata[part]))
     names = list(outs[0].components)
     return RewardOutput(
         scores=torch.cat([o.scores for o in outs]),
