@@ -100,10 +100,11 @@ def _help_rows(capsys, monkeypatch, command: str) -> dict[str, str]:
     import re
 
     monkeypatch.setenv("COLUMNS", "300")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich help, as a terminal shows it (a pipe gets plain text)
     code, out, _ = run_cli([command, "--help"], capsys)
     assert code == 0
     rows = {}
-    for line in out.splitlines():
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", out).splitlines():
         m = re.match(r"^│ (--[\w-]+)\s+(?:-\w\s+)?(?:<\w+>\s+)?(.*?)\s*│$", line)
         if m:
             rows[m.group(1)] = m.group(2)
