@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
