@@ -168,6 +168,19 @@ def test_vp_coefficients_recover_x0_from_the_true_output():
         nft.x0_coefficients("sample", t)
 
 
+@pytest.mark.parametrize("prediction_type,level", [("flow", [0.6, 0.2]), ("epsilon", [0.9, 0.05]),
+                                                  ("v_prediction", [0.5, 0.3])])
+def test_mixing_outputs_mixes_the_x0_predictions(prediction_type, level):
+    """x̂0 is affine in the output with weights summing to one, so v± carry over to every prediction type."""
+    g = torch.Generator().manual_seed(6)
+    xt, out, old = (torch.randn(2, 5, generator=g) for _ in range(3))
+    a, b = nft.x0_coefficients(prediction_type, torch.tensor(level, dtype=torch.float64))
+    pos, neg = nft.implicit_policies(out, old, 0.4)
+    x_out, x_old = nft.predict_x0(xt, a, b, out), nft.predict_x0(xt, a, b, old)
+    assert torch.allclose(nft.predict_x0(xt, a, b, pos), 0.6 * x_old + 0.4 * x_out, atol=1e-5)
+    assert torch.allclose(nft.predict_x0(xt, a, b, neg), 1.4 * x_old - 0.4 * x_out, atol=1e-5)
+
+
 def test_old_policy_decay_schedules():
     assert [old_policy_decay(s, 0, 0.001, 0.5) for s in (0, 100, 499, 2000)] == pytest.approx([0, 0.1, 0.499, 0.5])
     assert [old_policy_decay(s, 75, 0.0075, 0.999) for s in (0, 74, 75, 175, 500)] == pytest.approx(
