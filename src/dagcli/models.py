@@ -367,3 +367,42 @@ def lora_disabled(denoiser: torch.nn.Module):
         yield denoiser
     finally:
         denoiser.enable_adapters()
+
+
+def lora_tensors(denoiser: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the denoiser's LoRA weights by parameter name: a frozen policy costs only these."""
+    return {n: p.detach().clone() for n, p in denoiser.named_parameters() if "lora_" in n}
+
+
+def _lora_parameters(denoiser: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
+    params = {n: p for n, p in denoiser.named_parameters() if "lora_" in n}
+    if set(names) != set(params):
+        raise ValueError(f"stored LoRA weights do not match the denoiser's: {len(set(names) ^ set(params))} "
+                         "names differ; take them with lora_tensors from the same denoiser")
+    return params
+
+
+@contextlib.contextmanager
+def lora_swapped(denoiser: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+    """The denoiser with `tensors` (from `lora_tensors`) as its LoRA weights inside the block; its own are put
+    back bit for bit after. The weights are copied in place: run the block before a forward whose graph is still
+    to be differentiated (autograd refuses a backward through weights changed since)."""
+    params = _lora_parameters(denoiser, tensors)
+    own = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    try:
+        yield denoiser
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(own[n])
+
+
+@torch.no_grad()
+def blend_lora(stored: dict[str, torch.Tensor], denoiser: torch.nn.Module, decay: float) -> None:
+    """stored ← decay·stored + (1 − decay)·current LoRA weights, in place (decay 0: a copy of the current)."""
+    params = _lora_parameters(denoiser, stored)
+    for n, p in params.items():
+        stored[n].mul_(decay).add_(p.detach(), alpha=1.0 - decay)

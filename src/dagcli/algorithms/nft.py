@@ -1,0 +1,128 @@
+"""DiffusionNFT's loss (Zheng et al., arXiv 2509.16117; NVlabs/DiffusionNFT) as small functions of tensors.
+
+No log-probabilities: the clean final latents x0 of the sampling ("old") policy are re-noised at fresh times,
+    x_t = (1 − t)·x0 + t·ε                                                    (flow matching, SD3 / Flux)
+and the current prediction v_θ is mixed with the frozen sampling one v_old into two implicit policies
+    v⁺ = (1 − λ)·v_old + λ·v_θ        v⁻ = (1 + λ)·v_old − λ·v_θ
+whose clean-image predictions x̂0(v) = x_t − t·v are pulled to x0 in proportion to the optimality probability r
+of the sample (v⁺) and to 1 − r (v⁻). Per sample, with D latent dimensions and the adaptive weights
+w± = max(mean_D |x̂0(v±) − x0|, floor) held constant,
+    loss = adv_clip · [r·mean_D (x̂0(v⁺) − x0)² / w⁺ + (1 − r)·mean_D (x̂0(v⁻) − x0)² / w⁻] / λ
+         + kl_weight · mean_D (v_θ − v_ref)²
+v_ref is the base model (the LoRA disabled). Everything is written for any x̂0 = a·x_t + b·out affine in the
+model's output: flow velocity (a = 1, b = −t), ε- or v-prediction on a VP schedule (see docs/nft.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dagcli.algorithms.grpo import group_advantages
+from dagcli.kernels.gaussian import bcast
+
+PREDICTION_TYPES = ("flow", "epsilon", "v_prediction")
+
+
+# --- rewards -> r -------------------------------------------------------------------------------------
+def to_probability(advantages: torch.Tensor, adv_clip: float) -> torch.Tensor:
+    """[n] r = A / (2·adv_clip) + ½ clamped to [0, 1] (scripts/train_nft_sd3.py: normalised advantages)."""
+    return (advantages.clamp(-adv_clip, adv_clip) / (2.0 * adv_clip) + 0.5).clamp(0.0, 1.0)
+
+
+def optimality_probability(rewards: torch.Tensor, groups: torch.Tensor, std_mode: str, eps: float,
+                           adv_clip: float, all_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """[n] r ∈ [0, 1] of each sample: its group-normalised reward (as GRPO's, clipped to ±adv_clip) mapped
+    linearly, so the group mean goes to ½ and ±adv_clip standard deviations to 1 and 0."""
+    return to_probability(group_advantages(rewards, groups, std_mode, eps, adv_clip, all_rewards), adv_clip)
+
+
+# --- times ---------------------------------------------------------------------------------------------
+def train_steps(num_steps: int, n: int, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[n, m] sampler step indices to train each of n samples at: m = int(num_steps·fraction) (at least 1) of
+    the sampler's own `num_steps` times, a fresh random choice without repetition per sample, in random order
+    (scripts/train_nft_sd3.py trains at the sampling schedule's timesteps, permuted per sample)."""
+    m = max(1, int(num_steps * fraction))
+    return torch.stack([torch.randperm(num_steps, generator=generator)[:m] for _ in range(n)])
+
+
+# --- forward process and x̂0 ---------------------------------------------------------------------------
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 − t)·x0 + t·ε, t [n] in [0, 1] (rectified flow: t = σ, 1 = pure noise)."""
+    tb = bcast(t, x0)
+    return (1 - tb) * x0 + tb * noise
+
+
+def vp_noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ·x0 + √(1 − ᾱ)·ε, ᾱ [n] the scheduler's alphas_cumprod at each sample's timestep."""
+    ab = bcast(alpha_bar, x0)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def x0_coefficients(prediction_type: str, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), each [n], with x̂0 = a·x_t + b·out. `level`: t for "flow" (out = v = ε − x0), ᾱ for "epsilon"
+    (out = ε) and "v_prediction" (out = √ᾱ·ε − √(1 − ᾱ)·x0)."""
+    level = level.double()
+    if prediction_type == "flow":
+        return torch.ones_like(level), -level
+    if prediction_type == "epsilon":
+        return 1 / level.sqrt(), -(1 - level).sqrt() / level.sqrt()
+    if prediction_type == "v_prediction":
+        return level.sqrt(), -(1 - level).sqrt()
+    raise ValueError(f"unknown prediction type {prediction_type!r}; valid options: {', '.join(PREDICTION_TYPES)}")
+
+
+def predict_x0(x_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """x̂0 = a·x_t + b·out in float32."""
+    return bcast(a, x_t).float() * x_t.float() + bcast(b, x_t).float() * out.float()
+
+
+# --- the loss ------------------------------------------------------------------------------------------
+def implicit_policies(out: torch.Tensor, out_old: torch.Tensor, strength: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v⁺, v⁻) = ((1 − λ)·v_old + λ·v_θ, (1 + λ)·v_old − λ·v_θ); v_old is data (never differentiated)."""
+    old = out_old.detach().float()
+    return (1 - strength) * old + strength * out.float(), (1 + strength) * old - strength * out.float()
+
+
+def adaptive_weight(x0_hat: torch.Tensor, x0: torch.Tensor, floor: float) -> torch.Tensor:
+    """[n] max(mean over latent dims of |x̂0 − x0|, floor), in float64 and held constant."""
+    return (x0_hat.detach().double() - x0.double()).abs().flatten(1).mean(1).clamp(min=floor)
+
+
+def weighted_error(x0_hat: torch.Tensor, x0: torch.Tensor, floor: float) -> torch.Tensor:
+    """[n] mean over latent dims of (x̂0 − x0)², divided by the adaptive weight."""
+    w = adaptive_weight(x0_hat, x0, floor).float()
+    return ((x0_hat - x0.float()) ** 2).flatten(1).mean(1) / w
+
+
+def reference_distance(out: torch.Tensor, out_ref: torch.Tensor) -> torch.Tensor:
+    """[n] mean over latent dims of (v_θ − v_ref)², the base model's output held constant."""
+    return ((out.float() - out_ref.detach().float()) ** 2).flatten(1).mean(1)
+
+
+def nft_loss(x0: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+             out_old: torch.Tensor, out_ref: torch.Tensor | None, r: torch.Tensor, strength: float,
+             kl_weight: float, adv_clip: float, floor: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """([n] loss, logs) of DiffusionNFT for model outputs at x_t whose x̂0 = a·x_t + b·out (see the module
+    docstring). `out_ref` may be None when kl_weight is 0."""
+    pos, neg = implicit_policies(out, out_old, strength)
+    r = r.detach().float().to(out.device)
+    err_pos = weighted_error(predict_x0(x_t, a, b, pos), x0, floor)
+    err_neg = weighted_error(predict_x0(x_t, a, b, neg), x0, floor)
+    policy = adv_clip * (r * err_pos + (1 - r) * err_neg) / strength
+    logs = {"policy_loss": policy.detach().mean(), "positive_error": err_pos.detach().mean(),
+            "negative_error": err_neg.detach().mean(),
+            "old_distance": reference_distance(out, out_old).detach().mean()}
+    if kl_weight == 0:
+        return policy, logs
+    kl = reference_distance(out, out_ref)
+    logs["kl_loss"] = kl.detach().mean()
+    return policy + kl_weight * kl, logs
+
+
+def flow_nft_loss(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, v: torch.Tensor, v_old: torch.Tensor,
+                  v_ref: torch.Tensor | None, r: torch.Tensor, settings) -> tuple[torch.Tensor, dict]:
+    """`nft_loss` for a flow-matching model: x_t = (1 − t)·x0 + t·ε, x̂0 = x_t − t·v; `settings` an NftConfig."""
+    a, b = x0_coefficients("flow", t)
+    s = settings
+    return nft_loss(x0, flow_noised(x0, noise, t), a, b, v, v_old, v_ref, r, s.strength, s.kl_weight,
+                    s.adv_clip, s.weight_floor)
