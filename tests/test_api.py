@@ -116,6 +116,8 @@ def test_sample_returns_the_images_it_wrote(trained, tmp_path):
     records = [json.loads(line) for line in shots.manifest.read_text().splitlines()]
     assert [out / r["file"] for r in records] == list(shots.images)
     assert {r["ckpt"] for r in records} == {str(result.checkpoint)}
+    (summary,) = api.score(out, reward="compressibility")
+    assert summary.count == 4 and summary.name == "compressibility"
 
 
 def test_evaluate_returns_the_report(trained, tmp_path):
@@ -148,6 +150,9 @@ def test_export_returns_the_files_it_wrote(trained, tmp_path):
     (lambda tmp: api.evaluate(reward="compressibility", prompt=["x"], hack_threshold=2.0), "got 2.0"),
     (lambda tmp: api.export(tmp, format="zip", output=tmp / "o"), "'zip'; valid options: diffusers, kohya, merged"),
     (lambda tmp: api.export(tmp, format="kohya"), "--output is required"),
+    (lambda tmp: api.score(tmp, batch_size=0), "--batch-size must be positive, got 0"),
+    (lambda tmp: api.reward_server("compressibility", port=70000), "--port must be 0 to 65535, got 70000"),
+    (lambda tmp: api.reward_server("no-such-reward", port=0), "'no-such-reward'"),
 ])
 def test_bad_input_raises_dag_error_naming_the_value(call, needle, tmp_path):
     with pytest.raises(DagError, match=re.escape(needle)):

@@ -580,3 +580,41 @@ def export(run: str | Path, *, format: str | None = None, output: str | Path | N
     written = Path(write_export(folder, format, Path(output), model=model))
     files = (written,) if written.is_file() else tuple(sorted(p for p in written.rglob("*") if p.is_file()))
     return ExportResult(folder, format, written, files)
+
+
+# --- rewards -----------------------------------------------------------------------------------------------
+
+
+def score(folder: str | Path, *, reward: str = "compressibility", model: str | None = None, device: str = "cpu",
+          batch_size: int = 16, reward_option: Sequence[str] = ()) -> list:
+    """`dag rewards --score FOLDER`: the reward's mean and spread over a folder's images, one `ScoreSummary` per
+    component (`model`: the base model the images came from, which picks clip's default)."""
+    from dagcli.rewards import build_reward
+    from dagcli.rewards.registry import parse_reward_options
+    from dagcli.rewards.scoring import score_folder
+
+    check_positive("--batch-size", batch_size)
+    options = parse_reward_options(list(reward_option))
+    return score_folder(build_reward(reward, device=device, base_model=model, options=options), folder, batch_size)
+
+
+def reward_server(spec: str, *, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+                  batch_size: int = 32, model: str | None = None, reward_option: Sequence[str] = ()):
+    """`dag serve-reward SPEC`: a `RewardServer` bound to host:port (0: any free port, see its `url`), scoring
+    with the reward; the caller runs `serve_forever()` and closes it."""
+    from dagcli.rewards import build_reward
+    from dagcli.rewards.base import parse_device
+    from dagcli.rewards.registry import parse_reward_options
+    from dagcli.rewards.serve import RewardServer
+
+    check_positive("--batch-size", batch_size)
+    if not 0 <= port <= 65535:
+        raise DagError(f"--port must be 0 to 65535, got {port}")
+    options = parse_reward_options(list(reward_option))
+    reward = build_reward(spec, device=str(parse_device(device)), base_model=model, options=options,
+                          strict_finite=False)
+    try:
+        return RewardServer(reward, spec, host, port, batch_size)
+    except OSError as e:
+        raise DagError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port "
+                       "(0 picks a free one) or --host") from e
