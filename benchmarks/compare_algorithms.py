@@ -77,17 +77,16 @@ def run_one(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path,
 
 def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path, eval_per_prompt: int,
                         overrides: list[str], eval_every: int, mode_targets: dict | None) -> dict:
-    from dagcli.commands.train import preflight
-    from dagcli.trainer import Trainer
+    from dagcli import api
 
     cfg = load_config(preset, [f"train.algorithm=\"{algorithm}\"", f"train.seed={seed}", f"train.epochs={epochs}",
                                "output.checkpoint_every=100000", "output.checkpoint_minutes=0", "output.sample_every=0", *overrides])
     cfg = replace(cfg, "output", dir=str(out_dir / f"{algorithm}-s{seed}"))
     if algorithm == "dag-kl" and cfg.train.batch_size < 2:
         cfg = replace(cfg, "train", batch_size=2)
-    cfg, prompts, _ = preflight(cfg, resume=False, resume_from=None)
-    prompts_eval = sorted(set(prompts))
-    trainer = Trainer(cfg, prompts)
+    plan = api.plan_config(cfg)
+    prompts_eval = sorted(set(plan.prompts))
+    trainer = api.build_trainer(plan)
     embedder = load_clip(default_embed_model(trainer.model.name), device=trainer.model.device)  # once per run
 
     def evaluation(epoch: int) -> dict:

@@ -110,12 +110,11 @@ def test_repeated_token_attention_equals_the_pipelines_256_zero_tokens(plain_pip
 
 
 def test_dag_db_trains_one_epoch_on_tiny_flow(tmp_path) -> None:
-    from dagcli.commands.train import run
-    from dagcli.config import load_config
+    from dagcli import api
 
     cfg = write_tiny_config(tmp_path, TINY_FLOW_NAME, [PROMPT, "a blue circle"], train={"epochs": 1},
                             lora={"rank": 2, "alpha": 2.0}, output={"dir": str(tmp_path / "run")})
-    run(load_config(cfg))
+    api.train(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("db_loss", "log_pf", "log_pb", "reward_mean"):
         assert np.isfinite(metrics[key]), key

@@ -46,14 +46,13 @@ def base_pipe(tiny_pipeline_dir):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_pipeline_dir):
     """A 1-epoch run (rank 4, alpha 2, high learning rate) -> its run directory."""
-    from dagcli.commands.train import run
-    from dagcli.config import load_config
+    from dagcli import api
 
     root = tmp_path_factory.mktemp("export-run")
     cfg = write_tiny_config(root, tiny_pipeline_dir, ["a red circle", "a blue square"],
                             train={"epochs": 1, "learning_rate": 5e-2, "gradient_accumulation_steps": 200},
                             lora={"rank": 4, "alpha": ALPHA}, output={"dir": str(root / "run")})
-    run(load_config(cfg))
+    api.train(cfg)
     return root / "run"
 
 

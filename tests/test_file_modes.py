@@ -36,15 +36,14 @@ def umask():
 
 @pytest.mark.parametrize("mask", [0o022, 0o027])
 def test_run_and_exports_have_the_usual_file_mode(mask, umask, tmp_path, tiny_pipeline_dir, capsys):
-    from dagcli.commands.train import run
-    from dagcli.config import load_config
+    from dagcli import api
 
     umask(mask)
     expected = usual_mode(tmp_path)
     assert expected == 0o666 & ~mask
     config = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"], train={"epochs": 1},
                                output={"dir": str(tmp_path / "run")})
-    run(load_config(config))
+    api.train(config)
     outputs = {"kohya": tmp_path / "lora.safetensors", "diffusers": tmp_path / "lora", "merged": tmp_path / "merged"}
     for fmt, out in outputs.items():
         code, _, err = run_cli(["export", tmp_path / "run", "--format", fmt, "-o", out], capsys)

@@ -38,14 +38,13 @@ def render(pipe) -> np.ndarray:
 @pytest.fixture(scope="module", params=["sd3", "flux"])
 def trained(request, tmp_path_factory):
     """(kind, run directory, images: base and base + the LoRA as diffusers loads it) of a 1-epoch DAG-DB run."""
-    from dagcli.commands.train import run
-    from dagcli.config import load_config
+    from dagcli import api
 
     kind = request.param
     root = tmp_path_factory.mktemp(f"flow-{kind}")
     cfg = config(root, kind, train={"epochs": 1, "learning_rate": 1e-1, "gradient_accumulation_steps": 200},
                  lora={"rank": 4, "alpha": ALPHA}, output={"dir": str(root / "run")})
-    run(load_config(cfg))
+    api.train(cfg)
     pipe = BUILD[kind](0)
     base = render(pipe)
     pipe.load_lora_weights(root / "run" / "checkpoints" / "step-000001")

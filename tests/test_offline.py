@@ -14,7 +14,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from dagcli import hub
-from dagcli.commands.common import check_writable_dir
+from dagcli.checks import check_writable_dir
 from dagcli.errors import DagError
 from dagcli.models import load_model
 

@@ -83,10 +83,10 @@ def test_bad_train_input_names_what_the_user_typed_once(bad_runs, case):
 
 
 def test_train_takes_the_sampler_flags_of_sample_and_eval(monkeypatch, capsys):
-    from dagcli.commands import train
+    from dagcli import api
 
     seen = []
-    monkeypatch.setattr(train, "run", lambda cfg, **kwargs: seen.append(cfg))
+    monkeypatch.setattr(api, "run_plan", lambda plan, **kwargs: seen.append(plan.config))
     code, _, err = run_cli(["train", "--eta", "0.5", "--guidance", "2", "--dtype", "bf16"], capsys)
     assert code == 0, err
     assert (seen[0].sampling.eta, seen[0].sampling.guidance, seen[0].model.dtype) == (0.5, 2.0, "bf16")

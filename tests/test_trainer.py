@@ -91,13 +91,13 @@ def test_other_algorithms_run(tiny_config, tmp_path, capsys, algorithm):
 
 
 def test_gradients_reach_only_lora_and_flow(tiny_config, tmp_path):
-    from dagcli.commands.train import preflight
+    from dagcli import api
     from dagcli.config import replace
     from dagcli.trainer import Trainer
 
     cfg = replace(load_config(tiny_config), "output", dir=str(tmp_path / "g"))
-    cfg, prompts, _ = preflight(cfg, False, None)
-    trainer = Trainer(cfg, prompts)
+    plan = api.plan_config(cfg)
+    trainer = Trainer(plan.config, list(plan.prompts))
     batch, _ = trainer.collect(0)
     pairs = torch.tensor([[0, 0], [1, 2], [2, 3], [0, 3]])
     loss, _ = trainer.micro_batch_loss(batch, pairs, epoch=1)

@@ -107,7 +107,7 @@ def family_of(info: LoraInfo, base: str) -> str:
 
 def check_output_dir(path: Path) -> Path:
     """A folder that exists or can be created, and can be written."""
-    from dagcli.commands.common import check_writable_dir
+    from dagcli.checks import check_writable_dir
 
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -118,7 +118,7 @@ def check_output_dir(path: Path) -> Path:
 
 def check_output_file(path: Path) -> Path:
     """A `.safetensors` file path whose folder can be written."""
-    from dagcli.commands.common import check_writable_dir
+    from dagcli.checks import check_writable_dir
 
     path = Path(path).expanduser()
     if path.suffix != KOHYA_SUFFIX:

@@ -39,11 +39,13 @@ from dagcli.stopping import StopRequest, check_interrupt
 class Trainer:
     """Set up once, then `train()`; `save()` and `resume()` handle checkpoints."""
 
-    def __init__(self, config: Config, prompts: list[str], reporter: Reporter | None = None, model=None):
-        """`model`: an already loaded `LoadedModel` to train (default: load `config.model`)."""
+    def __init__(self, config: Config, prompts: list[str], reporter: Reporter | None = None, model=None,
+                 defaults_filled: bool = False):
+        """`model`: an already loaded `LoadedModel` to train (default: load `config.model`); `defaults_filled`:
+        `config` already holds the model's defaults (a plan of `dagcli.api`), so they are not looked up again."""
         from accelerate import Accelerator
 
-        self.config = c = fill_model_defaults(config)[0]  # a no-op for a config that went through preflight
+        self.config = c = config if defaults_filled else fill_model_defaults(config)[0]
         self.prompts = prompts
         cpu = c.model.device == "cpu" or (c.model.device == "auto" and not torch.cuda.is_available())
         self.accelerator = Accelerator(mixed_precision=c.train.mixed_precision, cpu=cpu)

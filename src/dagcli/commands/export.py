@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from dagcli.commands.common import MODEL_EPILOG
-from dagcli.errors import DagError
 
 
 def export(
@@ -24,23 +23,11 @@ def export(
     ),
 ) -> None:
     """Export a checkpoint's LoRA for diffusers, kohya/A1111/ComfyUI, or as a full merged pipeline."""
-    from dagcli.checkpoint import LORA_FILE, resolve_checkpoint
-    from dagcli.errors import unknown_choice
-    from dagcli.export import FORMATS
-    from dagcli.export import export as run_export
+    from dagcli import api
     from dagcli.progress import default_reporter
 
-    if fmt is None:
-        raise DagError(f"--format is required; valid options: {', '.join(FORMATS)}")
-    if fmt not in FORMATS:
-        raise unknown_choice("export format", fmt, FORMATS)
-    if output is None:
-        raise DagError("--output is required: a folder (diffusers, merged) or a .safetensors file (kohya)")
-    if step is not None and (Path(run) / LORA_FILE).is_file():
-        raise DagError(f"--step {step} needs a run directory; {str(run)!r} is already a single checkpoint")
-    folder = resolve_checkpoint(run, step)
-    written = run_export(folder, fmt, output, model=model)
-    default_reporter().info(f"exported {folder} as {fmt} to {written}")
+    result = api.export(run, format=fmt, output=output, step=step, model=model)
+    default_reporter().info(f"exported {result.checkpoint} as {result.format} to {result.output}")
 
 
 def register(app: typer.Typer) -> None:

@@ -19,19 +19,14 @@ def rewards(
     option: list[str] = typer.Option(None, "--option", hidden=True, help="Former name of --reward-option."),
 ) -> None:
     """List the available rewards (name, description, unit, needs), or score a folder with --score."""
-    from dagcli.errors import DagError
+    from dagcli import api
     from dagcli.progress import print_table
-    from dagcli.rewards import build_reward
-    from dagcli.rewards.registry import parse_reward_options
-    from dagcli.rewards.scoring import score_folder
 
     if score is None:
         print_table(reward_table())
         return
-    if batch_size <= 0:
-        raise DagError(f"--batch-size must be positive, got {batch_size}")
-    options = parse_reward_options([*(reward_option or []), *(option or [])])
-    summaries = score_folder(build_reward(reward, device=device, base_model=model, options=options), score, batch_size)
+    summaries = api.score(score, reward=reward, model=model, device=device, batch_size=batch_size,
+                          reward_option=[*(reward_option or []), *(option or [])])
     print_table(score_table(f"{reward} on {score}", summaries))
 
 

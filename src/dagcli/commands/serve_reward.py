@@ -20,34 +20,17 @@ def serve_reward(
 
     Runs until Ctrl-C or SIGTERM. The reward runs in this process's environment and on its device, so a trainer elsewhere needs none of its dependencies.
     """
-    from dagcli.errors import DagError
-    from dagcli.rewards import build_reward
-    from dagcli.rewards.base import parse_device
-    from dagcli.rewards.registry import parse_reward_options
+    from dagcli import api
 
-    if batch_size <= 0:
-        raise DagError(f"--batch-size must be positive, got {batch_size}")
-    if not 0 <= port <= 65535:
-        raise DagError(f"--port must be 0 to 65535, got {port}")
-    options = parse_reward_options(list(reward_option or []))
-    reward = build_reward(spec, device=str(parse_device(device)), base_model=model, options=options,
-                          strict_finite=False)
-    serve(reward, spec, host, port, batch_size)
+    server = api.reward_server(spec, host=host, port=port, device=device, batch_size=batch_size, model=model,
+                               reward_option=reward_option or [])
+    serve(server, spec)
 
 
-def serve(reward, spec: str, host: str, port: int, batch_size: int) -> None:
+def serve(server, spec: str) -> None:
     """Listen until interrupted; the start and the stop are one line each."""
     import signal
     import sys
-
-    from dagcli.errors import DagError
-    from dagcli.rewards.serve import RewardServer
-
-    try:
-        server = RewardServer(reward, spec, host, port, batch_size)
-    except OSError as e:
-        raise DagError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port "
-                       "(0 picks a free one) or --host") from e
 
     def stop(signum, frame):
         raise KeyboardInterrupt
