@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from cli_helpers import run_cli, write_tiny_config
 from dagcli.algorithms.base import MicroBatch, PolicyOutput
 from dagcli.algorithms.grpo import Grpo, group_advantages, kl_to_reference, zero_std_fraction
-from dagcli.config import GrpoConfig, load_config, replace
+from dagcli.algorithms.grpo_settings import GrpoConfig
+from dagcli.config import load_config, replace
 from dagcli.kernels.gaussian import StepOutput
 from dagcli.rollout import draw_prompts
 
