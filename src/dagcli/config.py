@@ -400,14 +400,52 @@ def accumulation_steps(accumulation: int, steps: int, fraction: float) -> int:
     return max(1, round(accumulation * transitions_per_trajectory(steps, fraction) / steps))
 
 
+# What an algorithm trains on (`AlgorithmInfo.unit`), and how its items are named in messages:
+#   transitions   a `timestep_fraction` of each trajectory's stored steps x_i -> x_{i+1}
+#   trajectories  every stored step of each trajectory, with a per-trajectory coefficient computed first
+#   samples       each final latent re-noised at `timestep_fraction` · steps fresh (time, noise) draws
+UNITS = {"transitions": "transitions", "trajectories": "transitions", "samples": "noised samples"}
+
+
+@dataclass(frozen=True)
+class EpochSizes:
+    """How one process's epoch divides into micro-batches and optimiser steps."""
+
+    unit: str  # one of `UNITS`
+    items_per_trajectory: int  # micro-batch items drawn from each trajectory
+    items: int  # items per epoch (per process)
+    micro_batches: int  # micro-batches per epoch (the last one may be smaller)
+    accumulation: int  # micro-batches per optimiser step
+    optimizer_steps: int  # optimiser steps per epoch
+
+
+def unit_fraction(unit: str, fraction: float) -> float:
+    """The share of each trajectory's steps the unit trains: every step for `trajectories`."""
+    return 1.0 if unit == "trajectories" else fraction
+
+
+def epoch_sizes(c: Config) -> EpochSizes:
+    """The selected algorithm's unit, sized by `sampling` and `train` (steps known: after `fill_model_defaults`)."""
+    from dagcli.algorithms import ALGORITHMS
+
+    info = ALGORITHMS.get(c.train.algorithm)
+    unit = info.unit if info is not None else "transitions"
+    fraction = unit_fraction(unit, c.train.timestep_fraction)
+    per_traj = transitions_per_trajectory(c.sampling.steps, fraction)
+    items = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
+    micro = -(-items // c.train.batch_size) if c.train.batch_size > 0 else 0
+    accum = accumulation_steps(c.train.gradient_accumulation_steps or 1, c.sampling.steps, fraction)
+    return EpochSizes(unit, per_traj, items, micro, accum, -(-micro // accum))
+
+
 def _check_micro_batches(c: Config) -> list[str]:
-    per_traj = transitions_per_trajectory(c.sampling.steps, c.train.timestep_fraction)
-    total = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
-    if c.train.batch_size > 0 and total > 0 and total % c.train.batch_size:
-        divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
-        return [f"{setting('train.batch_size', c.train.batch_size)} does not divide the {total} transitions "
+    s = epoch_sizes(c)
+    if c.train.batch_size > 0 and s.items > 0 and s.items % c.train.batch_size:
+        divisors = [d for d in range(1, min(s.items, 64) + 1) if s.items % d == 0]
+        per = "steps" if s.unit != "samples" else "noised copies"
+        return [f"{setting('train.batch_size', c.train.batch_size)} does not divide the {s.items} {UNITS[s.unit]} "
                 f"trained per epoch ({c.sampling.batch_size} trajectories x {c.sampling.batches_per_epoch} sampler "
-                f"calls x {per_traj} steps); valid options: " + ", ".join(map(str, divisors))]
+                f"calls x {s.items_per_trajectory} {per}); valid options: " + ", ".join(map(str, divisors))]
     return []
 
 
