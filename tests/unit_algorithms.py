@@ -15,45 +15,18 @@ from __future__ import annotations
 import torch
 
 from dagcli.algorithms import ALGORITHMS, AlgorithmInfo, ddpo_settings
+from dagcli.algorithms.base import LoraOnly
 
 TRAJECTORY, SAMPLES = "test-trajectory-balance", "test-reward-weighted-denoising"
 BETA = 0.5
 
 
-class _LoraOnly:
-    min_micro_batch = 1
-    stored_x0_rewards = None
-    x0_decoder = None
-
-    def __init__(self, settings, ctx):
-        self.settings, self.ctx = settings, ctx
-        self.modules: dict[str, torch.nn.Module] = {}
-        self.trained: list[tuple[int, ...]] = []  # every item a loss was computed for, in order
-
-    def param_groups(self) -> list[dict]:
-        return []
-
-    def lora_frozen(self, epoch: int) -> bool:
-        return False
-
-    def epoch_logs(self, epoch: int) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def module_metadata(self) -> dict[str, dict]:
-        return {}
-
-
-class TrajectoryBalance(_LoraOnly):
+class TrajectoryBalance(LoraOnly):
     name = TRAJECTORY
 
     def __init__(self, settings, ctx):
         super().__init__(settings, ctx)
+        self.trained: list[tuple[int, ...]] = []  # every (trajectory, step) a loss was computed for, in order
         self.prepared: list[dict] = []  # per call of prepare_trajectories: what it saw and what it set
 
     def prepare(self, batch, dist) -> None:
@@ -71,8 +44,12 @@ class TrajectoryBalance(_LoraOnly):
         return loss, {"delta": delta.abs().mean()}
 
 
-class RewardWeightedDenoising(_LoraOnly):
+class RewardWeightedDenoising(LoraOnly):
     name = SAMPLES
+
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
+        self.trained: list[tuple[int, ...]] = []  # every (trajectory, state) a loss was computed for, in order
 
     def prepare(self, batch, dist) -> None:
         rewards = dist.gather_floats(batch.rewards)

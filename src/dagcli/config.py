@@ -404,14 +404,14 @@ def accumulation_steps(accumulation: int, steps: int, fraction: float) -> int:
 #   transitions   a `timestep_fraction` of each trajectory's stored steps x_i -> x_{i+1}
 #   trajectories  every stored step of each trajectory, with a per-trajectory coefficient computed first
 #   samples       each final latent re-noised at `timestep_fraction` · steps fresh (time, noise) draws
-UNITS = {"transitions": "transitions", "trajectories": "transitions", "samples": "noised samples"}
+UNIT_NOUNS = {"transitions": "transitions", "trajectories": "transitions", "samples": "noised samples"}
 
 
 @dataclass(frozen=True)
 class EpochSizes:
     """How one process's epoch divides into micro-batches and optimiser steps."""
 
-    unit: str  # one of `UNITS`
+    unit: str  # one of `UNIT_NOUNS`
     items_per_trajectory: int  # micro-batch items drawn from each trajectory
     items: int  # items per epoch (per process)
     micro_batches: int  # micro-batches per epoch (the last one may be smaller)
@@ -434,7 +434,8 @@ def epoch_sizes(c: Config) -> EpochSizes:
     per_traj = transitions_per_trajectory(c.sampling.steps, fraction)
     items = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
     micro = -(-items // c.train.batch_size) if c.train.batch_size > 0 else 0
-    accum = accumulation_steps(c.train.gradient_accumulation_steps or 1, c.sampling.steps, fraction)
+    steps_known = c.sampling.steps > 0  # else already said
+    accum = accumulation_steps(c.train.gradient_accumulation_steps or 1, c.sampling.steps, fraction) if steps_known else 1
     return EpochSizes(unit, per_traj, items, micro, accum, -(-micro // accum))
 
 
@@ -443,7 +444,7 @@ def _check_micro_batches(c: Config) -> list[str]:
     if c.train.batch_size > 0 and s.items > 0 and s.items % c.train.batch_size:
         divisors = [d for d in range(1, min(s.items, 64) + 1) if s.items % d == 0]
         per = "steps" if s.unit != "samples" else "noised copies"
-        return [f"{setting('train.batch_size', c.train.batch_size)} does not divide the {s.items} {UNITS[s.unit]} "
+        return [f"{setting('train.batch_size', c.train.batch_size)} does not divide the {s.items} {UNIT_NOUNS[s.unit]} "
                 f"trained per epoch ({c.sampling.batch_size} trajectories x {c.sampling.batches_per_epoch} sampler "
                 f"calls x {s.items_per_trajectory} {per}); valid options: " + ", ".join(map(str, divisors))]
     return []

@@ -32,7 +32,7 @@ class AlgorithmInfo:
     # (the run's config) -> trajectories per prompt group: each sampler call draws a prompt per group and repeats
     # it this many times (1: every trajectory draws its own prompt)
     group_size: Callable[[object], int] = lambda config: 1
-    unit: str = "transitions"  # what a micro-batch holds: one of `dagcli.units.UNITS`
+    unit: str = "transitions"  # what a micro-batch holds: transitions | trajectories | samples (`dagcli.units`)
 
     @property
     def section(self) -> str:

@@ -63,6 +63,36 @@ class Algorithm(Protocol):
     def module_metadata(self) -> dict[str, dict]: ...  # per module, what rebuilds it (saved beside its weights)
 
 
+class LoraOnly:
+    """The members of an algorithm that trains the LoRA alone and keeps no state of its own (DDPO, GRPO)."""
+
+    min_micro_batch = 1
+    stored_x0_rewards = None
+    x0_decoder = None
+
+    def __init__(self, settings, ctx: Context):
+        self.settings, self.ctx = settings, ctx
+        self.modules: dict[str, torch.nn.Module] = {}
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def lora_frozen(self, epoch: int) -> bool:
+        return False
+
+    def epoch_logs(self, epoch: int) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def module_metadata(self) -> dict[str, dict]:
+        return {}
+
+
 class TrajectoryAlgorithm(Algorithm, Protocol):
     """An algorithm of the `trajectories` unit: per-trajectory quantities first, then per-step terms."""
 

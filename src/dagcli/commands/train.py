@@ -264,10 +264,10 @@ def run_sizes(trainer) -> dict:
 
 
 def banner(trainer, reporter) -> None:
-    from dagcli.config import UNITS
+    from dagcli.config import UNIT_NOUNS
 
     c, s = trainer.config, run_sizes(trainer)
-    noun = UNITS[s["unit"]]
+    noun = UNIT_NOUNS[s["unit"]]
     reporter.info(
         f"[bold]dag train[/] {c.train.algorithm} on {trainer.model.name} · reward {c.reward.spec} · "
         f"{len(set(trainer.prompts))} prompts · output {c.output.dir}"
