@@ -232,28 +232,38 @@ def model_warnings(base: dict, other: dict, threshold: float = DEFAULT_HACK_THRE
 # --- pixel judges (built-in models) -------------------------------------------------------------------
 
 
-def uses_pixel_judges(model: str | None, prompts: Sequence[str]) -> bool:
-    """Whether the pixel judges apply: a built-in model and at least one prompt that is a shapes caption."""
-    from dagcli.rewards.clip import is_tiny_model
+def model_judge(model: str | None):
+    """The pixel judge a named model registers (`NamedModel.judge`), else None."""
+    from dagcli.extensions import named_model
 
-    return is_tiny_model(model) and any(caption_wants(p) is not None for p in prompts)
+    named = named_model(model)
+    return named.judge if named is not None else None
+
+
+def shapes_judge():
+    """The pixel judge of the shapes captions (`dagcli.extensions.judge`)."""
+    from dagcli.extensions import judge
+
+    return judge("shapes")
+
+
+def uses_pixel_judges(model: str | None, prompts: Sequence[str]) -> bool:
+    """Whether the pixel judges apply: a model with a pixel judge and at least one prompt that is its caption."""
+    return model_judge(model) is not None and any(caption_wants(p) is not None for p in prompts)
 
 
 def caption_wants(prompt: str):
     """The attributes a shapes caption names (`ParsedCaption`), or None when the prompt is not one."""
-    from dagcli.builtin.dataset import parse_caption
-
-    parsed = parse_caption(prompt)
+    parsed = shapes_judge().parse_caption(prompt)
     return parsed if parsed.colour is not None and parsed.shape is not None else None
 
 
 def judge_images(images: Sequence) -> list[dict[str, str | None]]:
     """What each image's pixels show: {'colour', 'background', 'shape'} names (colour/shape None if blank)."""
-    from dagcli.builtin.dataset import judge_pixels
-
+    read = shapes_judge().read
     out = []
     for image in images:
-        seen = judge_pixels(np.asarray(image.convert("RGB")))
+        seen = read(np.asarray(image.convert("RGB")))
         out.append({a: getattr(seen, a) for a in PIXEL_ATTRIBUTES})
     return out
 
@@ -636,11 +646,12 @@ def settings_dict(settings, **extra) -> dict:
 
 
 def default_embed_model(base_model: str | None) -> str:
-    """The embedding model when none is given: the built-in tiny CLIP for the tiny models, else ViT-L/14."""
-    from dagcli import builtin
-    from dagcli.rewards.clip import DEFAULT_CLIP, is_tiny_model
+    """The embedding model when none is given: the CLIP the base model registers (the built-in models' small
+    CLIP), else ViT-L/14."""
+    from dagcli.rewards.clip import DEFAULT_CLIP, model_clip
 
-    return str(builtin.TINY_CLIP_DIR) if is_tiny_model(base_model) else DEFAULT_CLIP
+    folder = model_clip(base_model)
+    return DEFAULT_CLIP if folder is None else str(folder)
 
 
 def load_embedder(embed_model: str | None, base_model: str | None, device, reporter):

@@ -84,17 +84,25 @@ def read_metrics(run_dir: str | Path | None) -> list[dict]:
 
 def shown_path(value: str, output: Path | None) -> str:
     """A path as the pages show it: relative to the report folder `output` (else to the current folder) when
-    it is at most two folders up from there, the built-in tiny CLIP by name; other values unchanged."""
+    it is at most two folders up from there, a named model's CLIP by its label; other values unchanged."""
     import os
-
-    from dagcli.builtin import TINY_CLIP_DIR
 
     if not isinstance(value, str) or not os.path.isabs(value):
         return value
-    if Path(value).resolve() == TINY_CLIP_DIR.resolve():
-        return "the built-in tiny CLIP"
+    label = embed_label(Path(value))
+    if label:
+        return label
     relative = os.path.relpath(value, output.resolve() if output else Path.cwd())
     return value if relative.startswith(os.path.join("..", "..", "..")) else relative
+
+
+def embed_label(path: Path) -> str:
+    """How the pages name the CLIP folder a named model registers (`NamedModel.embed_label`), '' for others."""
+    from dagcli.extensions import named_models
+
+    target = path.resolve()
+    return next((m.embed_label for m in named_models().values()
+                 if m.embed_model is not None and m.embed_model.resolve() == target), "")
 
 
 def shown_settings(report: dict, output: Path | None) -> list[tuple[str, str]]:
