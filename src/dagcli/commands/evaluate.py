@@ -112,7 +112,7 @@ def _evaluate_models(prompts, prompt, ckpt, model, dtype, sampling: dict, scorin
     fail is checked before the first image is generated: prompts, checkpoints and their fit with the model,
     the output folder, the rewards with their options, the embedding model and the image size."""
     from dagcli.checkpoint import check_lora_fits, trained_resolution
-    from dagcli.evaluate import checkpoint_refs, generate_sets
+    from dagcli.evaluation import checkpoint_refs, generate_sets
     from dagcli.generate import SampleSettings
     from dagcli.models import check_model_name, default_model, load_model, same_model
     from dagcli.progress import default_reporter
@@ -174,7 +174,7 @@ def _base_models(refs) -> dict[str, str]:
 
 def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None, scoring: Scoring) -> None:
     """Score existing images; the first folder is the reference for drift and the hacking monitor."""
-    from dagcli.evaluate import folder_model, folder_set
+    from dagcli.evaluation import folder_model, folder_set
     from dagcli.models import resolve_device
     from dagcli.progress import default_reporter
 
@@ -196,7 +196,7 @@ def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None
 def _scorers(scoring: Scoring, base_model, device, reporter):
     """The reward (with its options) and the embedding encoder with its name: built before any image is made,
     so a bad reward option or embedding model costs no generation."""
-    from dagcli.evaluate import load_embedder
+    from dagcli.evaluation import load_embedder
     from dagcli.rewards import build_reward
 
     scorer = build_reward(scoring.reward, device=device, base_model=base_model, options=scoring.options)
@@ -206,9 +206,9 @@ def _scorers(scoring: Scoring, base_model, device, reporter):
 
 def _finish(sets, scorers, reporter, scoring: Scoring, settings, extra: dict) -> None:
     """Evaluate with the built reward and embedder, write the reports, print the table and warnings."""
-    from dagcli.evaluate import run_evaluation, settings_dict, warning_lines
+    from dagcli.evaluation import run_evaluation, settings_dict, warning_lines
+    from dagcli.evaluation.render import terminal_table
     from dagcli.progress import print_table
-    from dagcli.report import terminal_table
 
     scorer, encoder, embed_name = scorers
     report = run_evaluation(
