@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo "report: runs/demo/eval/report.html · samples during training: runs/demo/samples/"
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples tools
 
 test: lint
 	$(BIN)/python -m pytest -q --durations=15

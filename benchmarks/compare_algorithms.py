@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from dagcli import modes  # noqa: E402
 from dagcli.config import load_config, replace  # noqa: E402
-from dagcli.evaluate import default_embed_model, fidelity, pairwise_cosine_distance  # noqa: E402
+from dagcli.evaluation import default_embed_model, fidelity, pairwise_cosine_distance  # noqa: E402
 from dagcli.rewards.clip import load_clip  # noqa: E402
 from dagcli.rewards.modes import image_backgrounds  # noqa: E402
 from dagcli.sampling import generators_for, sample_batch  # noqa: E402

@@ -83,7 +83,7 @@ def test_pixel_shape_judge_reads_every_colour_shape_background_and_size() -> Non
 def test_pixel_shape_judge_reads_the_tiny_models_own_squares_and_triangles() -> None:
     """The base model's purple squares (soft, slightly rounded corners) and green triangles (blurred tips) are
     squares and triangles: a bounding-box fill ratio read most of them as circles."""
-    from dagcli.builtin.quality import generate, load_pipeline
+    from quality import generate, load_pipeline
 
     pipe = load_pipeline()
     for prompt in ("a purple square on a white background", "a green triangle"):
@@ -114,7 +114,7 @@ def test_shipped_pipeline_generates_32px_image() -> None:
 
 
 def test_shipped_clip_ranks_right_caption_first() -> None:
-    from dagcli.builtin.quality import load_clip
+    from quality import load_clip
 
     clip = load_clip(TINY_CLIP_DIR)
     specs = [ds.ShapeSpec(c, s, "black" if c != "white" else "gray", "large", 10.0, 16.0, 16.0)
@@ -134,10 +134,9 @@ def test_weights_fit_size_budget() -> None:
 
 @pytest.mark.slow
 def test_training_script_end_to_end(tmp_path) -> None:
+    import train
     from diffusers import StableDiffusionPipeline
-
-    from dagcli.builtin import train
-    from dagcli.builtin.quality import load_clip
+    from quality import load_clip
 
     train.main(["--quick", "--seed", "1", "--output", str(tmp_path)])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny-sd")
@@ -148,7 +147,8 @@ def test_training_script_end_to_end(tmp_path) -> None:
 
 
 def test_background_pool_shows_no_heldout_combination() -> None:
-    from dagcli.builtin import train
+    import train
+
     from dagcli.builtin.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(ds.VOCABULARY, model_max_length=train.MAX_TOKENS)

@@ -65,7 +65,7 @@ def test_model_defaults_come_from_its_dagcli_json() -> None:
 def test_shipped_folder_comes_from_the_scripts_default_configuration(plain_pipe) -> None:
     from dataclasses import asdict
 
-    from dagcli.builtin.train_flow import FlowConfig
+    from train_flow import FlowConfig
 
     saved = json.loads((TINY_FLOW_DIR / "dagcli.json").read_text())
     assert saved["train_config"] == json.loads(json.dumps(asdict(FlowConfig())))
@@ -86,7 +86,8 @@ def test_dagcli_ode_images_equal_the_plain_pipelines(plain_pipe, tmp_path, capsy
 
 
 def test_repeated_token_attention_equals_the_pipelines_256_zero_tokens(plain_pipe) -> None:
-    from dagcli.builtin.train_flow import encode_captions
+    from train_flow import encode_captions
+
     from dagcli.families import repeated_tokens
 
     transformer = plain_pipe.transformer
@@ -123,9 +124,8 @@ def test_dag_db_trains_one_epoch_on_tiny_flow(tmp_path) -> None:
 
 
 def test_quick_training_script_writes_a_loadable_folder(tmp_path) -> None:
+    import train_flow
     from diffusers import StableDiffusion3Pipeline
-
-    from dagcli.builtin import train_flow
 
     train_flow.main(["--quick", "--seed", "1", "--output", str(tmp_path)])
     out = tmp_path / TINY_FLOW_DIR.name
@@ -157,7 +157,7 @@ def test_flow_demo_preset_is_make_demos_on_tiny_flow() -> None:
 
 
 def test_quality_sets_each_sde_beside_the_ode_at_its_own_steps(monkeypatch) -> None:
-    from dagcli.builtin import quality
+    import quality
 
     assert quality._step_eta_pairs(" 10:0.35, 20:0.7,") == [(10, 0.35), (20, 0.7)]
     assert quality._step_eta_pairs("") == []

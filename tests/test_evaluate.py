@@ -16,7 +16,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from dagcli.cli import main
-from dagcli.evaluate import (
+from dagcli.evaluation import (
     EvalInputs,
     ImageSet,
     evaluate_sets,
@@ -30,7 +30,7 @@ from dagcli.evaluate import (
     uses_pixel_judges,
     warning_lines,
 )
-from dagcli.report import render_html, render_markdown
+from dagcli.evaluation.render import render_html, render_markdown
 from eval_helpers import make_lora_run
 from rewards_helpers import make_tiny_clip
 

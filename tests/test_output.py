@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dagcli.errors import DagError
+from dagcli.evaluation.render import fmt_stat
 from dagcli.progress import (
     Column,
     NullReporter,
@@ -25,7 +26,6 @@ from dagcli.progress import (
     print_table,
     rich_table,
 )
-from dagcli.report import fmt_stat
 from dagcli.rewards import list_rewards
 from dagcli.rewards.base import read_image_folder
 
@@ -248,7 +248,7 @@ def test_print_table_to_a_pipe_is_aligned_plain_lines():
 
 
 def test_read_image_folder_is_what_both_commands_use(sampled):
-    from dagcli.evaluate import folder_set
+    from dagcli.evaluation import folder_set
 
     found = read_image_folder(sampled)
     image_set = folder_set(sampled, "s", None)
@@ -304,7 +304,7 @@ def test_reward_list_fits_an_80_column_terminal_with_every_word_whole(tmp_path):
 
 
 def test_eval_summary_fits_an_80_column_terminal_with_every_word_whole(sampled, tmp_path):
-    from dagcli.report import summary_rows
+    from dagcli.evaluation.render import summary_rows
 
     shown = dag_in_terminal("eval", "--images", sampled, "-r", "compressibility,clip", "--no-lpips", "-o",
                             tmp_path / "eval", cwd=tmp_path)

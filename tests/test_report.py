@@ -63,7 +63,7 @@ def test_settings_show_paths_relative_to_the_report_folder(evaluated):
 
 def test_the_built_in_tiny_clip_is_named_not_its_install_path():
     from dagcli.builtin import TINY_CLIP_DIR
-    from dagcli.report import shown_path
+    from dagcli.evaluation.render import shown_path
 
     assert shown_path(str(TINY_CLIP_DIR), None) == "the built-in tiny CLIP"
     assert shown_path("openai/clip-vit-large-patch14", None) == "openai/clip-vit-large-patch14"
@@ -75,7 +75,7 @@ def test_the_built_in_tiny_clip_is_named_not_its_install_path():
 def test_training_curves_are_one_panel_per_run_titled_with_the_run(evaluated, monkeypatch):
     from matplotlib.figure import Figure
 
-    from dagcli.report import render_html
+    from dagcli.evaluation.render import render_html
 
     titles = []
     original = Figure.suptitle
@@ -90,7 +90,7 @@ def test_every_grid_of_the_page_is_labelled_with_its_prompt(evaluated):
     import base64
     import io
 
-    from dagcli.report import thumbnail_grid
+    from dagcli.evaluation.render import thumbnail_grid
 
     out = evaluated["out"]
     page = (out / "report.html").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pickle
@@ -17,7 +18,7 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 from typer.testing import CliRunner
 
-from dagcli import builtin
+from dagcli import builtin, extensions
 from dagcli.errors import DagError
 from dagcli.rewards import (
     REWARDS,
@@ -182,12 +183,14 @@ def test_pickscore_equals_logit_scale_times_cosine(clip_dir, images):
 
 
 def test_clip_uses_builtin_tiny_clip_for_tiny_model(clip_dir, images, monkeypatch, tmp_path):
-    monkeypatch.setattr(builtin, "TINY_CLIP_DIR", clip_dir)
+    tiny_model = extensions.named_model("tiny")
+    assert tiny_model.embed_model == builtin.TINY_CLIP_DIR  # the shipped model registers the shipped tiny CLIP
+    monkeypatch.setitem(extensions._MODELS, "tiny", dataclasses.replace(tiny_model, embed_model=clip_dir))
     tiny = build_reward("clip", base_model="tiny")(images, PROMPTS).scores
     explicit = build_reward("clip", options={"clip": {"model_id": str(clip_dir)}})(images, PROMPTS).scores
     assert torch.equal(tiny, explicit)
-    monkeypatch.setattr(builtin, "TINY_CLIP_DIR", tmp_path / "missing")
-    with pytest.raises(DagError, match="tiny CLIP"):
+    monkeypatch.setitem(extensions._MODELS, "tiny", dataclasses.replace(tiny_model, embed_model=tmp_path / "missing"))
+    with pytest.raises(DagError, match="CLIP model of 'tiny' is not installed"):
         build_reward("clip", base_model="tiny")
 
 

@@ -26,7 +26,7 @@ def plain_pipe(scheduler: str = "ddim"):
     """The tiny SDXL as plain diffusers builds it, with a DDIM scheduler made from its shipped config."""
     from diffusers import DDIMScheduler
 
-    from dagcli.families.sdxl import build_tiny_random_sdxl
+    from dagcli.builtin.random_models import build_tiny_random_sdxl
 
     pipe = build_tiny_random_sdxl(0)
     if scheduler == "ddim":
@@ -55,7 +55,8 @@ def sdxl():
 def test_family_sizes_scheduler_and_defaults(sdxl, tmp_path):
     from diffusers import DDIMScheduler
 
-    from dagcli.families.sdxl import SDXLFamily, build_tiny_random_sdxl
+    from dagcli.builtin.random_models import build_tiny_random_sdxl
+    from dagcli.families.sdxl import SDXLFamily
     from dagcli.models import load_model, model_defaults
 
     family = sdxl.family

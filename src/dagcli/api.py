@@ -451,7 +451,7 @@ def _evaluate_models(prompts, prompt, ckpt, model, dtype, sampling: dict, scorin
     fail is checked before the first image is generated: prompts, checkpoints and their fit with the model,
     the output folder, the rewards with their options, the embedding model and the image size."""
     from dagcli.checkpoint import check_lora_fits, trained_resolution
-    from dagcli.evaluate import checkpoint_refs, generate_sets
+    from dagcli.evaluation import checkpoint_refs, generate_sets
     from dagcli.generate import SampleSettings
     from dagcli.models import check_model_name, default_model, load_model, same_model
 
@@ -505,7 +505,7 @@ def _base_models(refs) -> dict[str, str]:
 def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None, scoring: _Scoring,
                       reporter: Reporter) -> EvalResult:
     """Score existing images; the first folder is the reference for drift and the hacking monitor."""
-    from dagcli.evaluate import folder_model, folder_set
+    from dagcli.evaluation import folder_model, folder_set
     from dagcli.models import resolve_device
 
     labels: list[str] = []
@@ -525,7 +525,7 @@ def _evaluate_folders(folders: list[Path], prompt: str | None, model: str | None
 def _scorers(scoring: _Scoring, base_model, device, reporter: Reporter):
     """The reward (with its options) and the embedding encoder with its name: built before any image is made,
     so a bad reward option or embedding model costs no generation."""
-    from dagcli.evaluate import load_embedder
+    from dagcli.evaluation import load_embedder
     from dagcli.rewards import build_reward
 
     scorer = build_reward(scoring.reward, device=device, base_model=base_model, options=scoring.options)
@@ -535,7 +535,7 @@ def _scorers(scoring: _Scoring, base_model, device, reporter: Reporter):
 
 def _compare(sets, scorers, reporter: Reporter, scoring: _Scoring, settings, extra: dict) -> EvalResult:
     """Evaluate the image sets with the built reward and embedder and write the reports."""
-    from dagcli.evaluate import run_evaluation, settings_dict, warning_lines
+    from dagcli.evaluation import run_evaluation, settings_dict, warning_lines
 
     scorer, encoder, embed_name = scorers
     report = run_evaluation(

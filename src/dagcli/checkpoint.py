@@ -12,7 +12,6 @@ Layout of a run directory (`--output runs/NAME`):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from dagcli.errors import DagError
 from dagcli.faults import fault_point
+from dagcli.quiet import quiet_libraries
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "meta.json"
@@ -116,26 +116,6 @@ def attach_lora(pipe, folder: Path, model: str | None = None) -> None:
     except Exception as e:
         raise DagError(f"could not load LoRA {str(file)!r} into {model or 'this model'!r} "
                        f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
-
-
-@contextlib.contextmanager
-def quiet_libraries():
-    """Inside the block the model libraries log nothing below errors and warn nothing (diffusers reports every
-    mismatched key on its own lines before it raises)."""
-    import logging
-    import warnings
-
-    loggers = [logging.getLogger(name) for name in ("diffusers", "peft", "transformers")]
-    levels = [log.level for log in loggers]
-    try:
-        for log in loggers:
-            log.setLevel(logging.CRITICAL)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for log, level in zip(loggers, levels, strict=True):
-            log.setLevel(level)
 
 
 # --- does a LoRA belong to a model ---------------------------------------------------------------------------

@@ -13,16 +13,8 @@ from pathlib import Path
 
 import torch
 
-from dagcli.builtin import (
-    BUILTIN_TRAIN_DEFAULTS,
-    PRETRAINED_DIRS,
-    TINY_NAME,
-    TINY_RANDOM_NAME,
-    is_pretrained_dir,
-    tiny_available,
-)
-from dagcli.builtin.random_models import RANDOM_MODELS
 from dagcli.errors import DagError
+from dagcli.extensions import NamedModel, decoders, named_model, named_models
 from dagcli.families import family_for
 from dagcli.faults import fault_point
 
@@ -33,12 +25,32 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def builtin_names() -> list[str]:
-    return [*PRETRAINED_DIRS, *RANDOM_MODELS]
+    """The `--model` names the extensions register (`dagcli.extensions.named_models`)."""
+    return list(named_models())
 
 
 def default_model() -> str:
-    """The built-in pretrained tiny model when it ships, else the random-weight one."""
-    return TINY_NAME if tiny_available() else TINY_RANDOM_NAME
+    """The available named model of lowest `default_rank` (a shipped pretrained one before a random one), else
+    the reference Stable Diffusion."""
+    ranked = sorted((m for m in named_models().values() if m.default_rank is not None and m.available()),
+                    key=lambda m: m.default_rank)
+    return ranked[0].name if ranked else REAL_USE_MODEL
+
+
+def _builder(model: str):
+    """The random-weight builder of a named model built in code, else None."""
+    named = named_models().get(model)
+    return named.build if named is not None else None
+
+
+def _folder(model: str) -> Path | str:
+    """The pipeline folder of a named model with shipped weights, else `model` itself."""
+    named = named_models().get(model)
+    return named.folder if named is not None and named.folder is not None else model
+
+
+def _built_in_code_fallback() -> str:
+    return next((m.name for m in named_models().values() if m.build is not None), REAL_USE_MODEL)
 
 
 @dataclass
@@ -50,7 +62,7 @@ class LoadedModel:
     name: str  # what the user asked for (hub id, folder, or built-in name)
     device: torch.device
     dtype: torch.dtype  # of the frozen weights
-    is_builtin_tiny: bool = False  # the pretrained built-in model (its tiny CLIP is the default `clip` reward)
+    shipped: bool = False  # a named model's shipped pipeline folder (by name or path), not one built in code
     defaults: dict = field(default_factory=dict)  # recommended sampling settings (guidance, steps, resolution)
 
     @property
@@ -86,9 +98,11 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 def check_model_name(model: str) -> None:
     """Fail fast (before any loading) on a name that is neither built-in, a folder, nor a hub id."""
-    if model in builtin_names():
-        if model in PRETRAINED_DIRS and not tiny_available(model):
-            raise DagError(f"built-in model {model!r} is not installed with this package; use {TINY_RANDOM_NAME!r}")
+    named = named_models().get(model)
+    if named is not None:
+        if not named.available():
+            raise DagError(f"built-in model {model!r} is not installed with this package; "
+                           f"use {_built_in_code_fallback()!r}")
         return
     path = Path(model).expanduser()
     if path.exists():
@@ -114,12 +128,13 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     _quiet_loading()
     fault_point("model-load")
-    if model in RANDOM_MODELS:
-        pipe, is_tiny = RANDOM_MODELS[model](0).to(dtype=dt), False
+    build = _builder(model)
+    if build is not None:
+        pipe, shipped = build(0).to(dtype=dt), False
     else:
-        folder = PRETRAINED_DIRS.get(model, model)
+        folder = _folder(model)
         pipe = _from_pretrained(str(folder), dt)
-        is_tiny = is_pretrained_dir(folder)
+        shipped = _is_shipped_folder(folder)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(dev)
     for module in pipe.components.values():
@@ -127,7 +142,12 @@ def load_model(model: str | None = None, device: str = "auto", dtype: str = "fp3
             module.requires_grad_(False)
             module.eval()
     return LoadedModel(pipe=pipe, family=family_for(pipe, dev), name=model, device=dev, dtype=dt,
-                       is_builtin_tiny=is_tiny, defaults=_read_defaults(model))
+                       shipped=shipped, defaults=_read_defaults(model))
+
+
+def _is_shipped_folder(folder: Path | str) -> bool:
+    named = named_model(folder)
+    return named is not None and named.folder is not None
 
 
 @dataclass(frozen=True)
@@ -150,15 +170,15 @@ class ModelDefaults:
 
 
 def model_defaults(model: str | None) -> ModelDefaults:
-    """The `dagcli.json` beside a pipeline (the built-in models carry one), over the built-in models' training
-    defaults (`BUILTIN_TRAIN_DEFAULTS`, for those), over its family's reference settings (Stable Diffusion's when
+    """The `dagcli.json` beside a pipeline (the built-in models carry one), over a named model's training
+    defaults (`NamedModel.train_defaults`), over its family's reference settings (Stable Diffusion's when
     the family cannot be told without loading); reads no weights."""
     from dagcli.families.sd import SDFamily
 
     model = model or default_model()
     family = known_family(model) or SDFamily
     ref, saved = family.reference, _read_defaults(model)
-    train = {**(BUILTIN_TRAIN_DEFAULTS if is_builtin(model) else {}), **saved}
+    train = {**_named_train_defaults(model), **saved}
     return ModelDefaults(
         steps=int(saved.get("default_steps", ref.steps)),
         guidance=float(saved.get("default_guidance", ref.guidance)),
@@ -177,9 +197,10 @@ def model_defaults(model: str | None) -> ModelDefaults:
     )
 
 
-def is_builtin(model: str) -> bool:
-    """A built-in model, by name or by the path of a shipped pipeline."""
-    return model in builtin_names() or is_pretrained_dir(model)
+def _named_train_defaults(model: str) -> dict:
+    """The training defaults of a named model, by name or by the path of its shipped pipeline ({}: none)."""
+    named: NamedModel | None = named_model(model)
+    return dict(named.train_defaults) if named is not None else {}
 
 
 def known_family(model: str | None) -> type | None:
@@ -195,18 +216,20 @@ def empty_denoiser(model: str) -> torch.nn.Module | None:
     family = known_family(model)
     if family is None:
         return None
-    if model in RANDOM_MODELS:  # built in code, small: the real thing
-        return getattr(RANDOM_MODELS[model](0), family.lora_prefix)
+    build = _builder(model)
+    if build is not None:  # built in code, small: the real thing
+        return getattr(build(0), family.lora_prefix)
     import diffusers
     from accelerate import init_empty_weights
 
-    from dagcli.checkpoint import quiet_libraries
+    from dagcli.quiet import quiet_libraries
 
     _, class_name = (model_index(model).get(family.lora_prefix) or [None, None])[:2]
     cls = getattr(diffusers, class_name or "", None)
     if cls is None:
         return None
-    source = str(PRETRAINED_DIRS.get(model, Path(model).expanduser() if Path(model).expanduser().exists() else model))
+    local = Path(_folder(model)).expanduser()
+    source = str(local if local.exists() else model)
     try:
         config = cls.load_config(source, subfolder=family.lora_prefix, local_files_only=True)
         with init_empty_weights(), quiet_libraries():
@@ -217,9 +240,9 @@ def empty_denoiser(model: str) -> torch.nn.Module | None:
 
 def _read_defaults(model: str) -> dict:
     """Recommended settings stored beside a pipeline in `dagcli.json` (the built-in model has one)."""
-    folder = Path(PRETRAINED_DIRS.get(model, model))
+    folder = Path(_folder(model))
     meta = folder / "dagcli.json"
-    if model not in RANDOM_MODELS and meta.is_file():
+    if _builder(model) is None and meta.is_file():
         return json.loads(meta.read_text())
     return {}
 
@@ -268,15 +291,16 @@ def _supported_family(name: str, local: bool):
 def pipeline_class_name(name: str, local_only: bool = True) -> str | None:
     """The `_class_name` in a pipeline's model_index.json (built-in, folder, or hub cache), without loading
     weights; None when it cannot be read."""
-    if name in RANDOM_MODELS:
-        return type(RANDOM_MODELS[name](0)).__name__
+    build = _builder(name)
+    if build is not None:
+        return type(build(0)).__name__
     return model_index(name, local_only).get("_class_name")
 
 
 def model_index(name: str, local_only: bool = True) -> dict:
     """A pipeline's model_index.json (built-in, folder, or hub cache) without loading weights; {} when it cannot
     be read."""
-    folder = Path(PRETRAINED_DIRS[name]) if name in PRETRAINED_DIRS else Path(name).expanduser()
+    folder = Path(_folder(name)).expanduser()
     index = folder / "model_index.json"
     if not index.is_file():
         try:
@@ -303,13 +327,9 @@ def _load_or_explain(load, name: str):
         raise DagError(f"cannot load model folder {name!r}: {first_line(e)}") from e
 
 
-TINY_DECODER_NAME = "tiny-taesd"  # the built-in model's small decoder (`builtin/tiny_decoder.py`)
-
-
 def _decoder_path(name: str) -> Path:
-    from dagcli.builtin.tiny_decoder import TINY_DECODER_DIR
-
-    return TINY_DECODER_DIR if name == TINY_DECODER_NAME else Path(name).expanduser()
+    """The folder of a registered x̂0 decoder name (`dagcli.extensions.register_decoder`), else `name` as a path."""
+    return decoders().get(name) or Path(name).expanduser()
 
 
 def check_decoder_name(name: str) -> None:
@@ -320,7 +340,8 @@ def check_decoder_name(name: str) -> None:
             raise DagError(f"dag.x0_decoder {name!r} has no config.json; expected an AutoencoderTiny folder")
         return
     if not _HUB_ID.match(name):
-        raise DagError(f"dag.x0_decoder {name!r} is neither {TINY_DECODER_NAME!r} (the built-in model's), a folder, "
+        names = " or ".join(repr(n) for n in decoders())
+        raise DagError(f"dag.x0_decoder {name!r} is neither {names} (the built-in model's), a folder, "
                        "nor a hub id such as madebyollin/taesd")
 
 

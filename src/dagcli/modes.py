@@ -27,9 +27,9 @@ MODE_FRACTION = 0.5  # a rewarded mode is kept when its share is at least this f
 
 def background_names() -> tuple[str, ...]:
     """Every background the pixel judge can name (black, gray, white, brown)."""
-    from dagcli.builtin.dataset import BACKGROUNDS
+    from dagcli.extensions import judge
 
-    return tuple(BACKGROUNDS)
+    return judge("shapes").backgrounds()
 
 
 def shares(labels: Sequence[str], names: Sequence[str]) -> dict[str, float]:

@@ -28,34 +28,26 @@ class PromptItem:
     metadata: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-def _shapes(split: str) -> Callable[[], list[str]]:
-    def load() -> list[str]:
-        from dagcli.builtin import dataset
-
-        return list(dataset.heldout_captions() if split == "heldout" else dataset.train_captions())
-
-    return load
-
-
-def _shapes_without_background() -> list[str]:
-    """"a red circle", ...: every colour x shape of the built-in data set, naming neither size nor background (so
-    the model chooses the background; see the `background-modes` reward)."""
-    from dagcli.builtin import dataset
-
-    specs = [dataset.ShapeSpec(c, s, "black", "small", 0.0, 0.0, 0.0) for c in dataset.COLOURS for s in dataset.SHAPES]
-    return sorted(dataset.caption(spec, mention_size=False, mention_background=False) for spec in specs)
-
-
+# built-in set name -> a function returning its prompts (extensions add theirs with `register_prompt_set`)
 PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
     "simple_animals": lambda: list(SIMPLE_ANIMALS),
-    "shapes": _shapes("train"),
-    "shapes-heldout": _shapes("heldout"),
-    "shapes-no-background": _shapes_without_background,
 }
 
 
+def register_prompt_set(name: str, load: Callable[[], list[str]]) -> None:
+    PROMPT_SETS[name] = load
+
+
+def prompt_sets() -> dict[str, Callable[[], list[str]]]:
+    """Every built-in set, the extensions' included."""
+    from dagcli import extensions
+
+    extensions.load()
+    return PROMPT_SETS
+
+
 def prompt_set_names() -> list[str]:
-    return sorted(PROMPT_SETS)
+    return sorted(prompt_sets())
 
 
 def load_prompts(source: str | Path) -> list[PromptItem]:
@@ -65,7 +57,7 @@ def load_prompts(source: str | Path) -> list[PromptItem]:
     if path.exists():
         return read_prompt_file(path)
     name = source.removeprefix("builtin:")
-    if name in PROMPT_SETS:
+    if name in prompt_sets():
         try:
             return [PromptItem(p) for p in PROMPT_SETS[name]()]
         except ImportError as e:

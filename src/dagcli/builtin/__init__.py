@@ -8,11 +8,13 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 TINY_SD_DIR = WEIGHTS_DIR / "tiny-sd"  # StableDiffusionPipeline folder (save_pretrained format)
 TINY_CLIP_DIR = WEIGHTS_DIR / "tiny-clip"  # CLIPModel + CLIPProcessor folder
 TINY_FLOW_DIR = WEIGHTS_DIR / "tiny-flow"  # StableDiffusion3Pipeline folder (rectified flow, no T5)
+TINY_DECODER_DIR = WEIGHTS_DIR / "tiny-sd-taesd"  # AutoencoderTiny folder distilled from tiny-sd's VAE
 
 # Names accepted by `--model`.
 TINY_NAME = "tiny"  # the pretrained tiny text-to-image model (shapes and colours)
 TINY_FLOW_NAME = "tiny-flow"  # the pretrained tiny rectified-flow (SD3-style) model, same data and parts
 TINY_RANDOM_NAME = "tiny-random"  # random weights, built in code; for tests and plumbing checks
+TINY_DECODER_NAME = "tiny-taesd"  # `dag.x0_decoder` name of TINY_DECODER_DIR (`tools/tiny_decoder.py`)
 # the random-weight built-in names, one per family (their builders: `random_models.RANDOM_MODELS`)
 RANDOM_NAMES = (TINY_RANDOM_NAME, "tiny-random-sd3", "tiny-random-flux", "tiny-random-sdxl")
 

@@ -19,7 +19,7 @@ def build_t5_stand_in_tokenizer(words: tuple[str, ...] = (), model_max_length: i
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from dagcli.builtin.random_models import TINY_RANDOM_WORDS
+    from dagcli.builtin.random_parts import TINY_RANDOM_WORDS
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for word in words or TINY_RANDOM_WORDS:
@@ -74,7 +74,7 @@ def build_tiny_random_sd3(seed: int = 0, t5: bool = False):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    from dagcli.builtin.random_models import TINY_RANDOM_WORDS
+    from dagcli.builtin.random_parts import TINY_RANDOM_WORDS
     from dagcli.builtin.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=TOKENS)
@@ -103,7 +103,7 @@ def build_tiny_random_flux(seed: int = 0, guidance_embeds: bool = True):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
-    from dagcli.builtin.random_models import TINY_RANDOM_WORDS
+    from dagcli.builtin.random_parts import TINY_RANDOM_WORDS
     from dagcli.builtin.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=TOKENS)

@@ -9,12 +9,7 @@ import torch
 
 from dagcli.builtin import RANDOM_NAMES
 from dagcli.builtin.random_flow import build_tiny_random_flux, build_tiny_random_sd3
-from dagcli.families.sdxl import build_tiny_random_sdxl
-
-TINY_RANDOM_WORDS = (
-    "a an the of on in with and small large big red green blue yellow purple orange white black pink "
-    "circle square triangle background photo painting cat dog horse bird fish"
-).split()
+from dagcli.builtin.random_parts import TINY_RANDOM_WORDS, tiny_text_config, tiny_unet, tiny_vae
 
 
 def build_tiny_random_pipeline(seed: int = 0):
@@ -41,35 +36,36 @@ def build_tiny_random_pipeline(seed: int = 0):
                                    requires_safety_checker=False)
 
 
-def tiny_unet(**config):
-    """A random UNet on 8x8x4 latents, two blocks 32 and 64 wide; `config` gives its blocks and conditioning."""
-    from diffusers import UNet2DConditionModel
+def build_tiny_random_sdxl(seed: int = 0):
+    """A tiny SDXL pipeline with random weights: 32 px images, 8x8x4 latents, SDXL's block layout (2 layers per
+    block, no attention in the first down block), two text encoders, shipped with SDXL's Euler scheduler config.
 
-    return UNet2DConditionModel(**{"sample_size": 8, "in_channels": 4, "out_channels": 4,
-                                   "block_out_channels": (32, 64), "norm_num_groups": 8, **config})
+    Deterministic for a seed. For plumbing checks and tests; its images are noise-like.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+    from dagcli.builtin.tokenizer import build_clip_tokenizer
+    from dagcli.families.sdxl import SDXL_SCHEDULER
 
-def tiny_vae(**overrides):
-    """A random 4-channel VAE that maps 32 px images to 8x8 latents (random init: seed the caller's RNG)."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**{
-        "in_channels": 3, "out_channels": 3, "block_out_channels": (16, 32, 32), "latent_channels": 4,
-        "down_block_types": ("DownEncoderBlock2D",) * 3, "up_block_types": ("UpDecoderBlock2D",) * 3,
-        "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32, **overrides,
-    })
-
-
-def tiny_text_config(tokenizer, **overrides):
-    """A 32-wide CLIP text encoder config for `tokenizer` (its vocabulary, window and special tokens)."""
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(**{
-        "vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "max_position_embeddings": tokenizer.model_max_length,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id, **overrides,
-    })
+    tokenizer = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
+    tokenizer_2 = build_clip_tokenizer(TINY_RANDOM_WORDS, model_max_length=16)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = tiny_unet(  # SDXL's layout: no attention in the first down block, 2 layers per block
+            layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=64,
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        )
+        vae = tiny_vae(scaling_factor=0.13025)
+        text_encoder = CLIPTextModel(tiny_text_config(tokenizer, num_hidden_layers=3))
+        text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer_2, num_hidden_layers=3,
+                                                                      projection_dim=32))
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
 
 
 # `--model` name -> builder(seed) of a pipeline with random weights

@@ -65,8 +65,8 @@ def evaluate(
 ) -> None:
     """Compare checkpoints with the base model: rewards, diversity, drift, fidelity (report.json/md/html)."""
     from dagcli import api
+    from dagcli.evaluation.render import terminal_table
     from dagcli.progress import default_reporter, print_table
-    from dagcli.report import terminal_table
 
     reporter = default_reporter()
     result = api.evaluate(

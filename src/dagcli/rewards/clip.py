@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from dagcli import builtin
 from dagcli.errors import DagError
 from dagcli.rewards.base import (
     RewardOutput,
@@ -102,32 +101,29 @@ def load_clip(
     return ClipEncoder(model, image_processor, tokenizer, device, dtype)
 
 
-def is_tiny_model(base_model: str | None) -> bool:
-    """True for the built-in tiny models, by name or by the path of the shipped tiny pipeline."""
-    if not base_model:
-        return False
-    if base_model in (*builtin.PRETRAINED_DIRS, builtin.TINY_RANDOM_NAME):
-        return True
-    try:
-        return builtin.is_pretrained_dir(base_model)
-    except OSError:
-        return False
+def model_clip(base_model: str | None) -> Path | None:
+    """The CLIP a named model registers as its judge (`NamedModel.embed_model`), else None."""
+    from dagcli.extensions import named_model
+
+    named = named_model(base_model)
+    return named.embed_model if named is not None else None
 
 
-def tiny_clip_dir() -> Path:
-    """The built-in tiny CLIP folder, or a DagError saying it is not installed."""
-    folder = Path(builtin.TINY_CLIP_DIR)
+def installed_clip(folder: Path, label: str) -> Path:
+    """`folder` when it holds a CLIP model, or a DagError saying it is not installed."""
     if not (folder / "config.json").is_file():
         raise DagError(
-            f"the built-in tiny CLIP model is not installed (expected {str(folder)!r}); "
+            f"{label} is not installed (expected {str(folder)!r}); "
             "pass a CLIP folder or hub id as the clip option model_id"
         )
     return folder
 
 
 def default_clip_id(base_model: str | None) -> str | Path:
-    """The CLIP model used when none is given: the built-in tiny CLIP for the tiny models, else ViT-L/14."""
-    return tiny_clip_dir() if is_tiny_model(base_model) else DEFAULT_CLIP
+    """The CLIP model used when none is given: the one the base model registers (the built-in models' small
+    CLIP), else ViT-L/14."""
+    folder = model_clip(base_model)
+    return DEFAULT_CLIP if folder is None else installed_clip(folder, f"the CLIP model of {base_model!r}")
 
 
 class ClipScore:
@@ -156,7 +152,7 @@ class ClipScore:
     "clip",
     description="CLIP image-prompt cosine similarity (raw cosine, times `scale`; no clipping at 0)",
     unit="scale x cos, in [-scale, scale] (default scale 1)",
-    needs=f"{DEFAULT_CLIP} (built-in tiny CLIP for the tiny model); options model_id, scale",
+    needs=f"{DEFAULT_CLIP} (the base model's own CLIP where it has one, as the built-in ones); options model_id, scale",
 )
 def clip(
     model_id: str | None = None,

@@ -21,21 +21,26 @@ DEFAULT_COLOURS = ("black", "white")
 
 def image_backgrounds(images: torch.Tensor) -> list[str]:
     """The background name of each image [B, 3, H, W] in [0, 1], as the built-in data set's pixel judge reads it."""
-    from dagcli.builtin.dataset import judge_pixels
+    read = _judge().read
+    return [read(array).background for array in to_hwc_arrays(images)]
 
-    return [judge_pixels(array).background for array in to_hwc_arrays(images)]
+
+def _judge():
+    """The pixel judge of the shapes data set (`dagcli.extensions.judge`)."""
+    from dagcli.extensions import judge
+
+    return judge("shapes")
 
 
 def parse_colours(colours: str | Sequence[str]) -> tuple[str, ...]:
     """`"black,white"` or `["black", "white"]` -> ("black", "white"); unknown or repeated names are an error."""
-    from dagcli.builtin.dataset import BACKGROUNDS
-
+    backgrounds = _judge().backgrounds()
     names = [c.strip() for c in (colours.split(",") if isinstance(colours, str) else colours)]
     names = [c for c in names if c]
-    bad = [c for c in names if c not in BACKGROUNDS]
+    bad = [c for c in names if c not in backgrounds]
     if bad or not names or len(set(names)) != len(names):
         raise DagError(f"option colours = {colours!r}: give distinct background names separated by commas, "
-                       f"valid options: {', '.join(BACKGROUNDS)}")
+                       f"valid options: {', '.join(backgrounds)}")
     return tuple(names)
 
 
@@ -62,7 +67,7 @@ class BackgroundModes:
     description="high when the image's background (pixel judge of the built-in shapes) is one of the chosen "
                 "colours: a reward with known modes",
     unit="high (1) for a rewarded background, low (0) for the others",
-    needs="- (meant for the built-in tiny models)",
+    needs="- (meant for the built-in shapes models)",
 )
 def background_modes(colours: str | Sequence[str] = ",".join(DEFAULT_COLOURS), high: float = 1.0,
                      low: float = 0.0) -> BackgroundModes:

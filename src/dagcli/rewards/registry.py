@@ -34,7 +34,8 @@ from dagcli.rewards.plugins import (
     load_entry_point,
     load_plugin_factory,
 )
-from dagcli.rewards.remote import is_url, probe, server_factory, server_rows, split_weight
+from dagcli.rewards.remote import is_url, probe, server_rows, split_weight
+from dagcli.rewards.servers import server_factory
 
 F = TypeVar("F", bound=Callable[..., Reward])
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")

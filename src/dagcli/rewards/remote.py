@@ -381,24 +381,3 @@ def probe(text: str) -> None:
                          o.get("retries", DEFAULT_RETRIES), o.get("backoff", DEFAULT_BACKOFF))
     client.request(url.endpoint("" if url.kind == "pickle" else "health"), timeout=min(client.timeout, HEALTH_TIMEOUT),
                    any_status=True)
-
-
-def server_factory(text: str) -> Callable:
-    """The factory of a URL spec part: options in, a reward client (health-checked) out."""
-    url = parse_url(text)
-    if url.kind == "pickle":
-        from dagcli.rewards.pickled import remote_pickle
-
-        return _bind(remote_pickle, url)
-    if url.kind == "vlm":
-        from dagcli.rewards.vlm import remote_vlm
-
-        return _bind(remote_vlm, url)
-    return _bind(remote_json, url)
-
-
-def _bind(factory: Callable, url: ServerURL) -> Callable:
-    """`factory` with its URL filled in, keeping the signature of the remaining options (for option checks)."""
-    import functools
-
-    return functools.partial(factory, url)

@@ -1,6 +1,6 @@
 """Measure the built-in tiny models and write the numbers to docs and benchmarks.
 
-    python -m dagcli.builtin.quality [--num-per-prompt 64]
+    python tools/quality.py [--num-per-prompt 64]
 
 1. Tiny CLIP zero-shot: rendered held-out images are classified among all "a {colour} {shape}" captions
    (argmax of cosine similarity); colour and shape accuracy are read from the chosen caption.
@@ -298,7 +298,7 @@ MODELS = (TINY_NAME, TINY_FLOW_NAME)
 
 def _parser() -> argparse.ArgumentParser:
     """Flags of both measurements; the model's dagcli.json gives guidance and steps unless stated."""
-    p = argparse.ArgumentParser(prog="python -m dagcli.builtin.quality", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python tools/quality.py", description=__doc__.split("\n")[0])
     p.add_argument("--model", choices=MODELS, default=TINY_NAME,
                    help="tiny: the DDIM model and the tiny CLIP; tiny-flow: the rectified-flow model, with tiny beside")
     p.add_argument("--num-per-prompt", type=int, default=64)
@@ -328,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     """CLI entry point."""
     args = _parser().parse_args(argv)
-    command = ("python -m dagcli.builtin.quality " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    command = ("python tools/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == TINY_FLOW_NAME:

@@ -1,6 +1,6 @@
 """Train the built-in tiny rectified-flow model `tiny-flow` (an SD3-style pipeline) on the shapes data set.
 
-    python -m dagcli.builtin.train_flow --seed 0 [--output DIR] [--quick]
+    python tools/train_flow.py --seed 0 [--output DIR] [--quick]
 
 It reuses the `tiny` model's parts, frozen, so the two compare on equal terms: the data set and captions, the
 VAE (4x8x8 latents; `shift_factor` / `scaling_factor` are set to the mean / 1 / std of the training latents),
@@ -39,11 +39,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from diffusers.models.attention_processor import JointAttnProcessor2_0
-from transformers import CLIPModel, CLIPTextModelWithProjection
-
-from dagcli.builtin import TINY_CLIP_DIR, TINY_FLOW_DIR, TINY_SD_DIR
-from dagcli.builtin import dataset as ds
-from dagcli.builtin.train import (
+from train import (
     METADATA_FILE,
     Ema,
     _log,
@@ -52,10 +48,15 @@ from dagcli.builtin.train import (
     build_caption_table,
     finish,
     num_params,
+    optimizer_step,
     render_pool,
     run_record,
     script_parser,
 )
+from transformers import CLIPModel, CLIPTextModelWithProjection
+
+from dagcli.builtin import TINY_CLIP_DIR, TINY_FLOW_DIR, TINY_SD_DIR
+from dagcli.builtin import dataset as ds
 from dagcli.families import repeated_tokens
 from dagcli.families.sd3 import T5_TOKENS, SD3Family
 
@@ -205,12 +206,7 @@ def train_transformer(cfg: FlowConfig, latents: torch.Tensor, embeds: torch.Tens
         pred = model(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds[cap],
                      pooled_projections=pooled[cap], joint_attention_kwargs=short, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
+        optimizer_step(loss, model.parameters(), opt, sched, ema)
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             _log("flow", f"step {step + 1}/{cfg.steps} loss {running:.4f}", t0)
@@ -275,7 +271,7 @@ def train_all(cfg: FlowConfig, output: Path, threads: int | None = 1) -> dict:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; the defaults are the shipped configuration."""
-    p = script_parser("dagcli.builtin.train_flow", __doc__.split("\n")[0], "folder that receives tiny-flow/",
+    p = script_parser("tools/train_flow.py", __doc__.split("\n")[0], "folder that receives tiny-flow/",
                       "a few steps on a small pool (smoke test)")
     for name in ("steps", "batch", "layers", "heads", "head_dim", "patch_size", "pool_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)

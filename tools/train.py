@@ -1,6 +1,6 @@
 """Train the built-in tiny text-to-image model and tiny CLIP from scratch on the shapes data set.
 
-    python -m dagcli.builtin.train --seed 0 [--output DIR]
+    python tools/train.py --seed 0 [--output DIR]
 
 Stages, all on CPU by default and deterministic for a seed (given the same torch build and thread count):
 
@@ -474,12 +474,7 @@ def train_unet(
         hidden = text(table.ids[cap].to(dev)).last_hidden_state  # (B, MAX_TOKENS, width)
         pred = unet(zt, t, hidden).sample  # (B, 4, 8, 8)
         loss = (weight[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
+        optimizer_step(loss, [*unet.parameters(), *text.parameters()], opt, sched, ema)
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if step % cfg.log_every == 0 or step == cfg.unet_steps - 1:
             _log("unet", f"step {step + 1}/{cfg.unet_steps} loss {running:.4f}", t0)
@@ -588,9 +583,19 @@ def finish(saved: str, times: dict, params: dict, t0: float) -> dict:
     return {"seconds": times, "total_seconds": total, "parameters": params}
 
 
+def optimizer_step(loss, params, opt, sched, ema: Ema) -> None:
+    """One step on `loss`: gradients clipped to norm 1, the schedule advanced, the average updated."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.update()
+
+
 def script_parser(module: str, description: str, output_help: str, quick_help: str) -> argparse.ArgumentParser:
     """The flags every built-in training script takes: --seed, --output, --threads, --quick."""
-    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    p = argparse.ArgumentParser(prog=f"python {module}", description=description)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", type=Path, default=WEIGHTS_DIR, help=output_help)
     p.add_argument("--threads", type=int, default=1,
@@ -601,7 +606,7 @@ def script_parser(module: str, description: str, output_help: str, quick_help: s
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags; step counts default to the shipped configuration."""
-    p = script_parser("dagcli.builtin.train", __doc__.split("\n")[0], "folder that receives tiny-sd/ and tiny-clip/",
+    p = script_parser("tools/train.py", __doc__.split("\n")[0], "folder that receives tiny-sd/ and tiny-clip/",
                       "a few steps of everything (smoke test)")
     p.add_argument("--device", default="cpu", help="torch device for training (results differ from CPU)")
     for name in ("vae_steps", "clip_steps", "unet_steps", "pool_size", "unet_batch"):

@@ -1,8 +1,8 @@
 """A small decoder for the built-in model's latents (`AutoencoderTiny`), distilled from its VAE, for cheap
 forward-looking x̂0 rewards (`dag.x0_decoder`), and the check of how far its rewards move from the VAE's.
 
-    python -m dagcli.builtin.tiny_decoder train [--seed 0]      # writes builtin/weights/tiny-sd-taesd
-    python -m dagcli.builtin.tiny_decoder check [--trajectories 64]
+    python tools/tiny_decoder.py train [--seed 0]      # writes builtin/weights/tiny-sd-taesd
+    python tools/tiny_decoder.py check [--trajectories 64]
 
 Training data are what the decoder will see: the one-step predictions x̂0 of every state of trajectories
 sampled from the built-in model (DDIM, η = 1, the training prompts), targets their decodes by the full VAE.
@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dagcli.builtin import TINY_NAME, WEIGHTS_DIR
+from dagcli.builtin import TINY_DECODER_DIR, TINY_NAME
 
-TINY_DECODER_DIR = WEIGHTS_DIR / "tiny-sd-taesd"
 CHANNELS = (32, 32, 32)  # three blocks: 8x8 latents -> 32 px, as the built-in VAE
-RESULTS = Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "x0-decoder.json"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "x0-decoder.json"
 
 
 def build_decoder(seed: int):
@@ -112,7 +111,7 @@ def check(trajectories: int = 64, steps: int = 10, seed: int = 12345, reward: st
     a, b = out["vae"][0], out["tiny"][0]
     per_step = [float(torch.corrcoef(torch.stack([a[k::steps], b[k::steps]]))[0, 1]) for k in range(steps)]
     result = {
-        "command": f"python -m dagcli.builtin.tiny_decoder check --trajectories {trajectories}",
+        "command": f"python tools/tiny_decoder.py check --trajectories {trajectories}",
         "reward": reward, "trajectories": trajectories, "steps": steps, "states": len(a),
         "pearson_all_states": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
         "pearson_per_step": per_step,

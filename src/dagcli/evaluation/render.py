@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from dagcli.evaluation.schema import ModelReport, PromptReport, Report, RewardStats, as_report
 from dagcli.generate import slug
 from dagcli.images import make_grid
 
@@ -28,9 +29,12 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}g}"
 
 
-def fmt_stat(stats: dict | None) -> str:
-    """'mean ± std'."""
-    return "–" if not stats else f"{fmt(stats['mean'])} ± {fmt(stats['std'], 3)}"
+def fmt_stat(stats: RewardStats | dict | None) -> str:
+    """'mean ± std' (of a `RewardStats` or its report.json form)."""
+    if not stats:
+        return "–"
+    stats = RewardStats.from_dict(stats) if isinstance(stats, dict) else stats
+    return f"{fmt(stats.mean)} ± {fmt(stats.std, 3)}"
 
 
 def png_data_uri(image) -> str:
@@ -84,23 +88,31 @@ def read_metrics(run_dir: str | Path | None) -> list[dict]:
 
 def shown_path(value: str, output: Path | None) -> str:
     """A path as the pages show it: relative to the report folder `output` (else to the current folder) when
-    it is at most two folders up from there, the built-in tiny CLIP by name; other values unchanged."""
+    it is at most two folders up from there, a named model's CLIP by its label; other values unchanged."""
     import os
-
-    from dagcli.builtin import TINY_CLIP_DIR
 
     if not isinstance(value, str) or not os.path.isabs(value):
         return value
-    if Path(value).resolve() == TINY_CLIP_DIR.resolve():
-        return "the built-in tiny CLIP"
+    label = embed_label(Path(value))
+    if label:
+        return label
     relative = os.path.relpath(value, output.resolve() if output else Path.cwd())
     return value if relative.startswith(os.path.join("..", "..", "..")) else relative
 
 
-def shown_settings(report: dict, output: Path | None) -> list[tuple[str, str]]:
+def embed_label(path: Path) -> str:
+    """How the pages name the CLIP folder a named model registers (`NamedModel.embed_label`), '' for others."""
+    from dagcli.extensions import named_models
+
+    target = path.resolve()
+    return next((m.embed_label for m in named_models().values()
+                 if m.embed_model is not None and m.embed_model.resolve() == target), "")
+
+
+def shown_settings(report: Report, output: Path | None) -> list[tuple[str, str]]:
     """(name, value) of every setting that is set, paths as `shown_path` writes them."""
     out = []
-    for key, value in report["settings"].items():
+    for key, value in report.settings.items():
         if value in (None, "", [], {}):
             continue
         shown = [shown_path(v, output) for v in value] if isinstance(value, list) else shown_path(value, output)
@@ -114,18 +126,18 @@ SETTINGS_NOTE = "Settings (paths relative to this report's folder):"
 # --- plots --------------------------------------------------------------------------------------------
 
 
-def all_scores(model: dict, reward: str) -> list[float]:
+def all_scores(model: ModelReport, reward: str) -> list[float]:
     """Every image's score for one reward and one model of the report."""
-    return [s for p in model["per_prompt"] for s in p["rewards"][reward]["scores"]]
+    return [s for p in model.per_prompt for s in p.rewards[reward].scores or ()]
 
 
-def reward_histogram(report: dict, reward: str) -> str:
+def reward_histogram(report: Report, reward: str) -> str:
     """Overlaid histograms of one reward's per-image scores, one colour per model, as a PNG data URI."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3))
     ax = fig.add_subplot()
-    series = [(m["label"], all_scores(m, reward)) for m in report["models"]]
+    series = [(m.label, all_scores(m, reward)) for m in report.models]
     values = [v for _, s in series for v in s]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     bins = 20 if hi > lo else 1
@@ -170,9 +182,9 @@ def training_curves(rows: list[dict], run: str) -> str | None:
     return figure_data_uri(fig)
 
 
-def run_dirs(report: dict) -> list[Path]:
+def run_dirs(report: Report) -> list[Path]:
     """The run folders of the report's checkpoints, each once, in model order."""
-    found = [(m.get("source") or {}).get("run_dir") for m in report["models"]]
+    found = [m.source.get("run_dir") for m in report.models]
     return list(dict.fromkeys(Path(d) for d in found if d))
 
 
@@ -191,14 +203,14 @@ HEADERS = {
 FLAG = "⚠"
 
 
-def metric_keys(report: dict) -> list[str]:
+def metric_keys(report: Report) -> list[str]:
     """The metric columns of this report: diversity, LPIPS diversity (when measured), fidelity, the pixel
     judges (built-in models only), drift."""
     keys = ["diversity"]
-    if any(m["overall"].get("lpips_diversity") is not None for m in report["models"]):
+    if any(m.overall.metric("lpips_diversity") is not None for m in report.models):
         keys.append("lpips_diversity")
     keys.append("fidelity")
-    keys += [f"pixel_{a}" for a in report.get("pixel_judges", [])]
+    keys += [f"pixel_{a}" for a in report.pixel_judges]
     return [*keys, "drift"]
 
 
@@ -209,60 +221,56 @@ def fmt_metric(key: str, value: float | None) -> str:
     return f"{100 * value:.3g} %"
 
 
-def flagged(report: dict) -> set[tuple[str, str | None, str]]:
+def flagged(report: Report) -> set[tuple[str, str | None, str]]:
     """(model, prompt or None for overall, metric) of every metric the hacking monitor warned about."""
-    return {(w["model"], w.get("prompt"), w["metric"]) for w in report["warnings"]}
+    return {(w.model, w.prompt, w.metric) for w in report.warnings}
 
 
-def summary_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+def summary_rows(report: Report | dict) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the overall table (shared by markdown, HTML and the terminal)."""
+    report = as_report(report)
     keys = metric_keys(report)
-    header = ["model", *report["rewards"], *(HEADERS[k] for k in keys)]
+    header = ["model", *report.rewards, *(HEADERS[k] for k in keys)]
     rows = []
-    for m in report["models"]:
-        o = m["overall"]
-        row = [m["label"], *[fmt_stat(o["rewards"].get(r)) for r in report["rewards"]]]
-        rows.append(row + [fmt_metric(k, o.get(k)) for k in keys])
+    for m in report.models:
+        o = m.overall
+        row = [m.label, *[fmt_stat(o.rewards.get(r)) for r in report.rewards]]
+        rows.append(row + [fmt_metric(k, o.metric(k)) for k in keys])
     return header, rows
 
 
-def summary_flags(report: dict) -> set[tuple[int, int]]:
+def summary_flags(report: Report) -> set[tuple[int, int]]:
     """(row, column) of the overall table's cells the hacking monitor warned about."""
     marks, keys = flagged(report), metric_keys(report)
-    first = 1 + len(report["rewards"])
+    first = 1 + len(report.rewards)
     return {
         (r, first + c)
-        for r, m in enumerate(report["models"])
+        for r, m in enumerate(report.models)
         for c, k in enumerate(keys)
-        if (m["label"], None, k) in marks
+        if (m.label, None, k) in marks
     }
 
 
-def prompt_columns(report: dict, prompt: str) -> list[tuple[dict, dict]]:
+def prompt_columns(report: Report, prompt: str) -> list[tuple[ModelReport, PromptReport]]:
     """(model, its block for this prompt) for every model that has images of the prompt, base first."""
-    out = []
-    for m in report["models"]:
-        block = next((p for p in m["per_prompt"] if p["prompt"] == prompt), None)
-        if block is not None:
-            out.append((m, block))
-    return out
+    return [(m, m.prompt(prompt)) for m in report.models if m.prompt(prompt) is not None]
 
 
-def prompt_rows(report: dict, prompt: str) -> tuple[list[list[str]], set[tuple[int, int]]]:
+def prompt_rows(report: Report, prompt: str) -> tuple[list[list[str]], set[tuple[int, int]]]:
     """One prompt's comparison, one column per model: rows of (name, value per model), and flagged cells."""
     columns, marks = prompt_columns(report, prompt), flagged(report)
-    rows = [["seeds", *[", ".join(str(x) for x in b["seeds"]) for _, b in columns]]]
-    rows += [[r, *[fmt_stat(b["rewards"].get(r)) for _, b in columns]] for r in report["rewards"]]
+    rows = [["seeds", *[", ".join(str(x) for x in b.seeds) for _, b in columns]]]
+    rows += [[r, *[fmt_stat(b.rewards.get(r)) for _, b in columns]] for r in report.rewards]
     flags = set()
     for k in metric_keys(report):
-        flags |= {(len(rows), c + 1) for c, (m, _) in enumerate(columns) if (m["label"], prompt, k) in marks}
-        rows.append([HEADERS[k], *[fmt_metric(k, b.get(k)) for _, b in columns]])
+        flags |= {(len(rows), c + 1) for c, (m, _) in enumerate(columns) if (m.label, prompt, k) in marks}
+        rows.append([HEADERS[k], *[fmt_metric(k, b.metric(k)) for _, b in columns]])
     return rows, flags
 
 
-def legend(report: dict, output: Path | None = None) -> list[tuple[str, str]]:
+def legend(report: Report, output: Path | None = None) -> list[tuple[str, str]]:
     """(name, meaning) of every number on the page, with this report's settings filled in."""
-    s, keys = report["settings"], metric_keys(report)
+    s, keys = report.settings, metric_keys(report)
     embed = f" ({shown_path(s['embed_model'], output)})" if s.get("embed_model") else " (none given: not measured)"
     items = [
         (
@@ -280,7 +288,7 @@ def legend(report: dict, output: Path | None = None) -> list[tuple[str, str]]:
     items.append(
         (
             "fidelity",
-            f"share of images whose most similar text among the {len(report['prompts'])} evaluated prompts "
+            f"share of images whose most similar text among the {len(report.prompts)} evaluated prompts "
             "(CLIP cosine) is their own prompt. Relative: it catches an image that looks like another "
             "prompt, not a lost attribute (a triangle turned blob passes while no other prompt fits better)",
         )
@@ -317,12 +325,12 @@ PIXEL_LEGEND = {
 }
 
 
-def monitor_quiet(report: dict) -> str:
+def monitor_quiet(report: Report) -> str:
     """The line shown when the hacking monitor has no warning."""
-    metrics = "diversity or fidelity" + (" or a pixel judge's share" if report.get("pixel_judges") else "")
+    metrics = "diversity or fidelity" + (" or a pixel judge's share" if report.pixel_judges else "")
     return (
         "No checkpoint raised a reward, over all prompts or on one prompt, while its "
-        f"{metrics} fell by {report['settings']['hack_threshold']:.0%} or more."
+        f"{metrics} fell by {report.settings['hack_threshold']:.0%} or more."
     )
 
 
@@ -339,44 +347,45 @@ def md_table(header: list[str], rows: list[list[str]], flags: set[tuple[int, int
     return "\n".join(lines)
 
 
-def grid_file(output: Path, model: dict, prompt: str) -> str | None:
+def grid_file(output: Path, model: ModelReport, prompt: str) -> str | None:
     """The grid PNG `dag sample`'s writer made for this prompt (relative to output), if it exists."""
-    files = model["per_prompt"]
-    index = next((i for i, p in enumerate(files) if p["prompt"] == prompt), None)
-    if index is None or not files[index]["files"]:
+    blocks = model.per_prompt
+    index = next((i for i, p in enumerate(blocks) if p.prompt == prompt), None)
+    if index is None or not blocks[index].files:
         return None
-    folder = Path(files[index]["files"][0]).parent
+    folder = Path(blocks[index].files[0]).parent
     candidate = folder / f"grid-{index:03d}-{slug(prompt)}.png"
     return str(candidate) if (output / candidate).is_file() else None
 
 
-def md_prompt_section(report: dict, prompt: str, output: Path | None) -> list[str]:
+def md_prompt_section(report: Report, prompt: str, output: Path | None) -> list[str]:
     """One prompt: a table with one column per model, its image grid on top (when the grid files exist)."""
     columns = prompt_columns(report, prompt)
     rows, flags = prompt_rows(report, prompt)
     grids = [grid_file(output, m, prompt) if output else None for m, _ in columns]
     if any(grids):
-        links = [f"![{m['label']}]({g})" if g else "–" for (m, _), g in zip(columns, grids, strict=True)]
+        links = [f"![{m.label}]({g})" if g else "–" for (m, _), g in zip(columns, grids, strict=True)]
         rows = [["images", *links], *rows]
         flags = {(r + 1, c) for r, c in flags}
-    header = ["", *[m["label"] for m, _ in columns]]
+    header = ["", *[m.label for m, _ in columns]]
     return [f"## {prompt or '(no prompt)'}", "", md_table(header, rows, flags), ""]
 
 
-def render_markdown(report: dict, output: Path | None = None) -> str:
+def render_markdown(report: Report | dict, output: Path | None = None) -> str:
     """The report as Markdown: settings, overall table, legend, warnings, one comparison table per prompt."""
+    report = as_report(report)
     out = ["# Evaluation report", "", SETTINGS_NOTE, ""]
     out += [f"- **{k}**: `{v}`" for k, v in shown_settings(report, output)]
     out += ["", "## Overall", "", md_table(*summary_rows(report), summary_flags(report)), ""]
     out += ["**What the numbers mean**", ""]
     out += [f"- **{name}**: {meaning}." for name, meaning in legend(report, output)]
     out += ["", "## Hacking monitor", ""]
-    if report["warnings"]:
-        out += [f"- {FLAG} {w['message']}" for w in report["warnings"]]
+    if report.warnings:
+        out += [f"- {FLAG} {w.message}" for w in report.warnings]
     else:
         out.append(monitor_quiet(report))
     out.append("")
-    for prompt in report["prompts"]:
+    for prompt in report.prompts:
         out += md_prompt_section(report, prompt, output)
     return "\n".join(out)
 
@@ -429,31 +438,32 @@ def html_table(
     return f"<table class='{css}'><thead><tr>{head}</tr></thead><tbody>{lead}{body}</tbody></table>"
 
 
-def html_legend(report: dict, output: Path | None = None) -> str:
+def html_legend(report: Report, output: Path | None = None) -> str:
     """The legend as a definition list."""
     items = "".join(f"<dt>{html.escape(n)}</dt><dd>{html.escape(m)}.</dd>" for n, m in legend(report, output))
     return f"<dl class='legend'>{items}</dl>"
 
 
-def prompt_section(report: dict, prompt: str, images: dict[str, dict[str, list]]) -> str:
+def prompt_section(report: Report, prompt: str, images: dict[str, dict[str, list]]) -> str:
     """One prompt: a table with one column per model, its image grid on top and its numbers below."""
     columns = prompt_columns(report, prompt)
     rows, flags = prompt_rows(report, prompt)
     cells = []
     for m, _ in columns:
-        pics = images.get(m["label"], {}).get(prompt)
-        alt = html.escape(f"{m['label']}: {prompt}")
+        pics = images.get(m.label, {}).get(prompt)
+        alt = html.escape(f"{m.label}: {prompt}")
         cells.append(
             f'<td><img src="{png_data_uri(thumbnail_grid(pics, prompt))}" alt="{alt}"></td>' if pics else "<td>–</td>"
         )
     lead = f"<td>images</td>{''.join(cells)}" if any("<img" in c for c in cells) else ""
-    table = html_table(["", *[m["label"] for m, _ in columns]], rows, flags, css="compare", lead=lead)
+    table = html_table(["", *[m.label for m, _ in columns]], rows, flags, css="compare", lead=lead)
     return f"<h3>{html.escape(prompt or '(no prompt)')}</h3><div class='scroll'>{table}</div>"
 
 
-def render_html(report: dict, images: dict[str, dict[str, list]], output: Path | None = None) -> str:
+def render_html(report: Report | dict, images: dict[str, dict[str, list]], output: Path | None = None) -> str:
     """The self-contained HTML page; `images` maps model label -> prompt -> PIL images (seed order); paths
     are shown relative to `output`, the report's folder."""
+    report = as_report(report)
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dag eval report</title>"
         f"<style>{CSS}</style></head><body><h1>Evaluation report</h1>"
@@ -468,14 +478,14 @@ def render_html(report: dict, images: dict[str, dict[str, list]], output: Path |
         f"<h2>Overall</h2><div class='row'><div class='scroll'>{overall}</div>{html_legend(report, output)}</div>"
     )
     parts.append("<h2>Hacking monitor</h2>")
-    if report["warnings"]:
-        parts += [f"<div class='warn'>{FLAG} {html.escape(w['message'])}</div>" for w in report["warnings"]]
+    if report.warnings:
+        parts += [f"<div class='warn'>{FLAG} {html.escape(w.message)}</div>" for w in report.warnings]
     else:
         parts.append(f"<p class='ok'>{html.escape(monitor_quiet(report))}</p>")
     parts.append("<h2>Reward distributions</h2><div class='row plot'>")
     parts += [
         f"<figure><img src='{reward_histogram(report, r)}' alt='{html.escape(r)} histogram'></figure>"
-        for r in report["rewards"]
+        for r in report.rewards
     ]
     parts.append("</div>")
     curves = [(run.name, training_curves(read_metrics(run), run.name)) for run in run_dirs(report)]
@@ -492,7 +502,7 @@ def render_html(report: dict, images: dict[str, dict[str, list]], output: Path |
         "seed, so differences come from the weights. The numbers are those of the legend, for this "
         "prompt's images.</p>"
     )
-    parts += [prompt_section(report, p, images) for p in report["prompts"]]
+    parts += [prompt_section(report, p, images) for p in report.prompts]
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -500,7 +510,7 @@ def render_html(report: dict, images: dict[str, dict[str, list]], output: Path |
 # --- terminal and files -------------------------------------------------------------------------------
 
 
-def terminal_table(report: dict):
+def terminal_table(report: Report | dict):
     """The overall numbers as a `progress.TextTable` (model names and numbers are never cut)."""
     from dagcli.progress import Column, TextTable
 
@@ -518,11 +528,12 @@ def images_by_prompt(sets) -> dict[str, dict[str, list]]:
     return out
 
 
-def write_report(report: dict, sets, output: Path) -> dict[str, Path]:
+def write_report(report: Report | dict, sets, output: Path) -> dict[str, Path]:
     """Write report.json, report.md and report.html into `output`; return their paths."""
+    report = as_report(report)
     output.mkdir(parents=True, exist_ok=True)
     paths = {"json": output / "report.json", "md": output / "report.md", "html": output / "report.html"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    paths["json"].write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     paths["md"].write_text(render_markdown(report, output) + "\n", encoding="utf-8")
     paths["html"].write_text(render_html(report, images_by_prompt(sets), output), encoding="utf-8")
     return paths
