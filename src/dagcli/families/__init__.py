@@ -42,4 +42,17 @@ def family_for(pipe, device: torch.device) -> Family:
     return FAMILIES[name](pipe, device)
 
 
-__all__ = ["FAMILIES", "Cond", "Family", "family_class", "family_for", "pipeline_family"]
+def set_sampler(family: Family, sampler: str, eta: float | None = None) -> None:
+    """Make every schedule of `family` use `sampler` (`sampling.sampler`); only flow families have a choice, and
+    "ddim" needs eta <= 1 (η = 1: the noising chain's posterior). Else one DagError line naming the valid values."""
+    samplers = getattr(family, "samplers", ("sde",))
+    if sampler not in samplers:
+        raise DagError(f"sampling.sampler = {sampler!r} applies to the flow families only (sd3, flux: SD3, FLUX, "
+                       f"tiny-flow, tiny-random-sd3/flux); the {family.name} family takes 'sde' (its own sampler)")
+    if sampler == "ddim" and eta is not None and not 0.0 <= eta <= 1.0:
+        raise DagError(f"eta {eta:g} with sampling.sampler = 'ddim': must be in [0, 1] (1: the posterior of P_B)")
+    if len(samplers) > 1:
+        family.sampler = sampler
+
+
+__all__ = ["FAMILIES", "Cond", "Family", "family_class", "family_for", "pipeline_family", "set_sampler"]
