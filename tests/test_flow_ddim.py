@@ -139,6 +139,8 @@ def test_the_sampler_setting_reaches_the_flow_familys_step():
     assert torch.equal(family.backward_log_prob(schedule, last, x, v), torch.zeros(2))
     with pytest.raises(DagError, match=r"must be in \[0, 1\]"):
         set_sampler(family, "ddim", 1.5)
+    with pytest.raises(DagError, match="--sampler 'euler' is not a sampler; valid options: sde, ddim"):
+        set_sampler(family, "euler", what="--sampler")
 
 
 def test_sd_families_refuse_the_flow_sampler_with_one_line_naming_the_flow_families():

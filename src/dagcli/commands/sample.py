@@ -14,6 +14,7 @@ from dagcli.commands.common import (
     device_option,
     dtype_option,
     eta_option,
+    flow_sampler_option,
     model_option,
     sampler_defaults,
     sampler_option,
@@ -28,6 +29,7 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
     steps: int = sampler_option("steps"),
     eta: float = eta_option(),
+    sampler: str = flow_sampler_option(),
     guidance: float = sampler_option("guidance"),
     height: int = typer.Option(
         None, "--height", help="Image height in pixels. \\[default: the --ckpt run's, else the model's]"
@@ -50,6 +52,7 @@ def sample(
         resolve_checkpoint,
         trained_resolution,
     )
+    from dagcli.families import set_sampler
     from dagcli.families.base import check_image_size
     from dagcli.generate import SampleSettings, generate, write_samples
     from dagcli.models import check_model_name, default_model, load_model, same_model
@@ -76,6 +79,7 @@ def sample(
     if not same_model(trained_on, model):  # it fits: another name for the model, or a fine-tune of it
         reporter.warn(f"{ckpt} was trained on {trained_on!r}, sampled with {model!r}")
     loaded = load_model(model, device=device, dtype=dtype)
+    set_sampler(loaded.family, sampler or "sde", eta, what="--sampler")
     size = (trained_resolution(folder) if folder else None) or loaded.resolution  # the run's, else the model's
     height, width = height or size, width or size
     check_image_size(loaded.family, {"--height": height, "--width": width})

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from dagcli.algorithms import ALGORITHMS
-from dagcli.commands.common import dtype_option, eta_option, sampler_option
+from dagcli.commands.common import dtype_option, eta_option, flow_sampler_option, sampler_option
 from dagcli.errors import DagError, Interrupted
 
 
@@ -36,6 +36,7 @@ def train(
     ),
     steps: int = sampler_option("steps"),
     eta: float = eta_option(training=True),
+    sampler: str = flow_sampler_option(),
     guidance: float = sampler_option("guidance"),
     seed: int = typer.Option(None, "--seed", help="Run seed. \\[default: 0]"),
     output: Path = typer.Option(None, "--output", "-o", help="Run directory. \\[default: runs/dag]"),
@@ -57,7 +58,7 @@ def train(
     values = {
         "train.algorithm": algorithm, "reward.spec": reward, "sampling.prompts": prompts, "train.epochs": epochs,
         "sampling.batch_size": batch_size, "train.batch_size": train_batch_size, "sampling.steps": steps,
-        "sampling.eta": eta, "sampling.guidance": guidance, "train.seed": seed,
+        "sampling.eta": eta, "sampling.sampler": sampler, "sampling.guidance": guidance, "train.seed": seed,
         "output.dir": str(output) if output is not None else None, "model.name": model, "model.device": device,
         "model.dtype": dtype, "output.report_to": report_to,
     }
@@ -74,7 +75,7 @@ def train(
 FLAGS = {
     "train.algorithm": "--algorithm", "reward.spec": "--reward", "sampling.prompts": "--prompts",
     "train.epochs": "--epochs", "sampling.batch_size": "--batch-size", "train.batch_size": "--train-batch-size",
-    "sampling.steps": "--steps", "sampling.eta": "--eta", "sampling.guidance": "--guidance", "train.seed": "--seed",
+    "sampling.steps": "--steps", "sampling.eta": "--eta", "sampling.sampler": "--sampler", "sampling.guidance": "--guidance", "train.seed": "--seed",
     "output.dir": "--output", "model.name": "--model", "model.device": "--device", "model.dtype": "--dtype",
     "output.report_to": "--report-to",
 }
