@@ -12,7 +12,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from dagcli.builtin.random_flow import build_tiny_random_flux, build_tiny_random_sd3
-from dagcli.kernels import flow_sde
+from dagcli.kernels import flow_ddim, flow_sde
 from dagcli.sampling import sample_batch, to_pil
 
 BUILDERS = {
@@ -70,14 +70,15 @@ def test_eta0_images_equal_the_diffusers_pipeline(kind, guidance, size):
     assert ours.std() > 5  # not a blank image
 
 
-def test_eta0_step_is_the_schedulers_euler_step_bit_for_bit():
+@pytest.mark.parametrize("step", [flow_sde.sde_step, flow_ddim.ddim_flow_step], ids=["sde", "ddim"])
+def test_eta0_step_is_the_schedulers_euler_step_bit_for_bit(step):
     scheduler, schedule = sd3_scheduler_schedule()
     g = torch.Generator().manual_seed(0)
     x, v = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     for i, t in enumerate(scheduler.timesteps):
         scheduler._step_index = i
         ref = scheduler.step(v, t, x, return_dict=False)[0]
-        out = flow_sde.sde_step(schedule, torch.tensor([i]), x, v, eta=0.0)
+        out = step(schedule, torch.tensor([i]), x, v, eta=0.0)
         assert torch.equal(out.prev_sample, ref)
         assert torch.equal(out.log_prob, torch.zeros(2))
 

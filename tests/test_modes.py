@@ -109,3 +109,61 @@ def test_sample_backgrounds_reads_every_sample(tiny_model):
     targets = modes.targets_for(base, {"black": 1.0, "white": 1.0, "gray": 0.0, "brown": 0.0}, 0.0)
     assert all(targets[p] == pytest.approx(base[p]) for p in base)  # β = 0: the target is the base model
     assert np.isclose(sum(targets["a blue square"].values()), 1.0)
+
+
+# --- the exact target -------------------------------------------------------------------------------------------
+
+VALUES = {"black": 1.0, "white": 1.0, "gray": 0.0, "brown": 0.0}
+BASE = {"a": {"black": 0.1, "white": 0.3, "gray": 0.4, "brown": 0.2},
+        "b": {"black": 0.5, "white": 0.0, "gray": 0.5, "brown": 0.0}}
+
+
+def test_exact_target_and_log_z_by_hand():
+    """β_eff = ln 4: prompt a, Z = 0.1·4 + 0.3·4 + 0.4 + 0.2 = 2.2, p* = (0.4, 1.2, 0.4, 0.2)/2.2, E[r] = 1.6/2.2;
+    prompt b, Z = 0.5·4 + 0.5 = 2.5, p* = (0.8, 0, 0.2, 0), E[r] = 0.8."""
+    a = modes.exact_target(BASE["a"], VALUES, math.log(4))
+    assert a["log_z"] == pytest.approx(math.log(2.2), abs=1e-12)
+    for b, want in {"black": 2 / 11, "white": 6 / 11, "gray": 2 / 11, "brown": 1 / 11}.items():
+        assert a["p_star"][b] == pytest.approx(want, abs=1e-12)
+    assert a["expected_reward"] == pytest.approx(8 / 11, abs=1e-12)
+    b = modes.exact_target(BASE["b"], VALUES, math.log(4))
+    assert b["log_z"] == pytest.approx(math.log(2.5), abs=1e-12)
+    assert b["p_star"] == pytest.approx({"black": 0.8, "white": 0.0, "gray": 0.2, "brown": 0.0}, abs=1e-12)
+    assert b["expected_reward"] == pytest.approx(0.8, abs=1e-12)
+    base_reward = modes.expected_reward(BASE["a"], VALUES)
+    assert base_reward < a["expected_reward"] < 1.0  # strictly between the base model and "always rewarded"
+
+
+def test_target_report_of_a_run_by_hand():
+    """A run putting everything on white for prompt a: TV = ½(2 + 5 + 2 + 1)/11 = 5/11, gap 1 − 8/11 = 3/11,
+    split white 1 against the target's 3/4; prompt b on its target: TV 0, gap 0."""
+    run = {"a": {"black": 0.0, "white": 1.0, "gray": 0.0, "brown": 0.0},
+           "b": {"black": 0.8, "white": 0.0, "gray": 0.2, "brown": 0.0}}
+    report = modes.target_report(run, BASE, VALUES, math.log(4), ("black", "white"))
+    a = report["per_prompt"]["a"]
+    assert a["tv"] == pytest.approx(5 / 11, abs=1e-12) and a["reward_gap"] == pytest.approx(3 / 11, abs=1e-12)
+    assert a["split"] == {"black": 0.0, "white": 1.0}
+    assert a["target_split"] == pytest.approx({"black": 0.25, "white": 0.75}, abs=1e-12)
+    assert report["per_prompt"]["b"]["tv"] == pytest.approx(0.0, abs=1e-12)
+    assert report["tv"] == pytest.approx(5 / 22, abs=1e-12)
+    assert report["reward_gap"] == pytest.approx(3 / 22, abs=1e-12)
+    assert report["split"] == pytest.approx({"black": 0.5, "white": 0.5}, abs=1e-12)
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flow"])
+def test_exact_target_presets_put_rewarded_odds_times_four(model):
+    """β_eff = D·β with the model's own latent size D (read from its configs) is ln 4 in the preset."""
+    import json
+
+    from dagcli.config import load_config
+    from dagcli.models import PRETRAINED_DIRS
+
+    config = load_config(f"examples/configs/{model}-modes-exact-target.toml")
+    folder = PRETRAINED_DIRS[model]
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    denoiser = json.loads((folder / ("unet" if model == "tiny" else "transformer") / "config.json").read_text())
+    dims = vae["latent_channels"] * denoiser["sample_size"] ** 2
+    beta_eff = modes.effective_beta(config.dag.beta, config.train.reduction, dims)
+    assert beta_eff == pytest.approx(math.log(4), rel=1e-6)
+    assert config.dag.beta == pytest.approx(modes.beta_for_odds(4, config.train.reduction, dims), rel=1e-6)
+    assert config.reward.spec == "background-modes"

@@ -311,6 +311,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sde-sweep", type=_step_eta_pairs, default="10:0.35,10:0.5,20:0.7",
                    help="tiny-flow: steps:eta pairs of the SDE set beside the ODE at the same steps, with all "
                         "samples per prompt ('' for none)")
+    p.add_argument("--sampler", choices=("sde", "ddim"), default="sde",
+                   help="tiny-flow: the stochastic sampler set beside the ODE (ddim: DDIM for rectified flow)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="tiny-flow: its noise level (default: the model's training eta for sde, 1 for ddim)")
     p.add_argument("--sweep-num", type=int, default=16, help="samples per prompt in the guidance and shift sweeps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -414,23 +418,28 @@ class FlowRun:
     steps: int
     eta: float
     shift: float
+    sampler: str = "sde"  # the stochastic step: "sde" or "ddim" (`sampling.sampler`)
 
     def label(self) -> str:
-        kind = "Euler ODE" if self.eta == 0 else f"SDE eta {self.eta}"
+        kind = "Euler ODE" if self.eta == 0 else f"{self.sampler.upper()} eta {self.eta}"
         return f"tiny-flow, {kind}, {self.steps} steps, guidance {self.guidance}, shift {self.shift}"
 
 
 def evaluate_flow(model, clip: TinyClip, prompts: list[str], n: int, run: FlowRun, seed: int
                   ) -> tuple[dict, dict[str, np.ndarray]]:
     """tiny-flow's samples for one setting, judged per prompt."""
+    from dagcli.families import set_sampler
+
     before = set_shift(model, run.shift)
+    set_sampler(model.family, run.sampler, run.eta)
     try:
         result, samples = evaluate_with(
             lambda p, k, s: generate_flow(model, p, k, run.guidance, run.steps, run.eta, s), clip, prompts, n, seed)
     finally:
         set_shift(model, before)
+        set_sampler(model.family, "sde")
     return {"label": run.label(), "guidance": run.guidance, "steps": run.steps, "eta": run.eta,
-            "shift": run.shift, **result}, samples
+            "shift": run.shift, "sampler": run.sampler, **result}, samples
 
 
 def _values(text: str) -> list[float]:
@@ -482,7 +491,8 @@ def flow_main(args: argparse.Namespace, command: str) -> dict:
     shift = float(model.pipe.scheduler.config.shift)
     prompts, n = ds.heldout_captions(), args.num_per_prompt
     ode, samples = evaluate_flow(model, clip, prompts, n, FlowRun(guidance, steps, 0.0, shift), args.seed)
-    sde, _ = evaluate_flow(model, clip, prompts, n, FlowRun(guidance, steps, defaults.eta, shift), args.seed)
+    eta = args.eta if args.eta is not None else (1.0 if args.sampler == "ddim" else defaults.eta)
+    sde, _ = evaluate_flow(model, clip, prompts, n, FlowRun(guidance, steps, eta, shift, args.sampler), args.seed)
     tiny_pipe, tiny_meta = load_pipeline(args.sd_dir), load_metadata(args.sd_dir)
     tiny_runs = [evaluate_model(tiny_pipe, clip, prompts, n, tiny_meta["default_guidance"], k, args.seed)
                  for k in sorted({steps, tiny_meta["default_steps"]})]

@@ -29,8 +29,8 @@ from dagcli.progress import NullReporter, Reporter
 TRAIN_FLAGS = {
     "train.algorithm": "--algorithm", "reward.spec": "--reward", "sampling.prompts": "--prompts",
     "train.epochs": "--epochs", "sampling.batch_size": "--batch-size", "train.batch_size": "--train-batch-size",
-    "sampling.steps": "--steps", "sampling.eta": "--eta", "sampling.guidance": "--guidance", "train.seed": "--seed",
-    "output.dir": "--output", "model.name": "--model", "model.device": "--device", "model.dtype": "--dtype",
+    "sampling.steps": "--steps", "sampling.eta": "--eta", "sampling.sampler": "--sampler",
+    "sampling.guidance": "--guidance", "train.seed": "--seed", "output.dir": "--output", "model.name": "--model", "model.device": "--device", "model.dtype": "--dtype",
     "output.report_to": "--report-to",
 }
 
@@ -68,6 +68,7 @@ def plan_training(
     train_batch_size: int | None = None,
     steps: int | None = None,
     eta: float | None = None,
+    sampler: str | None = None,  # flow families: "sde" | "ddim"
     guidance: float | None = None,
     seed: int | None = None,
     output: str | Path | None = None,
@@ -86,7 +87,7 @@ def plan_training(
     values = {
         "train.algorithm": algorithm, "reward.spec": reward, "sampling.prompts": prompts, "train.epochs": epochs,
         "sampling.batch_size": batch_size, "train.batch_size": train_batch_size, "sampling.steps": steps,
-        "sampling.eta": eta, "sampling.guidance": guidance, "train.seed": seed,
+        "sampling.eta": eta, "sampling.sampler": sampler, "sampling.guidance": guidance, "train.seed": seed,
         "output.dir": str(output) if output is not None else None, "model.name": model, "model.device": device,
         "model.dtype": dtype, "output.report_to": report_to,
     }
@@ -304,6 +305,7 @@ def sample(
     seed: int = 0,
     steps: int | None = None,
     eta: float | None = None,
+    sampler: str | None = None,  # flow families: "sde" (default) | "ddim"
     guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -324,6 +326,7 @@ def sample(
         resolve_checkpoint,
         trained_resolution,
     )
+    from dagcli.families import set_sampler
     from dagcli.families.base import check_image_size
     from dagcli.generate import SampleSettings, generate, read_manifest, write_samples
     from dagcli.models import check_model_name, default_model, load_model, same_model
@@ -346,6 +349,7 @@ def sample(
     if not same_model(trained_on, model):  # it fits: another name for the model, or a fine-tune of it
         reporter.warn(f"{ckpt} was trained on {trained_on!r}, sampled with {model!r}")
     loaded = load_model(model, device=device, dtype=dtype)
+    set_sampler(loaded.family, sampler or "sde", eta, what="--sampler")
     size = (trained_resolution(folder) if folder else None) or loaded.resolution  # the run's, else the model's
     height, width = height or size, width or size
     check_image_size(loaded.family, {"--height": height, "--width": width})

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dagcli.errors import DagError
 
+FLOW_SAMPLERS = ("sde", "ddim")  # sampling.sampler (`families.flow.FLOW_SAMPLERS` holds their steps)
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -35,6 +36,7 @@ class SamplingConfig:
     # size; each family has its reference)
     steps: int | None = None  # sampler steps per trajectory
     eta: float | None = None  # the sampler's noise level (DDIM η <= 1, the flow SDE's a); training needs > 0
+    sampler: str = "sde"  # flow families: "sde" (Flow-GRPO's SDE) | "ddim" (DDIM for rectified flow, matched to P_B)
     guidance: float | None = None  # classifier-free guidance weight
     batch_size: int = 16  # trajectories per sampler call (per process)
     batches_per_epoch: int = 4  # sampler calls per epoch (per process)
@@ -350,6 +352,7 @@ def validate(c: Config) -> list[str]:
     one_of("model.dtype", c.model.dtype, ("fp32", "bf16", "fp16"))
     one_of("output.report_to", c.output.report_to, ("none", "tensorboard", "wandb"))
     one_of("lora.init", c.lora.init, ("gaussian", "true"))
+    one_of("sampling.sampler", c.sampling.sampler, FLOW_SAMPLERS)
     for name in POSITIVE_KEYS:
         if _unset_ok(_value(c, name)) <= 0:
             e.append(f"{setting(name, _value(c, name))}: must be positive")

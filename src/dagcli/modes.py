@@ -136,3 +136,63 @@ def targets_for(base_shares: dict[str, dict[str, float]], values: dict[str, floa
                 ) -> dict[str, dict[str, float]]:
     """prompt -> the GFlowNet target shares, from the base model's shares of each background (prompt -> shares)."""
     return {p: target_shares(base, values, beta_eff) for p, base in base_shares.items()}
+
+
+# --- the exact target of a reward that depends on the background only ------------------------------------------
+#
+# With r = r(b), p*(b | c) = p_base(b | c)·e^{β_eff r(b)} / Z(c) and log Z(c) = log Σ_b p_base(b | c)·e^{β_eff r(b)}
+# are exact given the base model's shares per prompt: the target that relative balance objectives (and
+# KL-regularised RL with coefficient 1/β_eff) land on, and against which a run's TV, reward gap and split are read.
+
+
+def beta_for_odds(odds: float, reduction: str, latent_dims: int) -> float:
+    """The `dag.beta` whose β_eff is ln(odds): a 0/1 reward then multiplies the rewarded backgrounds' odds by
+    `odds` (ln 4: ×4); the inverse of `effective_beta`."""
+    return math.log(odds) / effective_beta(1.0, reduction, latent_dims)
+
+
+def log_partition(base: dict[str, float], values: dict[str, float], beta_eff: float) -> float:
+    """log Z = log Σ_b p_base(b)·exp(β_eff·r(b)), computed in log space."""
+    logs = [math.log(p) + beta_eff * values[b] for b, p in base.items() if p > 0]
+    if not logs:
+        raise ValueError("the base shares are all zero")
+    top = max(logs)
+    return top + math.log(sum(math.exp(v - top) for v in logs))
+
+
+def expected_reward(share: dict[str, float], values: dict[str, float]) -> float:
+    """E[r] = Σ_b share(b)·r(b)."""
+    return sum(p * values[b] for b, p in share.items())
+
+
+def rewarded_split(share: dict[str, float], rewarded: Sequence[str]) -> dict[str, float]:
+    """How the rewarded backgrounds divide their total share (each over their sum; 0 each when none is seen)."""
+    total = sum(share.get(b, 0.0) for b in rewarded)
+    return {b: share.get(b, 0.0) / total if total > 0 else 0.0 for b in rewarded}
+
+
+def exact_target(base: dict[str, float], values: dict[str, float], beta_eff: float) -> dict:
+    """p*, log Z and E_{p*}[r] of one prompt from the base model's shares."""
+    target = target_shares(base, values, beta_eff)
+    return {"p_star": target, "log_z": log_partition(base, values, beta_eff),
+            "expected_reward": expected_reward(target, values)}
+
+
+def target_report(run: dict[str, dict[str, float]], base: dict[str, dict[str, float]], values: dict[str, float],
+                  beta_eff: float, rewarded: Sequence[str]) -> dict:
+    """A run's shares (prompt -> shares) against the exact target of each prompt: TV to p*, the reward gap
+    E_run[r] − E_{p*}[r] (> 0: overshoot, as a reward maximiser does) and the split among rewarded modes, beside
+    the target's; per prompt and averaged over prompts."""
+    per_prompt = {}
+    for prompt, share in run.items():
+        exact = exact_target(base[prompt], values, beta_eff)
+        per_prompt[prompt] = {**exact, "tv": tv_distance(share, exact["p_star"]),
+                              "reward_gap": expected_reward(share, values) - exact["expected_reward"],
+                              "split": rewarded_split(share, rewarded),
+                              "target_split": rewarded_split(exact["p_star"], rewarded)}
+    n = max(len(per_prompt), 1)
+    rows = per_prompt.values()
+    return {"tv": sum(r["tv"] for r in rows) / n, "reward_gap": sum(r["reward_gap"] for r in rows) / n,
+            "split": {b: sum(r["split"][b] for r in rows) / n for b in rewarded},
+            "target_split": {b: sum(r["target_split"][b] for r in rows) / n for b in rewarded},
+            "per_prompt": per_prompt}

@@ -26,6 +26,7 @@ from dagcli.checkpoint import TrainState
 from dagcli.config import Config, dump_toml, epoch_sizes, fill_model_defaults, replace, to_dict, unit_fraction
 from dagcli.distributed import Dist
 from dagcli.errors import DagError
+from dagcli.families import set_sampler
 from dagcli.families.base import check_image_size
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
@@ -71,6 +72,7 @@ class Trainer:
         device = "cpu" if acc.device.type == "cpu" else str(acc.device)
         self.model = model or load_model(c.model.name or None, device=device, dtype=c.model.dtype)
         self.family = self.model.family
+        set_sampler(self.family, c.sampling.sampler, c.sampling.eta)
         denoiser = add_lora(self.family.denoiser, c.lora, c.train.seed)
         if c.train.gradient_checkpointing:
             denoiser.enable_gradient_checkpointing()

@@ -57,6 +57,12 @@ def eta_option(training: bool = False):
     return typer.Option(None, "--eta", help=f"Sampler noise: DDIM's η in {bounds}. \\[default: the model's; {defaults}]")
 
 
+def flow_sampler_option():
+    """`--sampler`: the flow families' step (`sampling.sampler`); None leaves the setting as it is."""
+    return typer.Option(None, "--sampler", help="Flow models' step: sde (Flow-GRPO's SDE) | ddim (DDIM for rectified "
+                        "flow, eta 1 matches P_B). \\[default: sde]")
+
+
 def sampler_option(name: str):
     """`--steps` or `--guidance`, whose defaults come from the model."""
     return typer.Option(None, f"--{name}", help=SAMPLER_DEFAULTS_HELP[name])

@@ -11,6 +11,7 @@ from dagcli.commands.common import (
     device_option,
     dtype_option,
     eta_option,
+    flow_sampler_option,
     model_option,
     sampler_option,
 )
@@ -23,6 +24,7 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Base seed; image j of prompt i uses seed + i*n + j."),
     steps: int = sampler_option("steps"),
     eta: float = eta_option(),
+    sampler: str = flow_sampler_option(),
     guidance: float = sampler_option("guidance"),
     height: int = typer.Option(
         None, "--height", help="Image height in pixels. \\[default: the --ckpt run's, else the model's]"
@@ -43,7 +45,7 @@ def sample(
 
     reporter = default_reporter()
     result = api.sample(prompt=prompt or [], prompts=prompts, num_per_prompt=num_per_prompt, seed=seed, steps=steps,
-                        eta=eta, guidance=guidance, height=height, width=width, batch_size=batch_size, ckpt=ckpt,
+                        eta=eta, sampler=sampler, guidance=guidance, height=height, width=width, batch_size=batch_size, ckpt=ckpt,
                         output=output, model=model, device=device, dtype=dtype, reporter=reporter)
     reporter.info(f"wrote {len(result.images)} images for {result.prompts} prompts to {output} "
                   f"({result.manifest.name})")

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dagcli.algorithms import ALGORITHMS
-from dagcli.commands.common import dtype_option, eta_option, sampler_option
+from dagcli.commands.common import dtype_option, eta_option, flow_sampler_option, sampler_option
 
 
 def train(
@@ -34,6 +34,7 @@ def train(
     ),
     steps: int = sampler_option("steps"),
     eta: float = eta_option(training=True),
+    sampler: str = flow_sampler_option(),
     guidance: float = sampler_option("guidance"),
     seed: int = typer.Option(None, "--seed", help="Run seed. \\[default: 0]"),
     output: Path = typer.Option(None, "--output", "-o", help="Run directory. \\[default: runs/dag]"),
@@ -54,7 +55,7 @@ def train(
 
     reporter = default_reporter()
     api.train(config, overrides=set_ or [], algorithm=algorithm, reward=reward, prompts=prompts, epochs=epochs,
-              batch_size=batch_size, train_batch_size=train_batch_size, steps=steps, eta=eta, guidance=guidance,
+              batch_size=batch_size, train_batch_size=train_batch_size, steps=steps, eta=eta, sampler=sampler, guidance=guidance,
               seed=seed, output=output, model=model, device=device, dtype=dtype, report_to=report_to, resume=resume,
               resume_from=resume_from, reporter=reporter, on_start=lambda trainer: banner(trainer, reporter))
 

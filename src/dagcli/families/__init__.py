@@ -42,4 +42,20 @@ def family_for(pipe, device: torch.device) -> Family:
     return FAMILIES[name](pipe, device)
 
 
-__all__ = ["FAMILIES", "Cond", "Family", "family_class", "family_for", "pipeline_family"]
+def set_sampler(family: Family, sampler: str, eta: float | None = None, what: str = "sampling.sampler") -> None:
+    """Make every schedule of `family` use `sampler` (`what`: the setting or flag that gave it); only flow families
+    have a choice, and "ddim" needs eta <= 1 (η = 1: the noising chain's posterior). Else one DagError line naming
+    the valid values."""
+    samplers = getattr(family, "samplers", ("sde",))
+    if sampler not in samplers and len(samplers) > 1:
+        raise DagError(f"{what} {sampler!r} is not a sampler; valid options: {', '.join(samplers)}")
+    if sampler not in samplers:
+        raise DagError(f"{what} {sampler!r} applies to the flow families only (sd3, flux: SD3, FLUX, tiny-flow, "
+                       f"tiny-random-sd3/flux); the {family.name} family takes 'sde' (its own sampler)")
+    if sampler == "ddim" and eta is not None and not 0.0 <= eta <= 1.0:
+        raise DagError(f"eta {eta:g} with {what} 'ddim': must be in [0, 1] (1: the posterior of P_B)")
+    if len(samplers) > 1:
+        family.sampler = sampler
+
+
+__all__ = ["FAMILIES", "Cond", "Family", "family_class", "family_for", "pipeline_family", "set_sampler"]

@@ -8,6 +8,7 @@ so the step, the flow network and the decoder see the same tensors for every flo
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
@@ -15,11 +16,16 @@ from types import SimpleNamespace
 import torch
 
 from dagcli.families.base import Cond, decode_latents
-from dagcli.kernels import flow_sde
+from dagcli.kernels import flow_ddim, flow_sde
 from dagcli.kernels.gaussian import Reduction, StepOutput, initial_noise
 
 # Flow-GRPO's LoRA targets (scripts/train_sd3.py): every projection of the joint attention, image and text streams
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+# sampling.sampler -> (the step with log P_F, log P_B): Flow-GRPO's SDE, or DDIM for rectified flow (P_F matched to P_B)
+FLOW_SAMPLERS: dict[str, tuple[Callable, Callable]] = {
+    "sde": (flow_sde.sde_step, flow_sde.backward_log_prob),
+    "ddim": (flow_ddim.ddim_flow_step, flow_ddim.matched_backward_log_prob),
+}
 PROMPT_CACHE = 64  # encoded prompts kept (T5 embeddings are large: 4096 wide, 256-512 tokens)
 
 
@@ -66,11 +72,13 @@ class FlowFamily:
     default_lora_targets = ATTENTION_TARGETS
     load_kwargs: dict = {}
     max_resolution: int | None = None  # rotary position embeddings (FLUX): any size; SD3 has a bound
+    samplers = tuple(FLOW_SAMPLERS)  # the values `sampling.sampler` takes for this family
 
     def __init__(self, pipe, device: torch.device):
         self.pipe, self.device = pipe, device
         self.denoiser = pipe.transformer
         self.prompts = PromptCache(self._encode)
+        self.sampler = "sde"  # sampling.sampler: the step every schedule of this family uses (`set_sampler`)
 
     # --- the model specifics (subclasses) ----------------------------------------------------------------
     def _encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -100,17 +108,19 @@ class FlowFamily:
 
     # --- the chain ---------------------------------------------------------------------------------------
     def schedule(self, steps: int, height: int, width: int) -> flow_sde.Schedule:
-        return flow_sde.Schedule.from_scheduler(self.pipe.scheduler, steps,
-                                                **self.schedule_kwargs(steps, height, width))
+        levels = flow_sde.Schedule.from_scheduler(self.pipe.scheduler, steps,
+                                                  **self.schedule_kwargs(steps, height, width))
+        return dataclasses.replace(levels, sampler=self.sampler)
 
     def num_steps(self, schedule: flow_sde.Schedule) -> int:
         return schedule.num_steps
 
     def step(self, schedule, i, x, out, eta, prev=None, generator=None, reduction: Reduction = "mean") -> StepOutput:
-        return flow_sde.sde_step(schedule, i, x, out, eta, prev_sample=prev, generator=generator, reduction=reduction)
+        step = FLOW_SAMPLERS[schedule.sampler][0]
+        return step(schedule, i, x, out, eta, prev_sample=prev, generator=generator, reduction=reduction)
 
     def backward_log_prob(self, schedule, i, x, prev, reduction: Reduction = "mean") -> torch.Tensor:
-        return flow_sde.backward_log_prob(schedule, i, x, prev, reduction=reduction)
+        return FLOW_SAMPLERS[schedule.sampler][1](schedule, i, x, prev, reduction=reduction)
 
     def predict_x0(self, schedule, j, x, out) -> torch.Tensor:
         return flow_sde.pred_x0(schedule, j, x, out)

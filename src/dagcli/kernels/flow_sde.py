@@ -31,6 +31,7 @@ class Schedule:
 
     sigmas: torch.Tensor  # [T+1] float32, descending, the last one 0: σ of states 0 ... T
     timesteps: torch.Tensor  # [T] float32: σ·1000 of states 0 ... T-1 as the scheduler computes them
+    sampler: str = "sde"  # the step on these levels: "sde" (`sde_step`) or "ddim" (`flow_ddim.ddim_flow_step`)
 
     @classmethod
     def from_scheduler(cls, scheduler, num_steps: int, **set_timesteps_kwargs) -> Schedule:
