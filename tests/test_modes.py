@@ -156,7 +156,7 @@ def test_exact_target_presets_put_rewarded_odds_times_four(model):
     import json
 
     from dagcli.config import load_config
-    from dagcli.models import PRETRAINED_DIRS
+    from dagcli.builtin import PRETRAINED_DIRS
 
     config = load_config(f"examples/configs/{model}-modes-exact-target.toml")
     folder = PRETRAINED_DIRS[model]

@@ -50,8 +50,8 @@ def set_sampler(family: Family, sampler: str, eta: float | None = None, what: st
     if sampler not in samplers and len(samplers) > 1:
         raise DagError(f"{what} {sampler!r} is not a sampler; valid options: {', '.join(samplers)}")
     if sampler not in samplers:
-        raise DagError(f"{what} {sampler!r} applies to the flow families only (sd3, flux: SD3, FLUX, tiny-flow, "
-                       f"tiny-random-sd3/flux); the {family.name} family takes 'sde' (its own sampler)")
+        raise DagError(f"{what} {sampler!r} applies to the flow families only (sd3, flux: SD3 / SD3.5, "
+                       f"FLUX and the models built on them); the {family.name} family takes 'sde' (its own sampler)")
     if sampler == "ddim" and eta is not None and not 0.0 <= eta <= 1.0:
         raise DagError(f"eta {eta:g} with {what} 'ddim': must be in [0, 1] (1: the posterior of P_B)")
     if len(samplers) > 1:
