@@ -1,5 +1,5 @@
-"""Training objectives behind one interface (`base.Algorithm`): DAG-DB and DAG-KL (GFlowNet), DDPO and GRPO (RL
-baselines).
+"""Training objectives behind one interface (`base.Algorithm`): DAG-DB, DAG-KL and DAG-RDB (GFlowNet), DDPO and
+GRPO (RL baselines).
 
 `ALGORITHMS` is the one list of them: config validation, `dag train --help` and error messages read it. Each
 reads its own config section (`section`), built with `build_algorithm`. This module imports no torch, so the
@@ -28,11 +28,11 @@ class AlgorithmInfo:
     group_size: Callable[[object], int] = lambda config: 1
 
 
-def _dag(kl: bool):
+def _dag(kl: bool, relative: bool = False):
     def build(settings, ctx: Context) -> Algorithm:
         from dagcli.algorithms.dag import Dag
 
-        return Dag(settings, ctx, kl=kl)
+        return Dag(settings, ctx, kl=kl, relative=relative)
 
     return build
 
@@ -52,6 +52,8 @@ def _grpo(settings, ctx: Context) -> Algorithm:
 ALGORITHMS: dict[str, AlgorithmInfo] = {
     "dag-db": AlgorithmInfo("dag-db", "dag", "GFlowNet detailed balance with a forward-looking flow", 1, _dag(False)),
     "dag-kl": AlgorithmInfo("dag-kl", "dag", "GFlowNet KL / REINFORCE variant of DAG", 2, _dag(True)),
+    "dag-rdb": AlgorithmInfo("dag-rdb", "dag", "relative DB: DAG-DB with the base model's own step for P_B", 1,
+                             _dag(False, relative=True)),
     "ddpo": AlgorithmInfo("ddpo", "ddpo", "DDPO: PPO on per-prompt normalised rewards (RL baseline)", 1, _ddpo),
     "grpo": AlgorithmInfo("grpo", "grpo", "GRPO (Flow-GRPO): group-normalised advantages, KL to the base model", 1,
                           _grpo, group_size=lambda config: config.grpo.group_size),
