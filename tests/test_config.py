@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dagcli.algorithms import ALGORITHMS
 from dagcli.config import (
     NON_NEGATIVE_KEYS,
     POSITIVE_KEYS,
@@ -32,14 +33,37 @@ def test_config_from_dict_sets_given_keys_and_keeps_defaults():
     assert c.train.learning_rate == 3e-4 and c.sampling.steps is None  # defaults; steps comes from the model
 
 
-@pytest.mark.parametrize("key, value, message", [
-    *[(k, 0, "must be positive") for k in POSITIVE_KEYS],
-    *[(k, -1, "must not be negative") for k in NON_NEGATIVE_KEYS],
+def _algorithm_ranges():
+    """(algorithm, section.key, value, message) for every range its section declares."""
+    for algorithm, info in ALGORITHMS.items():
+        for key in info.settings.positive:
+            yield algorithm, f"{info.section}.{key}", 0, "must be positive"
+        for key in info.settings.non_negative:
+            yield algorithm, f"{info.section}.{key}", -1, "must not be negative"
+
+
+@pytest.mark.parametrize("algorithm, key, value, message", [
+    *[("dag-db", k, 0, "must be positive") for k in POSITIVE_KEYS],
+    *[("dag-db", k, -1, "must not be negative") for k in NON_NEGATIVE_KEYS],
+    *_algorithm_ranges(),
 ])
-def test_range_checks_name_the_key(key, value, message):
+def test_range_checks_name_the_key(algorithm, key, value, message):
     section, name = key.split(".")
+    data = {"train": {"algorithm": algorithm}, "sampling": {"batch_size": 16}}
+    data.setdefault(section, {})[name] = value
     with pytest.raises(DagError, match=rf"{key} = -?[0-9.]+: {message}"):
-        config_from_dict({section: {name: value}})
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize("key, value", [("grpo.group_size", 1), ("grpo.std", "batch"), ("ddpo.clip_range", 0),
+                                        ("dag.beta", -1.0), ("dag.x0_source", "nowhere")])
+def test_an_algorithms_values_are_checked_only_when_it_runs(key, value):
+    section, name = key.split(".")
+    other = next(a for a, info in ALGORITHMS.items() if info.section != section)
+    c = config_from_dict({"train": {"algorithm": other}, section: {name: value}})
+    assert getattr(getattr(c, section), name) == value
+    with pytest.raises(DagError, match="expected"):  # its types are checked whichever algorithm runs
+        config_from_dict({"train": {"algorithm": other}, section: {name: [value]}})
 
 
 def test_config_from_dict_reports_every_problem_at_once():
@@ -48,7 +72,7 @@ def test_config_from_dict_reports_every_problem_at_once():
                           "sampling": {"steps": 0}, "lora": {"target_modules": [1]}})
     msg = str(e.value)
     for part in ["train.epochs = 'ten': expected an integer", "unknown key train.nope", "unknown section [bogus]",
-                 "train.algorithm = 'ppo': valid options: dag-db, dag-kl, ddpo", "sampling.steps = 0: must be positive",
+                 "train.algorithm = 'ppo': valid options: dag-db, dag-kl, dag-rdb, ddpo", "sampling.steps = 0: must be positive",
                  "lora.target_modules = [1]: expected a list of strings"]:
         assert part in msg, part
 

@@ -180,7 +180,7 @@ def test_db_residual_of_a_hand_built_two_step_chain():
     """δ of both transitions of a 2-step chain through DAG-DB's loss, against the equations computed here."""
     from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
     from dagcli.algorithms.dag import Dag
-    from dagcli.config import DagConfig
+    from dagcli.algorithms.dag_settings import DagConfig
     from dagcli.rollout import EpochBatch
     from dagcli.sampling import Trajectory
 

@@ -135,3 +135,30 @@ def test_log_z_table_looks_up_saves_and_names_an_unknown_prompt(tmp_path):
     torch.testing.assert_close(again(["a red circle"]), torch.tensor([0.5]))
     with pytest.raises(DagError, match="no learned log Z for the prompt 'a green star'"):
         table(["a green star"])
+
+
+@pytest.mark.parametrize("log_z", ["learned", "vargrad"])
+def test_rtb_trains_two_epochs_on_tiny(log_z, tmp_path, tiny_pipeline_dir, capsys):
+    import json
+
+    from cli_helpers import run_cli, write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square"],
+                            train={"algorithm": "rtb", "epochs": 2},
+                            sampling={"batch_size": 4}, rtb={"beta": 1.0, "log_z": log_z, "group_size": 2})
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", cfg, "-o", run], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        for key in ("loss", "rtb_loss", "log_z", "log_ratio_base", "rtb_residual_abs", "grad_norm_lora"):
+            assert math.isfinite(m[key]), key
+    assert lines[0]["log_ratio_base"] == 0.0  # a zero LoRA is the base model, bit for bit
+    assert lines[1]["log_ratio_base"] != 0.0 and lines[0]["grad_norm_lora"] > 0
+    step = run / "checkpoints" / "step-000002"
+    assert (step / "log_z.safetensors").exists() == (log_z == "learned")
+    if log_z == "learned":  # logged per epoch, per prompt, and it moved from 0 after the first epoch's updates
+        assert lines[0]["log_z"] == 0.0 and lines[1]["log_z"] != 0.0
+        saved = load_file(step / "log_z.safetensors")["log_z"]
+        assert saved.shape == (2,) and saved.abs().max() > 0

@@ -18,9 +18,6 @@ from pathlib import Path
 
 from dagcli.errors import DagError
 
-X0_SOURCES = ("sampling", "current")
-X0_GUIDANCE = ("cond", "guided")
-GRPO_STD = ("global", "group")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
@@ -91,48 +88,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class DagConfig:
-    """Read by dag-db and dag-kl."""
-
-    flow_learning_rate: float = 3e-4  # the flow network's learning rate
-    beta: float = 100.0  # reward exponent: R(x) = exp(β r(x)) (per latent dim under reduction = "mean")
-    beta_ramp_epochs: int = 50  # β grows linearly over this many epochs (reference: half of 100), 0 = no ramp
-    flow_warmup_epochs: int = 0  # first epochs train only the flow network (the LoRA waits for a fitted F̃)
-    proximity: float = 1.0  # λ: weight of mean (ε̃_θ − ε̃_sampling)²
-    x0_source: str = "sampling"  # forward-looking x̂0: "sampling" (stored, each state once) | "current" (reference)
-    x0_guidance: str = "cond"  # x̂0 from the conditional ε (reference) or the guided ε
-    # decoder of the forward-looking x̂0 images: "" = the model's VAE; else an AutoencoderTiny folder or hub id
-    # (e.g. madebyollin/taesd for SD 1.x / 2.x; "tiny-taesd" for the built-in model); final images use the VAE
-    x0_decoder: str = ""
-    kl_weight: float = 1.0  # DAG-KL: weight of the REINFORCE term
-    clip_range: float = 1e-4  # DAG-KL: ratio clip of the REINFORCE term
-    adv_clip: float = 5.0  # DAG-KL: advantages clipped to ±this
-
-
-@dataclass(frozen=True)
-class DdpoConfig:
-    """Read by ddpo."""
-
-    clip_range: float = 1e-4  # PPO ratio clip
-    adv_clip: float = 5.0  # advantages clipped to ±this
-    buffer_size: int = 16  # rewards kept per prompt for per-prompt normalisation
-    min_count: int = 16  # fewer rewards than this for a prompt: normalise with the global batch statistics
-
-
-@dataclass(frozen=True)
-class GrpoConfig:
-    """Read by grpo. Defaults from Flow-GRPO (yifan123/flow_grpo); the file that sets each is named."""
-
-    group_size: int = 8  # trajectories per prompt group (config/grpo.py, 1-GPU SD3 preset: num_image_per_prompt)
-    clip_range: float = 1e-4  # PPO ratio clip (config/base.py: train.clip_range)
-    kl_weight: float = 0.04  # β_KL of the KL to the base model (config/grpo.py, SD3 GenEval / OCR: train.beta)
-    adv_clip: float = 5.0  # advantages clipped to ±this (config/base.py: train.adv_clip_max)
-    std_eps: float = 1e-4  # added to the std that divides the advantages (flow_grpo/stat_tracking.py)
-    std: str = "global"  # "global": std of every reward of the epoch | "group": each group's own (config/base.py:
-    # sample.global_std = True)
-
-
-@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/dag"  # the run directory
     checkpoint_every: int = 10  # epochs between checkpoints (the last epoch is always saved)
@@ -142,17 +97,21 @@ class OutputConfig:
     report_to: str = "none"  # none | tensorboard | wandb
 
 
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = ModelConfig()
-    sampling: SamplingConfig = SamplingConfig()
-    reward: RewardConfig = RewardConfig()
-    lora: LoraConfig = LoraConfig()
-    train: TrainConfig = TrainConfig()
-    dag: DagConfig = DagConfig()
-    ddpo: DdpoConfig = DdpoConfig()
-    grpo: GrpoConfig = GrpoConfig()
-    output: OutputConfig = OutputConfig()
+def _build_config_class() -> type:
+    """`Config`: the run's sections, each algorithm's own (`dagcli.algorithms.sections`) between train and output."""
+    from dagcli.algorithms import sections
+
+    own = [(name, section.settings, section.settings()) for name, section in sections().items()]
+    fields = [("model", ModelConfig, ModelConfig()), ("sampling", SamplingConfig, SamplingConfig()),
+              ("reward", RewardConfig, RewardConfig()), ("lora", LoraConfig, LoraConfig()),
+              ("train", TrainConfig, TrainConfig()), *own, ("output", OutputConfig, OutputConfig())]
+    cls = dataclasses.make_dataclass("Config", fields, frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = "The whole configuration of a run: one frozen section per TOML table."
+    return cls
+
+
+Config = _build_config_class()
 
 
 # --- how messages name a setting ----------------------------------------------------------------------
@@ -357,16 +316,14 @@ def replace(config: Config, section: str, **changes) -> Config:
     return dataclasses.replace(config, **{section: dataclasses.replace(getattr(config, section), **changes)})
 
 
+# the algorithms' own keys are checked by their sections (`dagcli.algorithms.settings.Section`), when they run
 POSITIVE_KEYS = (
     "sampling.steps", "sampling.resolution", "sampling.batch_size", "sampling.batches_per_epoch", "train.epochs",
-    "train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate", "dag.flow_learning_rate",
-    "train.max_grad_norm", "lora.rank", "lora.alpha", "output.checkpoint_every", "output.keep_last", "dag.clip_range",
-    "dag.adv_clip", "ddpo.clip_range", "ddpo.adv_clip", "ddpo.buffer_size", "grpo.clip_range", "grpo.adv_clip",
-    "grpo.std_eps",
+    "train.batch_size", "train.gradient_accumulation_steps", "train.learning_rate", "train.max_grad_norm",
+    "lora.rank", "lora.alpha", "output.checkpoint_every", "output.keep_last",
 )  # unset (None: the model's default, filled in later) passes
 NON_NEGATIVE_KEYS = (
-    "dag.beta", "dag.proximity", "dag.beta_ramp_epochs", "output.sample_every", "dag.flow_warmup_epochs",
-    "dag.kl_weight", "reward.max_nonfinite", "grpo.kl_weight", "sampling.guidance", "output.checkpoint_minutes",
+    "output.sample_every", "reward.max_nonfinite", "sampling.guidance", "output.checkpoint_minutes",
 )
 
 
@@ -388,14 +345,11 @@ def validate(c: Config) -> list[str]:
 
     one_of("train.algorithm", c.train.algorithm, tuple(ALGORITHMS))
     one_of("train.reduction", c.train.reduction, ("mean", "sum"))
-    one_of("dag.x0_source", c.dag.x0_source, X0_SOURCES)
-    one_of("dag.x0_guidance", c.dag.x0_guidance, X0_GUIDANCE)
     one_of("train.mixed_precision", c.train.mixed_precision, MIXED_PRECISION)
     one_of("model.device", c.model.device, ("auto", "cpu", "cuda"))
     one_of("model.dtype", c.model.dtype, ("fp32", "bf16", "fp16"))
     one_of("output.report_to", c.output.report_to, ("none", "tensorboard", "wandb"))
     one_of("lora.init", c.lora.init, ("gaussian", "true"))
-    one_of("grpo.std", c.grpo.std, GRPO_STD)
     for name in POSITIVE_KEYS:
         if _unset_ok(_value(c, name)) <= 0:
             e.append(f"{setting(name, _value(c, name))}: must be positive")
@@ -414,24 +368,20 @@ def validate(c: Config) -> list[str]:
                  "(its leave-one-out baseline)")
     if c.lora.target_modules is not None and not c.lora.target_modules:
         e.append("lora.target_modules is empty")
-    e.extend(_check_groups(c))
+    e.extend(_check_algorithm(c))
     return e
 
 
-def _check_groups(c: Config) -> list[str]:
-    """An algorithm that samples prompts in groups (GRPO) needs each sampler call to hold whole groups."""
+def _check_algorithm(c: Config) -> list[str]:
+    """The selected algorithm's section: its ranges and choices, then how it fits the rest of the config."""
     from dagcli.algorithms import ALGORITHMS
+    from dagcli.algorithms.settings import check_section
 
-    if c.grpo.group_size < 2:
-        return [f"{setting('grpo.group_size', c.grpo.group_size)}: must be at least 2 (advantages compare a "
-                "group's members)"]
     info = ALGORITHMS.get(c.train.algorithm)
-    size = info.group_size(c) if info is not None else 1
-    if size > 1 and c.sampling.batch_size % size:
-        return [f"{setting('sampling.batch_size', c.sampling.batch_size)} does not divide into groups of "
-                f"{setting('grpo.group_size', size)}; use a multiple of {size} "
-                f"(e.g. {size * max(1, round(c.sampling.batch_size / size))}) or another group size"]
-    return []
+    if info is None:  # already said
+        return []
+    problems = check_section(info.settings, getattr(c, info.section), setting)
+    return problems + info.settings.validate(c, setting)
 
 
 def _unset_ok(value: int | float | None) -> int | float:
@@ -450,14 +400,53 @@ def accumulation_steps(accumulation: int, steps: int, fraction: float) -> int:
     return max(1, round(accumulation * transitions_per_trajectory(steps, fraction) / steps))
 
 
+# What an algorithm trains on (`AlgorithmInfo.unit`), and how its items are named in messages:
+#   transitions   a `timestep_fraction` of each trajectory's stored steps x_i -> x_{i+1}
+#   trajectories  every stored step of each trajectory, with a per-trajectory coefficient computed first
+#   samples       each final latent re-noised at `timestep_fraction` · steps fresh (time, noise) draws
+UNIT_NOUNS = {"transitions": "transitions", "trajectories": "transitions", "samples": "noised samples"}
+
+
+@dataclass(frozen=True)
+class EpochSizes:
+    """How one process's epoch divides into micro-batches and optimiser steps."""
+
+    unit: str  # one of `UNIT_NOUNS`
+    items_per_trajectory: int  # micro-batch items drawn from each trajectory
+    items: int  # items per epoch (per process)
+    micro_batches: int  # micro-batches per epoch (the last one may be smaller)
+    accumulation: int  # micro-batches per optimiser step
+    optimizer_steps: int  # optimiser steps per epoch
+
+
+def unit_fraction(unit: str, fraction: float) -> float:
+    """The share of each trajectory's steps the unit trains: every step for `trajectories`."""
+    return 1.0 if unit == "trajectories" else fraction
+
+
+def epoch_sizes(c: Config) -> EpochSizes:
+    """The selected algorithm's unit, sized by `sampling` and `train` (steps known: after `fill_model_defaults`)."""
+    from dagcli.algorithms import ALGORITHMS
+
+    info = ALGORITHMS.get(c.train.algorithm)
+    unit = info.unit if info is not None else "transitions"
+    fraction = unit_fraction(unit, c.train.timestep_fraction)
+    per_traj = transitions_per_trajectory(c.sampling.steps, fraction)
+    items = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
+    micro = -(-items // c.train.batch_size) if c.train.batch_size > 0 else 0
+    steps_known = c.sampling.steps > 0  # else already said
+    accum = accumulation_steps(c.train.gradient_accumulation_steps or 1, c.sampling.steps, fraction) if steps_known else 1
+    return EpochSizes(unit, per_traj, items, micro, accum, -(-micro // accum))
+
+
 def _check_micro_batches(c: Config) -> list[str]:
-    per_traj = transitions_per_trajectory(c.sampling.steps, c.train.timestep_fraction)
-    total = c.sampling.batch_size * c.sampling.batches_per_epoch * per_traj
-    if c.train.batch_size > 0 and total > 0 and total % c.train.batch_size:
-        divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
-        return [f"{setting('train.batch_size', c.train.batch_size)} does not divide the {total} transitions "
+    s = epoch_sizes(c)
+    if c.train.batch_size > 0 and s.items > 0 and s.items % c.train.batch_size:
+        divisors = [d for d in range(1, min(s.items, 64) + 1) if s.items % d == 0]
+        per = "steps" if s.unit != "samples" else "noised copies"
+        return [f"{setting('train.batch_size', c.train.batch_size)} does not divide the {s.items} {UNIT_NOUNS[s.unit]} "
                 f"trained per epoch ({c.sampling.batch_size} trajectories x {c.sampling.batches_per_epoch} sampler "
-                f"calls x {per_traj} steps); valid options: " + ", ".join(map(str, divisors))]
+                f"calls x {s.items_per_trajectory} {per}); valid options: " + ", ".join(map(str, divisors))]
     return []
 
 

@@ -22,7 +22,7 @@ from dagcli.faults import fault_point
 from dagcli.sampling import Trajectory, sample_batch
 from dagcli.stopping import check_interrupt
 
-SAMPLING_STREAM, TRANSITION_STREAM = 1, 2
+SAMPLING_STREAM, TRANSITION_STREAM, SAMPLE_STREAM = 1, 2, 3
 
 
 def epoch_seed(seed: int, epoch: int, rank: int, stream: int = 0) -> int:

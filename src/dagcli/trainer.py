@@ -2,7 +2,8 @@
 
     Trainer.train():  for each epoch
         collect       rollout.Rollout.collect → EpochBatch   (sample, score, x̂0 rewards; algorithm.prepare)
-        train_epoch   shuffled transitions → micro-batches → algorithm.loss → backward → optimiser step
+        train_epoch   the unit's shuffled items → micro-batches → algorithm.loss → backward → optimiser step
+                      (`dagcli.units`: transitions, whole trajectories, or re-noised final samples)
         log / save    metrics.MetricsLog, checkpoint.save_checkpoint (by epochs and by wall time)
 
 One loop serves every model family (`dagcli.families`) and algorithm (`dagcli.algorithms`). Runs under
@@ -22,7 +23,7 @@ import torch
 from dagcli.algorithms import ALGORITHMS, build_algorithm
 from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.checkpoint import TrainState
-from dagcli.config import Config, accumulation_steps, dump_toml, fill_model_defaults, replace, to_dict
+from dagcli.config import Config, dump_toml, epoch_sizes, fill_model_defaults, replace, to_dict, unit_fraction
 from dagcli.distributed import Dist
 from dagcli.errors import DagError
 from dagcli.families.base import check_image_size
@@ -34,6 +35,7 @@ from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import prompt_metadata
 from dagcli.rollout import EpochBatch, Rollout
 from dagcli.stopping import StopRequest, check_interrupt
+from dagcli.units import UNITS, transition_batch
 
 
 class Trainer:
@@ -88,6 +90,8 @@ class Trainer:
                                metadata=prompt_metadata(c.sampling.prompts))
         self.context = self._context()
         self.algorithm = build_algorithm(c.train.algorithm, c, self.context)
+        self.unit_name = ALGORITHMS[c.train.algorithm].unit
+        self.unit = UNITS[self.unit_name]
         if self.algorithm.x0_decoder:
             self.rollout.x0_vae = load_tiny_decoder(self.algorithm.x0_decoder, self.model.device, self.model.dtype)
         groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": c.train.learning_rate}]
@@ -107,7 +111,7 @@ class Trainer:
         return Context(family=self.family, schedule=self.rollout.schedule, device=self.model.device,
                        height=self.resolution, width=self.resolution, steps=c.sampling.steps, seed=c.train.seed,
                        reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards,
-                       reference_step=self.reference_step)
+                       reference_step=self.reference_step, prompts=tuple(self.prompts))
 
     @torch.no_grad()
     def reference_step(self, mb: MicroBatch):
@@ -135,7 +139,8 @@ class Trainer:
         c = self.config
         try:
             batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards,
-                                                          c.train.timestep_fraction, c.train.always_last_step)
+                                                          unit_fraction(self.unit_name, c.train.timestep_fraction),
+                                                          c.train.always_last_step)
             failure = None
         except DagError as e:  # e.g. a reward server that stopped answering: every process stops, none waits
             failure = e
@@ -156,31 +161,50 @@ class Trainer:
 
     def micro_batch_loss(self, batch: EpochBatch, idx: torch.Tensor, epoch: int) -> tuple[torch.Tensor, dict]:
         """Per-transition loss [n] of the micro-batch `idx` [n, 2] of (trajectory, step) pairs, and its logs."""
-        c, dev, traj = self.config, self.model.device, batch.traj
-        b, i = idx[:, 0], idx[:, 1]
-        mb = MicroBatch(traj_index=b, step_index=i, x=traj.latents[b, i].to(dev), x_next=traj.latents[b, i + 1].to(dev),
-                        cond=traj.cond[b].to(dev), prompts=[traj.prompts[j] for j in b.tolist()],
-                        log_pf_old=traj.log_probs[b, i].to(dev), out_old=traj.out_guided[b, i].to(dev),
-                        terminal=i.to(dev) == traj.num_steps - 1)
-        with self.accelerator.autocast():
-            out, _ = self.family.denoiser_fn(self.denoiser, self.rollout.schedule, mb.cond, c.sampling.guidance)(mb.x, i)
-        step = self.family.step(self.rollout.schedule, i, mb.x, out, c.sampling.eta, prev=mb.x_next,
-                                reduction=c.train.reduction)
+        mb = transition_batch(batch, idx, self.model.device)
+        out, step = self._policy_step(self.denoiser, mb)
         log_pf = step.log_prob
         logs = {"log_pf": log_pf.detach().mean(), "approx_kl": 0.5 * ((log_pf - mb.log_pf_old) ** 2).detach().mean()}
         loss, more = self.algorithm.loss(mb, PolicyOutput(out=out, step=step), batch, epoch)
         return loss, {**logs, **more}
 
-    def train_epoch(self, epoch: int, batch: EpochBatch) -> dict:
-        """Optimiser steps over this epoch's shuffled transitions, with gradient accumulation."""
+    @torch.no_grad()
+    def current_log_prob(self, batch: EpochBatch, idx: torch.Tensor) -> torch.Tensor:
+        """[n] log P_F of the stored transitions `idx` [n, 2] under the current policy, no gradients."""
+        return self._policy_step(self.raw_denoiser, transition_batch(batch, idx, self.model.device))[1].log_prob
+
+    def _policy_step(self, denoiser, mb: MicroBatch):
+        """The guided output of `denoiser` on a micro-batch's states and the step that scores its stored moves."""
+        c, i = self.config, mb.step_index
+        with self.accelerator.autocast():
+            out, _ = self.family.denoiser_fn(denoiser, self.rollout.schedule, mb.cond, c.sampling.guidance)(mb.x, i)
+        step = self.family.step(self.rollout.schedule, i, mb.x, out, c.sampling.eta, prev=mb.x_next,
+                                reduction=c.train.reduction)
+        return out, step
+
+    def policy(self, cond):
+        """(x [n, ...], state index j [n]) -> the current guided output at those states for `cond`, differentiable
+        (what a sample-level algorithm trains)."""
         c = self.config
-        pairs = batch.pairs[: self.dist.min_int(len(batch.pairs))]  # equal step counts on every process (DDP all-reduces)
-        micro = [pairs[j : j + c.train.batch_size] for j in range(0, len(pairs), c.train.batch_size)]
-        micro = [m for m in micro if len(m) >= self.algorithm.min_micro_batch]
-        accum = accumulation_steps(c.train.gradient_accumulation_steps, c.sampling.steps, c.train.timestep_fraction)
-        frozen = self.algorithm.lora_frozen(epoch)
+
+        def guided(x: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+            with self.accelerator.autocast():
+                return self.family.denoiser_fn(self.denoiser, self.rollout.schedule, cond, c.sampling.guidance)(x, j)[0]
+
+        return guided
+
+    def train_epoch(self, epoch: int, batch: EpochBatch) -> dict:
+        """Optimiser steps over this epoch's shuffled items of the algorithm's unit, with gradient accumulation."""
+        c = self.config
         for module in (self.denoiser, *self.algorithm.modules.values()):
             module.train()
+        self.unit.before_micro_batches(self, batch, epoch)
+        items = self.unit.items(self, batch, epoch)
+        items = items[: self.dist.min_int(len(items))]  # equal step counts on every process (DDP all-reduces)
+        micro = [items[j : j + c.train.batch_size] for j in range(0, len(items), c.train.batch_size)]
+        micro = [m for m in micro if len(m) >= self.algorithm.min_micro_batch]
+        accum = epoch_sizes(c).accumulation
+        frozen = self.algorithm.lora_frozen(epoch)
         sums, counts, grad_norms = defaultdict(float), defaultdict(int), defaultdict(list)
         skipped = 0
         with self.reporter.task(f"epoch {epoch + 1}: training", len(micro)) as advance:
@@ -202,7 +226,7 @@ class Trainer:
     def _accumulate(self, batch, idx, epoch: int, group_size: int, sync: bool, sums: dict, counts: dict) -> int:
         """Backward of one micro-batch's mean loss / group size; returns 1 when its loss was NaN/inf (skipped)."""
         with self.dist.no_sync([self.denoiser, *self.algorithm.modules.values()], sync):
-            loss, logs = self.micro_batch_loss(batch, idx, epoch)
+            loss, logs = self.unit.loss(self, batch, idx, epoch)
             loss = loss.mean()
             if not torch.isfinite(loss):
                 self.accelerator.backward(self._zero_loss())  # keeps DDP's all-reduce in step across processes

@@ -1,9 +1,12 @@
 """Training objectives behind one interface (`base.Algorithm`): DAG-DB, DAG-KL and DAG-RDB (GFlowNet), DDPO and
 GRPO (RL baselines).
 
-`ALGORITHMS` is the one list of them: config validation, `dag train --help` and error messages read it. Each
-reads its own config section (`section`), built with `build_algorithm`. This module imports no torch, so the
-command line can list the algorithms without loading it.
+`ALGORITHMS` is the one list of them: the config's sections and their validation, `dag train --help` and error
+messages read it. Each reads its own config section (`settings`, declared beside it in `<name>_settings.py`) and
+trains on one loss unit (`unit`: transitions, trajectories or samples, see `dagcli.units`); it is built with
+`build_algorithm`. This module imports no torch, so the command line can list the algorithms without loading it.
+
+Adding an algorithm: its module (the `Algorithm`), its settings module (a `Section`), one line here.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from dagcli.algorithms import dag_settings, ddpo_settings, grpo_settings, rtb_settings
+from dagcli.algorithms.settings import Section
+
 if TYPE_CHECKING:
     from dagcli.algorithms.base import Algorithm, Context
 
@@ -19,13 +25,18 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class AlgorithmInfo:
     name: str
-    section: str  # the config section it reads
+    settings: Section  # the config section it reads: its keys, checks and help
     summary: str
     min_micro_batch: int
     build: Callable[[object, Context], Algorithm]  # (its config section, context) -> algorithm
     # (the run's config) -> trajectories per prompt group: each sampler call draws a prompt per group and repeats
     # it this many times (1: every trajectory draws its own prompt)
     group_size: Callable[[object], int] = lambda config: 1
+    unit: str = "transitions"  # what a micro-batch holds: transitions | trajectories | samples (`dagcli.units`)
+
+    @property
+    def section(self) -> str:
+        return self.settings.name
 
 
 def _dag(kl: bool, relative: bool = False):
@@ -49,14 +60,26 @@ def _grpo(settings, ctx: Context) -> Algorithm:
     return Grpo(settings, ctx)
 
 
+def _rtb(settings, ctx: Context) -> Algorithm:
+    from dagcli.algorithms.rtb import Rtb
+
+    return Rtb(settings, ctx)
+
+
 ALGORITHMS: dict[str, AlgorithmInfo] = {
-    "dag-db": AlgorithmInfo("dag-db", "dag", "GFlowNet detailed balance with a forward-looking flow", 1, _dag(False)),
-    "dag-kl": AlgorithmInfo("dag-kl", "dag", "GFlowNet KL / REINFORCE variant of DAG", 2, _dag(True)),
-    "dag-rdb": AlgorithmInfo("dag-rdb", "dag", "relative DB: DAG-DB with the base model's own step for P_B", 1,
-                             _dag(False, relative=True)),
-    "ddpo": AlgorithmInfo("ddpo", "ddpo", "DDPO: PPO on per-prompt normalised rewards (RL baseline)", 1, _ddpo),
-    "grpo": AlgorithmInfo("grpo", "grpo", "GRPO (Flow-GRPO): group-normalised advantages, KL to the base model", 1,
-                          _grpo, group_size=lambda config: config.grpo.group_size),
+    "dag-db": AlgorithmInfo("dag-db", dag_settings.SECTION, "GFlowNet detailed balance with a forward-looking flow", 1,
+                            _dag(False)),
+    "dag-kl": AlgorithmInfo("dag-kl", dag_settings.SECTION, "GFlowNet KL / REINFORCE variant of DAG", 2, _dag(True)),
+    "dag-rdb": AlgorithmInfo("dag-rdb", dag_settings.SECTION,
+                             "relative DB: DAG-DB with the base model's own step for P_B", 1, _dag(False, relative=True)),
+    "ddpo": AlgorithmInfo("ddpo", ddpo_settings.SECTION, "DDPO: PPO on per-prompt normalised rewards (RL baseline)", 1,
+                          _ddpo),
+    "grpo": AlgorithmInfo("grpo", grpo_settings.SECTION,
+                          "GRPO (Flow-GRPO): group-normalised advantages, KL to the base model", 1, _grpo,
+                          group_size=lambda config: config.grpo.group_size),
+    "rtb": AlgorithmInfo("rtb", rtb_settings.SECTION,
+                         "relative trajectory balance: the base model tilted by the reward, log Z per prompt", 1,
+                         _rtb, group_size=lambda config: config.rtb.group_size, unit="trajectories"),
 }
 
 
@@ -70,4 +93,9 @@ def build_algorithm(name: str, config, ctx: Context) -> Algorithm:
     return info.build(getattr(config, info.section), ctx)
 
 
-__all__ = ["ALGORITHMS", "AlgorithmInfo", "build_algorithm"]
+def sections() -> dict[str, Section]:
+    """Every algorithm's config section, once each, in the registry's order."""
+    return {info.section: info.settings for info in ALGORITHMS.values()}
+
+
+__all__ = ["ALGORITHMS", "AlgorithmInfo", "build_algorithm", "sections"]

@@ -1,9 +1,12 @@
-"""The algorithm seam: what a batch of transitions teaches.
+"""The algorithm seam: what an epoch's batch teaches.
 
 The trainer owns the loop (sampling, micro-batches, optimiser steps, checkpoints); an algorithm only says what to
-prepare from an epoch's rewards and what the loss of a micro-batch is. Every algorithm sees the same
-`MicroBatch` and the same `PolicyOutput` (the current policy's log-probability of each stored transition, computed
-by the trainer with the one step function that also sampled it, so the on-policy ratio is exactly 1).
+prepare from an epoch's rewards and what the loss of a micro-batch is. Its loss unit (`AlgorithmInfo.unit`, see
+`dagcli.units`) says what a micro-batch holds. A transition- or trajectory-level algorithm sees a `MicroBatch`
+and a `PolicyOutput` (the current policy's log-probability of each stored transition, computed by the trainer with
+the one step function that also sampled it, so the on-policy ratio is exactly 1); a trajectory-level one also
+gets `prepare_trajectories` before the micro-batches. A sample-level one sees a `units.SampleBatch` and the
+current policy as a function of (x, j).
 """
 
 from __future__ import annotations
@@ -60,6 +63,51 @@ class Algorithm(Protocol):
     def module_metadata(self) -> dict[str, dict]: ...  # per module, what rebuilds it (saved beside its weights)
 
 
+class LoraOnly:
+    """The members of an algorithm that trains the LoRA alone and keeps no state of its own (DDPO, GRPO)."""
+
+    min_micro_batch = 1
+    stored_x0_rewards = None
+    x0_decoder = None
+
+    def __init__(self, settings, ctx: Context):
+        self.settings, self.ctx = settings, ctx
+        self.modules: dict[str, torch.nn.Module] = {}
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def lora_frozen(self, epoch: int) -> bool:
+        return False
+
+    def epoch_logs(self, epoch: int) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def module_metadata(self) -> dict[str, dict]:
+        return {}
+
+
+class TrajectoryAlgorithm(Algorithm, Protocol):
+    """An algorithm of the `trajectories` unit: per-trajectory quantities first, then per-step terms."""
+
+    # the current policy's log P_F [N, T] of every stored step (no gradients), once per epoch before the
+    # micro-batches: set what the per-step losses need on the batch (e.g. a coefficient per trajectory)
+    def prepare_trajectories(self, batch, log_pf: torch.Tensor, dist) -> None: ...
+
+
+class SampleAlgorithm(Protocol):
+    """An algorithm of the `samples` unit; the other members are `Algorithm`'s."""
+
+    # per-item loss [n] of re-noised final latents; `policy(x, j)` is the current guided output, differentiable
+    def loss(self, sb, policy, batch, epoch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
 @dataclass
 class Context:
     """What an algorithm may use of the run besides its own config section."""
@@ -79,3 +127,4 @@ class Context:
     # (micro-batch) -> StepOutput of the base model (the same network with its LoRA disabled, no second copy) on the
     # micro-batch's stored transitions: its log P_F, step mean and std, no gradients
     reference_step: object
+    prompts: tuple[str, ...] = ()  # the run's prompt list (a per-prompt table is sized by it)

@@ -7,6 +7,7 @@ from collections import deque
 import torch
 
 from dagcli.algorithms import losses
+from dagcli.algorithms.base import LoraOnly
 
 
 def per_prompt_advantages(
@@ -38,24 +39,14 @@ def per_prompt_advantages(
     return adv.clamp(-clip, clip)
 
 
-class Ddpo:
+class Ddpo(LoraOnly):
     """DDPO: the PPO clipped surrogate on per-prompt normalised rewards, settings from the `[ddpo]` section."""
 
     name = "ddpo"
-    min_micro_batch = 1
-    stored_x0_rewards = None
-    x0_decoder = None
 
     def __init__(self, settings, ctx):
-        self.settings, self.ctx = settings, ctx
-        self.modules: dict[str, torch.nn.Module] = {}
+        super().__init__(settings, ctx)
         self.buffers: dict[str, list[float]] = {}  # prompt -> recent rewards (over all processes)
-
-    def param_groups(self) -> list[dict]:
-        return []
-
-    def lora_frozen(self, epoch: int) -> bool:
-        return False
 
     def prepare(self, batch, dist) -> None:
         """Advantages from every process's rewards (the buffers see the whole epoch), this process's share."""
@@ -64,9 +55,6 @@ class Ddpo:
                                         self.buffers, s.buffer_size, s.min_count, s.adv_clip)
         start = dist.rank_offset(batch.traj.batch_size)
         batch.advantages = all_adv[start : start + batch.traj.batch_size]
-
-    def epoch_logs(self, epoch: int) -> dict:
-        return {}
 
     def loss(self, mb, policy, batch, epoch: int):
         adv = batch.advantages[mb.traj_index].to(mb.x.device)
@@ -78,6 +66,3 @@ class Ddpo:
 
     def load_state_dict(self, state: dict) -> None:
         self.buffers = {p: list(v) for p, v in state.get("buffers", {}).items()}
-
-    def module_metadata(self) -> dict[str, dict]:
-        return {}

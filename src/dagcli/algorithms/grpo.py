@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from dagcli.algorithms import losses
-from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
+from dagcli.algorithms.base import Context, LoraOnly, MicroBatch, PolicyOutput
 from dagcli.kernels.gaussian import bcast, reduce_latent
 
 
@@ -65,24 +65,14 @@ def groups_of(batch) -> torch.Tensor:
     return torch.tensor([order.setdefault(p, len(order)) for p in batch.traj.prompts], dtype=torch.long)
 
 
-class Grpo:
+class Grpo(LoraOnly):
     """GRPO with settings from the `[grpo]` section; the LoRA only, no extra networks."""
 
     name = "grpo"
-    min_micro_batch = 1
-    stored_x0_rewards = None
-    x0_decoder = None
 
     def __init__(self, settings, ctx: Context):
-        self.settings, self.ctx = settings, ctx
-        self.modules: dict[str, torch.nn.Module] = {}
+        super().__init__(settings, ctx)
         self._logs: dict[str, float] = {}
-
-    def param_groups(self) -> list[dict]:
-        return []
-
-    def lora_frozen(self, epoch: int) -> bool:
-        return False
 
     def prepare(self, batch, dist) -> None:
         """Advantages within this process's groups (groups never span processes); the global std over every
@@ -110,12 +100,3 @@ class Grpo:
             loss = loss + s.kl_weight * kl
             logs["kl_loss"] = kl.detach().mean()
         return loss, logs
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-    def module_metadata(self) -> dict[str, dict]:
-        return {}

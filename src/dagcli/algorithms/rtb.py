@@ -96,3 +96,80 @@ class LogZTable(torch.nn.Module):
 def log_z_table_from(metadata: dict) -> LogZTable:
     """Rebuild a saved table from the metadata written beside its weights."""
     return LogZTable(metadata["prompts"])
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else 0.0
+
+
+class Rtb:
+    """RTB on the `trajectories` unit with settings from the `[rtb]` section: A(τ) once per trajectory from the
+    current policy's and the base model's log-probs of every stored step (on-policy: the pass before the
+    micro-batches uses the weights the micro-batches differentiate), then 2·A·log P_θ per step."""
+
+    name = "rtb"
+    min_micro_batch = 1
+    stored_x0_rewards = None
+    x0_decoder = None
+
+    def __init__(self, settings, ctx):
+        self.settings, self.ctx = settings, ctx
+        self.learned = settings.log_z == "learned"
+        self.table = LogZTable(list(ctx.prompts)).to(ctx.device) if self.learned else None  # the unwrapped table
+        self.modules = {"log_z": self.table} if self.learned else {}
+        self._logs: dict[str, float] = {}
+
+    def param_groups(self) -> list[dict]:
+        if not self.learned:
+            return []
+        return [{"params": list(self.modules["log_z"].parameters()), "lr": self.settings.log_z_learning_rate}]
+
+    def lora_frozen(self, epoch: int) -> bool:
+        return False
+
+    def prepare(self, batch, dist) -> None:
+        """Nothing before the policy pass: A needs every step's current log-prob."""
+
+    def prepare_trajectories(self, batch, log_pf: torch.Tensor, dist) -> None:
+        """A(τ) [N] from log P_θ [N, T] and the base model's log-probs of the same steps, set on the batch."""
+        from dagcli.algorithms.grpo import groups_of
+        from dagcli.units import transition_batch
+
+        n, steps = log_pf.shape
+        every = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
+        log_base = torch.empty(n, steps)
+        for start in range(0, len(every), steps):
+            idx = every[start : start + steps]
+            log_base[idx[:, 0], idx[:, 1]] = self.ctx.reference_step(
+                transition_batch(batch, idx, self.ctx.device)).log_prob.float().cpu()
+        ratio_sum, reward, beta = (log_pf - log_base).sum(1), batch.rewards.float(), self.settings.beta
+        if self.learned:
+            with torch.no_grad():
+                log_z = self.modules["log_z"](batch.traj.prompts).float().cpu()
+            batch.advantages = residual(log_z, ratio_sum, reward, beta)
+        else:
+            log_z = vargrad_log_z(ratio_sum, reward, groups_of(batch), beta)
+            batch.advantages = vargrad_residuals(ratio_sum, reward, groups_of(batch), beta)
+        self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
+                      "rtb_residual_abs": _mean(batch.advantages.abs())}
+        if self.learned:
+            self._logs.update({f"log_z/{k}": float(v) for k, v in enumerate(self.table.log_z.detach())})
+
+    def epoch_logs(self, epoch: int) -> dict:
+        return dict(self._logs)
+
+    def loss(self, mb, policy, batch, epoch: int):
+        a = batch.advantages[mb.traj_index].to(mb.x.device)
+        loss = transition_surrogate(a, policy.step.log_prob)
+        if self.learned:  # every step is trained once: 1/T of the log Z term on each adds it once per trajectory
+            loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ctx.steps
+        return loss, {"rtb_loss": loss.detach().mean()}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def module_metadata(self) -> dict[str, dict]:
+        return {"log_z": self.table.metadata()} if self.learned else {}

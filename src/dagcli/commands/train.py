@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
@@ -245,22 +244,19 @@ def _last_checkpoint(run_dir: Path) -> str:
 
 
 def run_sizes(trainer) -> dict:
-    """Derived sizes shown in the start-up banner."""
-    from dagcli.config import accumulation_steps, transitions_per_trajectory
+    """Derived sizes shown in the start-up banner (per item of the algorithm's loss unit)."""
+    from dagcli.config import epoch_sizes
 
-    c, n_proc = trainer.config, trainer.dist.size
-    per_proc = c.sampling.batch_size * c.sampling.batches_per_epoch
-    per_traj = transitions_per_trajectory(c.sampling.steps, c.train.timestep_fraction)
-    accum = accumulation_steps(c.train.gradient_accumulation_steps, c.sampling.steps, c.train.timestep_fraction)
-    micro = math.ceil(per_proc * per_traj / c.train.batch_size)
+    c, n_proc, s = trainer.config, trainer.dist.size, epoch_sizes(trainer.config)
     counts = {f"{n}_parameters": sum(p.numel() for p in m.parameters()) for n, m in trainer.raw_modules().items()}
     return {
         "processes": n_proc,
-        "trajectories_per_epoch": per_proc * n_proc,
-        "transitions_per_trajectory": per_traj,
-        "micro_batches_per_epoch": micro,
-        "micro_batches_per_optimizer_step": accum,
-        "optimizer_steps_per_epoch": math.ceil(micro / accum),
+        "trajectories_per_epoch": c.sampling.batch_size * c.sampling.batches_per_epoch * n_proc,
+        "unit": s.unit,
+        "transitions_per_trajectory": s.items_per_trajectory,
+        "micro_batches_per_epoch": s.micro_batches,
+        "micro_batches_per_optimizer_step": s.accumulation,
+        "optimizer_steps_per_epoch": s.optimizer_steps,
         "lora_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters() if p.requires_grad),
         "denoiser_parameters": sum(p.numel() for p in trainer.raw_denoiser.parameters()),
         **counts,
@@ -268,14 +264,17 @@ def run_sizes(trainer) -> dict:
 
 
 def banner(trainer, reporter) -> None:
+    from dagcli.config import UNIT_NOUNS
+
     c, s = trainer.config, run_sizes(trainer)
+    noun = UNIT_NOUNS[s["unit"]]
     reporter.info(
         f"[bold]dag train[/] {c.train.algorithm} on {trainer.model.name} · reward {c.reward.spec} · "
         f"{len(set(trainer.prompts))} prompts · output {c.output.dir}"
     )
     reporter.info(
         f"  {s['trajectories_per_epoch']} trajectories/epoch ({s['processes']} process(es)), "
-        f"{s['transitions_per_trajectory']} transitions each, {s['micro_batches_per_epoch']} micro-batches, "
+        f"{s['transitions_per_trajectory']} {noun} each, {s['micro_batches_per_epoch']} micro-batches, "
         f"{s['optimizer_steps_per_epoch']} optimiser step(s)/epoch · LoRA {s['lora_parameters']:,} params"
         + "".join(f", {k.removesuffix('_parameters')} {v:,}" for k, v in s.items()
                   if k.endswith("_parameters") and k not in ("lora_parameters", "denoiser_parameters"))
@@ -283,7 +282,7 @@ def banner(trainer, reporter) -> None:
     )
     total = c.sampling.batch_size * c.sampling.batches_per_epoch * s["transitions_per_trajectory"]
     if total % c.train.batch_size:
-        reporter.warn(f"{total} transitions per epoch do not divide into micro-batches of {c.train.batch_size}; "
+        reporter.warn(f"{total} {noun} per epoch do not divide into micro-batches of {c.train.batch_size}; "
                       "the last one is smaller")
     if s["micro_batches_per_epoch"] > s["micro_batches_per_optimizer_step"] \
             and s["micro_batches_per_epoch"] % s["micro_batches_per_optimizer_step"]:  # fewer: one step per epoch

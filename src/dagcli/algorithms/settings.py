@@ -1,0 +1,39 @@
+"""What an algorithm declares about its config section, without torch: the settings dataclass, its range and
+choice checks (run only when the algorithm is selected), a cross-field check, and the section's help text.
+
+`dagcli.config` builds `Config` from these sections (one per section, shared by the algorithms that read it),
+checks every section's types always and the selected algorithm's values once it knows which one runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str  # the TOML section and the `Config` attribute, e.g. "grpo" (keys: grpo.group_size, ...)
+    settings: type  # the frozen dataclass of its keys, a comment per field
+    help: str  # one line: what the section sets
+    positive: tuple[str, ...] = ()  # keys that must be > 0
+    non_negative: tuple[str, ...] = ()  # keys that must be >= 0
+    choices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # key -> its valid values
+    # (the whole config, `config.setting`) -> problems between this section and the rest (e.g. group sizes)
+    validate: Callable[[object, Callable], list[str]] = lambda config, setting: []
+
+
+def check_section(section: Section, values, setting: Callable) -> list[str]:
+    """The range and choice problems of one section's `values` (an instance of `section.settings`)."""
+    problems = []
+    for key, options in section.choices.items():
+        value = getattr(values, key)
+        if value not in options:
+            problems.append(f"{setting(f'{section.name}.{key}', value)}: valid options: {', '.join(options)}")
+    for key in section.positive:
+        if getattr(values, key) <= 0:
+            problems.append(f"{setting(f'{section.name}.{key}', getattr(values, key))}: must be positive")
+    for key in section.non_negative:
+        if getattr(values, key) < 0:
+            problems.append(f"{setting(f'{section.name}.{key}', getattr(values, key))}: must not be negative")
+    return problems
