@@ -40,7 +40,7 @@ def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base():
     Gaussians: δ_k = log F(x_k) + log P_θ − log P_base − log F(x_{k+1}), with no P_B anywhere."""
     from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
     from dagcli.algorithms.dag import Dag
-    from dagcli.config import DagConfig
+    from dagcli.algorithms.dag_settings import DagConfig
     from dagcli.kernels import flow_sde
     from dagcli.rollout import EpochBatch
     from dagcli.sampling import Trajectory
