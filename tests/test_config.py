@@ -72,7 +72,7 @@ def test_config_from_dict_reports_every_problem_at_once():
                           "sampling": {"steps": 0}, "lora": {"target_modules": [1]}})
     msg = str(e.value)
     for part in ["train.epochs = 'ten': expected an integer", "unknown key train.nope", "unknown section [bogus]",
-                 "train.algorithm = 'ppo': valid options: dag-db, dag-kl, ddpo", "sampling.steps = 0: must be positive",
+                 "train.algorithm = 'ppo': valid options: dag-db, dag-kl, dag-rdb, ddpo", "sampling.steps = 0: must be positive",
                  "lora.target_modules = [1]: expected a list of strings"]:
         assert part in msg, part
 

@@ -34,7 +34,7 @@ def test_resume_equals_uninterrupted(algorithm, tmp_path, tiny_pipeline_dir, cap
     assert run_cli(["train", "--config", cfg, "--epochs", "1", "-o", b], capsys)[0] == 0
     assert run_cli(["train", "--config", cfg, "--epochs", "3", "-o", b, "--resume"], capsys)[0] == 0
     names = ["pytorch_lora_weights.safetensors"] + (["flow.safetensors"] if ALGORITHMS[algorithm].section == "dag"
-                                                    else [])
+                                                    else []) + (["log_z.safetensors"] if algorithm == "rtb" else [])
     assert {p.name for p in (a / "checkpoints" / "step-000003").glob("*.safetensors")} == set(names)
     for name in names:
         wa = load_file(a / "checkpoints" / "step-000003" / name)

@@ -99,7 +99,7 @@ def test_gradients_reach_only_lora_and_flow(tiny_config, tmp_path):
     "extra, needle",
     [
         (["--reward", "nope"], "unknown reward 'nope'"),
-        (["--algorithm", "ppo"], "--algorithm ppo: valid options: dag-db, dag-kl, ddpo, grpo"),
+        (["--algorithm", "ppo"], "--algorithm ppo: valid options: dag-db, dag-kl, dag-rdb, ddpo, grpo, rtb"),
         (["--algorithm", "dag-kl", "--train-batch-size", "1"], "dag-kl needs at least 2"),
         (["--set", "train.nope=1"], "unknown key train.nope"),
         (["--prompts", "missing.txt"], "missing.txt"),

@@ -66,7 +66,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    algorithm: str = "dag-db"  # one of `dagcli.algorithms.ALGORITHMS`: dag-db | dag-kl | ddpo | grpo
+    algorithm: str = "dag-db"  # one of `dagcli.algorithms.ALGORITHMS`: dag-db | dag-kl | dag-rdb | ddpo | grpo | rtb
     epochs: int = 100
     batch_size: int = 8  # transitions per micro-batch (per process)
     # micro-batches per optimiser step when every transition is trained (reference: 4 x 50 timesteps); with

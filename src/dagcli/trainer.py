@@ -115,7 +115,7 @@ class Trainer:
         return Context(family=self.family, schedule=self.rollout.schedule, device=self.model.device,
                        height=self.resolution, width=self.resolution, steps=c.sampling.steps, seed=c.train.seed,
                        reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards,
-                       reference_step=self.reference_step)
+                       reference_step=self.reference_step, prompts=tuple(self.prompts))
 
     @torch.no_grad()
     def reference_step(self, mb: MicroBatch):

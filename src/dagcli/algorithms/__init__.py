@@ -1,5 +1,5 @@
-"""Training objectives behind one interface (`base.Algorithm`): DAG-DB and DAG-KL (GFlowNet), DDPO and GRPO (RL
-baselines).
+"""Training objectives behind one interface (`base.Algorithm`): DAG-DB, DAG-KL and DAG-RDB (GFlowNet), DDPO and
+GRPO (RL baselines).
 
 `ALGORITHMS` is the one list of them: the config's sections and their validation, `dag train --help` and error
 messages read it. Each reads its own config section (`settings`, declared beside it in `<name>_settings.py`) and
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dagcli.algorithms import dag_settings, ddpo_settings, grpo_settings
+from dagcli.algorithms import dag_settings, ddpo_settings, grpo_settings, rtb_settings
 from dagcli.algorithms.settings import Section
 
 if TYPE_CHECKING:
@@ -39,11 +39,11 @@ class AlgorithmInfo:
         return self.settings.name
 
 
-def _dag(kl: bool):
+def _dag(kl: bool, relative: bool = False):
     def build(settings, ctx: Context) -> Algorithm:
         from dagcli.algorithms.dag import Dag
 
-        return Dag(settings, ctx, kl=kl)
+        return Dag(settings, ctx, kl=kl, relative=relative)
 
     return build
 
@@ -60,15 +60,26 @@ def _grpo(settings, ctx: Context) -> Algorithm:
     return Grpo(settings, ctx)
 
 
+def _rtb(settings, ctx: Context) -> Algorithm:
+    from dagcli.algorithms.rtb import Rtb
+
+    return Rtb(settings, ctx)
+
+
 ALGORITHMS: dict[str, AlgorithmInfo] = {
     "dag-db": AlgorithmInfo("dag-db", dag_settings.SECTION, "GFlowNet detailed balance with a forward-looking flow", 1,
                             _dag(False)),
     "dag-kl": AlgorithmInfo("dag-kl", dag_settings.SECTION, "GFlowNet KL / REINFORCE variant of DAG", 2, _dag(True)),
+    "dag-rdb": AlgorithmInfo("dag-rdb", dag_settings.SECTION,
+                             "relative DB: DAG-DB with the base model's own step for P_B", 1, _dag(False, relative=True)),
     "ddpo": AlgorithmInfo("ddpo", ddpo_settings.SECTION, "DDPO: PPO on per-prompt normalised rewards (RL baseline)", 1,
                           _ddpo),
     "grpo": AlgorithmInfo("grpo", grpo_settings.SECTION,
                           "GRPO (Flow-GRPO): group-normalised advantages, KL to the base model", 1, _grpo,
                           group_size=lambda config: config.grpo.group_size),
+    "rtb": AlgorithmInfo("rtb", rtb_settings.SECTION,
+                         "relative trajectory balance: the base model tilted by the reward, log Z per prompt", 1,
+                         _rtb, group_size=lambda config: config.rtb.group_size, unit="trajectories"),
 }
 
 

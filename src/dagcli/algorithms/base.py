@@ -127,3 +127,4 @@ class Context:
     # (micro-batch) -> StepOutput of the base model (the same network with its LoRA disabled, no second copy) on the
     # micro-batch's stored transitions: its log P_F, step mean and std, no gradients
     reference_step: object
+    prompts: tuple[str, ...] = ()  # the run's prompt list (a per-prompt table is sized by it)

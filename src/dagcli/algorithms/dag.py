@@ -6,6 +6,12 @@ log F(x_T) = β·r(x_T):
     δ = log F(x_i) + log P_F(x_{i+1} | x_i) − log F(x_{i+1}) − log P_B(x_i | x_{i+1})
 DAG-DB minimises δ²; DAG-KL fits F̃ by δ² with log P_F detached and trains the policy with a clipped REINFORCE
 term on the per-transition −δ (see `losses.dag_kl_losses`). Both add λ·proximity to the sampling policy.
+
+DAG-RDB (relative detailed balance) puts the frozen base model's own forward step in the place of P_B:
+    δ = log F(x_i) + log P_θ(x_{i+1} | x_i) − log P_base(x_{i+1} | x_i) − log F(x_{i+1})
+(`losses.rdb_residual`), solved by the base model tilted by the reward, p_base·exp(β r) / Z, with F the twist
+E_base[exp(β r(x_T)) | x_i]. P_base is the same network with its LoRA off (`Context.reference_step`), so at a zero
+LoRA the log ratio is exactly 0 on every step.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ def beta_at(beta: float, ramp_epochs: int, epoch: int) -> float:
 
 
 class Dag:
-    """DAG-DB (`kl=False`) or DAG-KL (`kl=True`) with settings from the `[dag]` section."""
+    """DAG-DB (`kl=False`), DAG-KL (`kl=True`) or DAG-RDB (`relative=True`) with settings from the `[dag]`
+    section."""
 
-    def __init__(self, settings, ctx: Context, kl: bool):
-        self.settings, self.ctx, self.kl = settings, ctx, kl
-        self.name = "dag-kl" if kl else "dag-db"
+    def __init__(self, settings, ctx: Context, kl: bool, relative: bool = False):
+        self.settings, self.ctx, self.kl, self.relative = settings, ctx, kl, relative
+        self.name = "dag-rdb" if relative else "dag-kl" if kl else "dag-db"
         self.min_micro_batch = 2 if kl else 1  # DAG-KL's leave-one-out baseline needs two transitions
         self.stored_x0_rewards = settings.x0_guidance if settings.x0_source == "sampling" else None
         self.x0_decoder = settings.x0_decoder or None
@@ -55,7 +62,12 @@ class Dag:
         s, ctx = self.settings, self.ctx
         beta = beta_at(s.beta, s.beta_ramp_epochs, epoch)
         log_pf = policy.step.log_prob
-        log_pb = ctx.family.backward_log_prob(ctx.schedule, mb.step_index, mb.x, mb.x_next, reduction=ctx.reduction)
+        if self.relative:
+            log_pb = None
+            log_p_base = ctx.reference_step(mb).log_prob
+        else:
+            log_pb = ctx.family.backward_log_prob(ctx.schedule, mb.step_index, mb.x, mb.x_next,
+                                                  reduction=ctx.reduction)
         fl_now, fl_next = self._x0_rewards(mb, batch)
         flow_now, flow_next = self._flow_values(mb)
         log_f_now = losses.forward_looking_flow(flow_now.float(), fl_now, beta)
@@ -63,7 +75,11 @@ class Dag:
         log_f_next = torch.where(mb.terminal, terminal_value,
                                  losses.forward_looking_flow(flow_next.float(), fl_next, beta))
         logs = {}
-        if self.kl:
+        if self.relative:
+            loss = losses.rdb_residual(log_f_now, log_pf, log_p_base, log_f_next) ** 2
+            logs["db_loss"] = loss.detach().mean()
+            logs["log_ratio_base"] = (log_pf.detach() - log_p_base).mean()
+        elif self.kl:
             flow_loss, policy_loss = losses.dag_kl_losses(log_f_now, log_pf, mb.log_pf_old, log_f_next, log_pb,
                                                           s.clip_range, s.adv_clip)
             loss = flow_loss + s.kl_weight * policy_loss
@@ -76,7 +92,8 @@ class Dag:
             prox = losses.proximity(policy.out, mb.out_old)
             loss = loss + s.proximity * prox
             logs["proximity"] = prox.detach().mean()
-        logs["log_pb"] = log_pb.mean()
+        if log_pb is not None:
+            logs["log_pb"] = log_pb.mean()
         logs["flow"] = flow_now.detach().float().mean()
         return loss, logs
 

@@ -1,4 +1,4 @@
-"""The `[dag]` section, read by dag-db and dag-kl. Defaults are DAG's reference values for Stable Diffusion 1.5
+"""The `[dag]` section, read by dag-db, dag-kl and dag-rdb. Defaults are DAG's reference values for Stable Diffusion 1.5
 unless a comment names another source."""
 
 from __future__ import annotations

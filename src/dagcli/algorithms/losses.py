@@ -31,6 +31,16 @@ def db_loss(
     return db_residual(log_f_t, log_pf, log_f_s, log_pb) ** 2
 
 
+def rdb_residual(
+    log_f_t: torch.Tensor, log_pf: torch.Tensor, log_p_base: torch.Tensor, log_f_s: torch.Tensor
+) -> torch.Tensor:
+    """Relative DB: δ = log F(x_t) + log P_θ(x_s | x_t) − log P_base(x_s | x_t) − log F(x_s).
+
+    log P_base is the frozen base model's forward step on the same transition (a constant of the data).
+    """
+    return log_f_t + (log_pf - log_p_base.detach()) - log_f_s
+
+
 def proximity(eps: torch.Tensor, eps_sampling: torch.Tensor) -> torch.Tensor:
     """mean over latent dims of (ε̃_θ − ε̃_sampling)² per sample: keeps the policy near the one that sampled."""
     return ((eps.float() - eps_sampling.float().detach()) ** 2).flatten(1).mean(1)

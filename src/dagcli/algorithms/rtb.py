@@ -1,0 +1,175 @@
+"""Relative trajectory balance (RTB): the arithmetic, as pure functions of per-trajectory tensors, and the learned
+log Z. The target is the base model tilted by the reward, p_base(τ | c)·exp(β r(x_T)) / Z(c).
+
+For a trajectory τ of prompt c with per-step log ratios ρ_i = log P_θ(x_{i+1} | x_i) − log P_base(x_{i+1} | x_i):
+    A(τ) = log Z(c) + Σ_i ρ_i − β r(x_T),      L(τ) = A(τ)²
+Memory stays per step: ∇L = 2·A·Σ_i ∇log P_θ(x_{i+1} | x_i) + 2·A·∇log Z, so each transition's loss is
+2·A.detach()·log P_θ and each trajectory adds 2·A.detach()·log Z once (`transition_surrogate`, `log_z_surrogate`).
+A is computed once per trajectory from the log-probs of the pass that re-scores it, so the surrogate's gradient is
+the trajectory loss's exactly when that pass is the one whose log P_θ is differentiated (on-policy).
+
+log Z(c) comes either from a learned per-prompt table (`LogZTable`), or from VarGrad: log Ẑ(c) is the mean over
+the prompt's group of β r − Σ ρ, so A is Σ ρ − β r centred in its group (`vargrad_residuals`): KL-regularised
+REINFORCE with the path's exact log ratio and no std normalisation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dagcli.errors import DagError
+
+
+def residual(log_z: torch.Tensor, log_ratio_sum: torch.Tensor, reward: torch.Tensor, beta: float) -> torch.Tensor:
+    """[N] A(τ) = log Z(c) + Σ_i [log P_θ − log P_base] − β r(x_T); the reward is data."""
+    return log_z + log_ratio_sum - beta * reward.detach()
+
+
+def trajectory_loss(log_z: torch.Tensor, log_ratio_sum: torch.Tensor, reward: torch.Tensor, beta: float
+                    ) -> torch.Tensor:
+    """[N] RTB's loss per trajectory, A(τ)²."""
+    return residual(log_z, log_ratio_sum, reward, beta) ** 2
+
+
+def transition_surrogate(traj_residual: torch.Tensor, log_pf: torch.Tensor) -> torch.Tensor:
+    """[n] 2·A(τ).detach()·log P_θ(x_{i+1} | x_i) for transitions whose trajectory's residual is `traj_residual`
+    [n]: summed over a trajectory's steps, its gradient is A(τ)²'s in the policy."""
+    return 2 * traj_residual.detach() * log_pf
+
+
+def log_z_surrogate(traj_residual: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """[N] 2·A(τ).detach()·log Z(c), once per trajectory: its gradient is A(τ)²'s in log Z."""
+    return 2 * traj_residual.detach() * log_z
+
+
+def _group_means(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """[N] each value's group mean (float64)."""
+    _, inverse = torch.unique(groups.cpu(), return_inverse=True)
+    inverse = inverse.to(values.device)
+    n = int(inverse.max()) + 1 if len(inverse) else 0
+    v = values.double()
+    count = torch.zeros(n, dtype=torch.float64, device=v.device).index_add_(0, inverse, torch.ones_like(v))
+    total = torch.zeros(n, dtype=torch.float64, device=v.device).index_add_(0, inverse, v)
+    return (total / count)[inverse]
+
+
+def vargrad_log_z(log_ratio_sum: torch.Tensor, reward: torch.Tensor, groups: torch.Tensor, beta: float
+                  ) -> torch.Tensor:
+    """[N] VarGrad's log Ẑ(c) of each trajectory's group: the group's mean of β r − Σ ρ (no gradient)."""
+    return _group_means((beta * reward - log_ratio_sum).detach(), groups).to(log_ratio_sum.dtype)
+
+
+def vargrad_residuals(log_ratio_sum: torch.Tensor, reward: torch.Tensor, groups: torch.Tensor, beta: float
+                      ) -> torch.Tensor:
+    """[N] A with VarGrad's log Ẑ: Σ ρ − β r centred in its prompt group (no gradient; a group of one gets 0)."""
+    return residual(vargrad_log_z(log_ratio_sum, reward, groups, beta), log_ratio_sum.detach(), reward, beta)
+
+
+class LogZTable(torch.nn.Module):
+    """A learned log Z per prompt of the run, initialised at 0.
+
+    A table rather than a head on the pooled text embedding: the run's prompts are a fixed, finite list, the
+    target's log Z is a per-prompt number, and a table fits each one on its own (no capacity shared between
+    prompts, nothing to generalise), for every family alike (SD 1.5 has no pooled embedding).
+    """
+
+    def __init__(self, prompts: list[str]):
+        super().__init__()
+        self.prompts = list(dict.fromkeys(prompts))
+        self._index = {p: k for k, p in enumerate(self.prompts)}
+        self.log_z = torch.nn.Parameter(torch.zeros(len(self.prompts)))
+
+    def forward(self, prompts: list[str]) -> torch.Tensor:
+        """[n] log Z of each prompt."""
+        missing = [p for p in prompts if p not in self._index]
+        if missing:
+            raise DagError(f"no learned log Z for the prompt {missing[0]!r}: the table holds the run's "
+                           f"{len(self.prompts)} prompts")
+        idx = torch.tensor([self._index[p] for p in prompts], dtype=torch.long, device=self.log_z.device)
+        return self.log_z[idx]
+
+    def metadata(self) -> dict:
+        """What rebuilds the table (saved beside its weights, as the flow network's config is)."""
+        return {"prompts": self.prompts}
+
+
+def log_z_table_from(metadata: dict) -> LogZTable:
+    """Rebuild a saved table from the metadata written beside its weights."""
+    return LogZTable(metadata["prompts"])
+
+
+def _mean(values: torch.Tensor) -> float:
+    return float(values.mean()) if values.numel() else 0.0
+
+
+class Rtb:
+    """RTB on the `trajectories` unit with settings from the `[rtb]` section: A(τ) once per trajectory from the
+    current policy's and the base model's log-probs of every stored step (on-policy: the pass before the
+    micro-batches uses the weights the micro-batches differentiate), then 2·A·log P_θ per step."""
+
+    name = "rtb"
+    min_micro_batch = 1
+    stored_x0_rewards = None
+    x0_decoder = None
+
+    def __init__(self, settings, ctx):
+        self.settings, self.ctx = settings, ctx
+        self.learned = settings.log_z == "learned"
+        self.table = LogZTable(list(ctx.prompts)).to(ctx.device) if self.learned else None  # the unwrapped table
+        self.modules = {"log_z": self.table} if self.learned else {}
+        self._logs: dict[str, float] = {}
+
+    def param_groups(self) -> list[dict]:
+        if not self.learned:
+            return []
+        return [{"params": list(self.modules["log_z"].parameters()), "lr": self.settings.log_z_learning_rate}]
+
+    def lora_frozen(self, epoch: int) -> bool:
+        return False
+
+    def prepare(self, batch, dist) -> None:
+        """Nothing before the policy pass: A needs every step's current log-prob."""
+
+    def prepare_trajectories(self, batch, log_pf: torch.Tensor, dist) -> None:
+        """A(τ) [N] from log P_θ [N, T] and the base model's log-probs of the same steps, set on the batch."""
+        from dagcli.algorithms.grpo import groups_of
+        from dagcli.units import transition_batch
+
+        n, steps = log_pf.shape
+        every = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
+        log_base = torch.empty(n, steps)
+        for start in range(0, len(every), steps):
+            idx = every[start : start + steps]
+            log_base[idx[:, 0], idx[:, 1]] = self.ctx.reference_step(
+                transition_batch(batch, idx, self.ctx.device)).log_prob.float().cpu()
+        ratio_sum, reward, beta = (log_pf - log_base).sum(1), batch.rewards.float(), self.settings.beta
+        if self.learned:
+            with torch.no_grad():
+                log_z = self.modules["log_z"](batch.traj.prompts).float().cpu()
+            batch.advantages = residual(log_z, ratio_sum, reward, beta)
+        else:
+            log_z = vargrad_log_z(ratio_sum, reward, groups_of(batch), beta)
+            batch.advantages = vargrad_residuals(ratio_sum, reward, groups_of(batch), beta)
+        self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
+                      "rtb_residual_abs": _mean(batch.advantages.abs())}
+        if self.learned:
+            self._logs.update({f"log_z/{k}": float(v) for k, v in enumerate(self.table.log_z.detach())})
+
+    def epoch_logs(self, epoch: int) -> dict:
+        return dict(self._logs)
+
+    def loss(self, mb, policy, batch, epoch: int):
+        a = batch.advantages[mb.traj_index].to(mb.x.device)
+        loss = transition_surrogate(a, policy.step.log_prob)
+        if self.learned:  # every step is trained once: 1/T of the log Z term on each adds it once per trajectory
+            loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ctx.steps
+        return loss, {"rtb_loss": loss.detach().mean()}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def module_metadata(self) -> dict[str, dict]:
+        return {"log_z": self.table.metadata()} if self.learned else {}

@@ -1,0 +1,37 @@
+"""The `[rtb]` section, read by rtb (relative trajectory balance)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dagcli.algorithms.settings import Section
+
+LOG_Z = ("learned", "vargrad")
+
+
+@dataclass(frozen=True)
+class RtbConfig:
+    """Read by rtb."""
+
+    beta: float = 100.0  # β of the target p_base·exp(β r) / Z (with "mean" reduction, β per latent dim as DAG's)
+    log_z: str = "learned"  # "learned": a per-prompt log Z table | "vargrad": each prompt group's mean (no table)
+    log_z_learning_rate: float = 1e-2  # the learned log Z table's learning rate
+    group_size: int = 4  # trajectories per prompt group (VarGrad's groups; 1 is allowed with "learned")
+
+
+def check_groups(c, setting) -> list[str]:
+    """VarGrad compares a group's members: groups of at least two, whole groups per sampler call."""
+    size = c.rtb.group_size
+    if size < 1:
+        return []  # reported as not positive
+    if c.rtb.log_z == "vargrad" and size < 2:
+        return [f"{setting('rtb.group_size', size)}: must be at least 2 with rtb.log_z = 'vargrad'"]
+    if c.sampling.batch_size % size:
+        return [f"{setting('sampling.batch_size', c.sampling.batch_size)} does not divide into groups of "
+                f"{setting('rtb.group_size', size)}; use a multiple of {size} or another group size"]
+    return []
+
+
+SECTION = Section("rtb", RtbConfig, "RTB: β, log Z (learned per prompt or VarGrad), prompt group size",
+                  positive=("beta", "log_z_learning_rate", "group_size"), choices={"log_z": LOG_Z},
+                  validate=check_groups)
