@@ -155,8 +155,8 @@ def test_exact_target_presets_put_rewarded_odds_times_four(model):
     """β_eff = D·β with the model's own latent size D (read from its configs) is ln 4 in the preset."""
     import json
 
-    from dagcli.config import load_config
     from dagcli.builtin import PRETRAINED_DIRS
+    from dagcli.config import load_config
 
     config = load_config(f"examples/configs/{model}-modes-exact-target.toml")
     folder = PRETRAINED_DIRS[model]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dagcli.algorithms import ALGORITHMS, build_algorithm
-from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
+from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput, transition_batch
 from dagcli.checkpoint import TrainState
 from dagcli.config import Config, dump_toml, epoch_sizes, fill_model_defaults, replace, to_dict, unit_fraction
 from dagcli.distributed import Dist
@@ -36,7 +36,7 @@ from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import prompt_metadata
 from dagcli.rollout import EpochBatch, Rollout
 from dagcli.stopping import StopRequest, check_interrupt
-from dagcli.units import UNITS, transition_batch
+from dagcli.units import UNITS
 
 
 class Trainer:

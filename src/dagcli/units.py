@@ -20,7 +20,6 @@ from typing import Protocol
 
 import torch
 
-from dagcli.algorithms.base import MicroBatch
 from dagcli.families.base import Cond
 from dagcli.rollout import SAMPLE_STREAM, epoch_seed
 
@@ -107,11 +106,3 @@ class Samples:
 UNITS: dict[str, Unit] = {"transitions": Transitions(), "trajectories": Trajectories(), "samples": Samples()}
 
 
-def transition_batch(batch, idx: torch.Tensor, device) -> MicroBatch:
-    """The stored transitions `idx` [n, 2] of (trajectory, step) pairs, on `device`."""
-    traj = batch.traj
-    b, i = idx[:, 0], idx[:, 1]
-    return MicroBatch(traj_index=b, step_index=i, x=traj.latents[b, i].to(device),
-                      x_next=traj.latents[b, i + 1].to(device), cond=traj.cond[b].to(device),
-                      prompts=[traj.prompts[j] for j in b.tolist()], log_pf_old=traj.log_probs[b, i].to(device),
-                      out_old=traj.out_guided[b, i].to(device), terminal=i.to(device) == traj.num_steps - 1)

@@ -35,6 +35,16 @@ class MicroBatch:
     terminal: torch.Tensor  # [n] bool: x_{i+1} is the final state
 
 
+def transition_batch(batch, idx: torch.Tensor, device) -> MicroBatch:
+    """The stored transitions `idx` [n, 2] of (trajectory, step) pairs, on `device`."""
+    traj = batch.traj
+    b, i = idx[:, 0], idx[:, 1]
+    return MicroBatch(traj_index=b, step_index=i, x=traj.latents[b, i].to(device),
+                      x_next=traj.latents[b, i + 1].to(device), cond=traj.cond[b].to(device),
+                      prompts=[traj.prompts[j] for j in b.tolist()], log_pf_old=traj.log_probs[b, i].to(device),
+                      out_old=traj.out_guided[b, i].to(device), terminal=i.to(device) == traj.num_steps - 1)
+
+
 @dataclass
 class PolicyOutput:
     """The current policy on a micro-batch (differentiable in the LoRA weights)."""

@@ -132,8 +132,8 @@ class Rtb:
 
     def prepare_trajectories(self, batch, log_pf: torch.Tensor, dist) -> None:
         """A(τ) [N] from log P_θ [N, T] and the base model's log-probs of the same steps, set on the batch."""
+        from dagcli.algorithms.base import transition_batch
         from dagcli.algorithms.grpo import groups_of
-        from dagcli.units import transition_batch
 
         n, steps = log_pf.shape
         every = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
