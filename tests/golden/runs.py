@@ -58,13 +58,21 @@ RUNS = {
     "grpo": {"train": {"algorithm": "grpo"},
              "grpo": {"group_size": 4, "clip_range": 1e-4, "kl_weight": 0.04, "adv_clip": 5.0, "std_eps": 1e-4,
                       "std": "global"}},
+    # relative DB: DAG-DB with the base model's step (LoRA disabled) in the place of P_B
+    "dag-rdb": {"train": {"algorithm": "dag-rdb"}},
+    # relative trajectory balance on the trajectories unit, both log Z choices, two groups of 4 per epoch
+    "rtb": {"train": {"algorithm": "rtb"},
+            "rtb": {"beta": 50.0, "log_z": "learned", "log_z_learning_rate": 1e-2, "group_size": 4}},
+    "rtb-vargrad": {"train": {"algorithm": "rtb"},
+                    "rtb": {"beta": 50.0, "log_z": "vargrad", "log_z_learning_rate": 1e-2, "group_size": 4}},
 }
 
 # What is compared: losses, rewards, log-probabilities, gradient norms and counters (not timings; metrics added
 # later do not break the comparison).
 RECORDED = ("loss", "db_loss", "policy_loss", "kl_loss", "proximity", "log_pf", "log_pb", "approx_kl", "flow",
             "grad_norm_lora", "grad_norm_flow", "reward_mean", "reward_std", "reward_min", "reward_max",
-            "fl_reward_mean", "per_prompt_reward", "beta", "optimizer_steps", "trajectories_seen")
+            "fl_reward_mean", "per_prompt_reward", "beta", "optimizer_steps", "trajectories_seen", "log_ratio_base",
+            "log_z", "rtb_residual_abs")
 
 # Environment variables that choose the kernels of ATen, MKL and oneDNN: part of the platform when set.
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE",
