@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from dagcli.algorithms.base import LoraOnly
 from dagcli.algorithms.grpo import group_advantages
 from dagcli.kernels.gaussian import bcast
 
@@ -126,3 +127,74 @@ def flow_nft_loss(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, v: tor
     s = settings
     return nft_loss(x0, flow_noised(x0, noise, t), a, b, v, v_old, v_ref, r, s.strength, s.kl_weight,
                     s.adv_clip, s.weight_floor)
+
+
+# --- the algorithm on the samples unit ------------------------------------------------------------------
+class Nft(LoraOnly):
+    """DiffusionNFT with settings from the `[nft]` section, trained on the `samples` unit: each epoch's final
+    latents (sampled with the stored "old" LoRA swapped in) re-noised at fresh states with fresh noise. The old
+    LoRA is refreshed after each epoch and saved in checkpoints (`state_tensors`), so a resumed run samples with
+    the same policy."""
+
+    name = "nft"
+
+    def __init__(self, settings, ctx):
+        super().__init__(settings, ctx)
+        self.old: dict[str, torch.Tensor] | None = None  # the sampling policy's LoRA tensors (None: the initial LoRA)
+        self._logs: dict[str, float] = {}
+
+    def sampling_policy(self, denoiser):
+        """The denoiser with the old LoRA in it (a copy of the current one before the first refresh)."""
+        from dagcli.models import lora_swapped, lora_tensors
+
+        if self.old is None:
+            self.old = lora_tensors(denoiser)
+        return lora_swapped(denoiser, self.old)
+
+    def end_epoch(self, denoiser, optimizer_steps: int) -> None:
+        """old ← d·old + (1 − d)·θ, d from `nft_settings.old_policy_decay` at this many optimiser steps."""
+        from dagcli.algorithms.nft_settings import old_policy_decay
+        from dagcli.models import blend_lora, lora_tensors
+
+        s = self.settings
+        if self.old is None:
+            self.old = lora_tensors(denoiser)
+        blend_lora(self.old, denoiser, old_policy_decay(optimizer_steps, s.old_decay_start, s.old_decay_rate,
+                                                        s.old_decay_max))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.old is None else {f"old.{n}": t for n, t in self.old.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        old = {n.removeprefix("old."): t for n, t in tensors.items() if n.startswith("old.")}
+        self.old = old or None
+
+    def prepare(self, batch, dist) -> None:
+        """r ∈ [0, 1] per sample (set as the batch's advantages) from its group-normalised reward; the global std
+        over every process's rewards."""
+        from dagcli.algorithms.grpo import groups_of, zero_std_fraction
+
+        s = self.settings
+        groups = groups_of(batch)
+        pool = dist.gather_floats(batch.rewards) if s.std == "global" else None
+        batch.advantages = optimality_probability(batch.rewards, groups, s.std, s.std_eps, s.adv_clip, pool)
+        self._logs = {"zero_std_groups": zero_std_fraction(batch.rewards, groups),
+                      "optimality_abs": float((batch.advantages - 0.5).abs().mean()) if batch.advantages.numel()
+                      else 0.0}
+
+    def epoch_logs(self, epoch: int) -> dict:
+        return dict(self._logs)
+
+    def loss(self, sb, policy, batch, epoch: int):
+        """Per-sample loss of final latents re-noised to their states: v_old and v_ref first (no gradients; the
+        swap changes the LoRA in place), then v_θ."""
+        s, family, schedule = self.settings, self.ctx.family, self.ctx.schedule
+        j = sb.step_index
+        x_t = family.noised(schedule, j, sb.x0, sb.noise)
+        a, b = family.x0_coefficients(schedule, j)
+        out_old = self.ctx.frozen_output(x_t, j, sb.cond, self.old)
+        out_ref = self.ctx.frozen_output(x_t, j, sb.cond, None) if s.kl_weight > 0 else None
+        out = policy(x_t, j)
+        r = batch.advantages[sb.traj_index]
+        return nft_loss(sb.x0, x_t, a.to(x_t.device), b.to(x_t.device), out, out_old, out_ref, r, s.strength,
+                        s.kl_weight, s.adv_clip, s.weight_floor)
