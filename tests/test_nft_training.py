@@ -128,3 +128,15 @@ def test_eta_zero_is_refused_for_an_algorithm_that_needs_a_stochastic_sampler(tm
     code, _, err = run_cli(["train", "--config", cfg, "--algorithm", "grpo", "--eta", "0", "-o", tmp_path / "r"],
                            capsys)
     assert code == 2 and "training needs a stochastic sampler, eta > 0" in err
+
+
+def test_two_processes_train_nft_in_step(tmp_path, tiny_pipeline_dir):
+    """torchrun, gloo: both processes sample with the same stored policy and end with the same LoRA."""
+    from cli_helpers import train_two_processes
+
+    cfg = _config(tmp_path, tiny_pipeline_dir, train={"epochs": 2})
+    ranks = train_two_processes(cfg, tmp_path / "dumps")
+    a, b = ranks[0]["lora"], ranks[1]["lora"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it trained
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "algorithm_state.safetensors").exists()

@@ -58,6 +58,12 @@ RUNS = {
     "grpo": {"train": {"algorithm": "grpo"},
              "grpo": {"group_size": 4, "clip_range": 1e-4, "kl_weight": 0.04, "adv_clip": 5.0, "std_eps": 1e-4,
                       "std": "global"}},
+    # two groups of 4, sampled with the deterministic sampler and no guidance; the sampling policy lags from the
+    # first refresh on
+    "nft": {"train": {"algorithm": "nft"}, "sampling": {"eta": 0.0, "guidance": 1.0},
+            "nft": {"group_size": 4, "strength": 1.0, "kl_weight": 1e-4, "adv_clip": 5.0, "std_eps": 1e-4,
+                    "std": "global", "weight_floor": 1e-5, "old_decay_start": 0, "old_decay_rate": 0.001,
+                    "old_decay_max": 0.5, "guidance": 1.0}},
 }
 
 # What is compared: losses, rewards, log-probabilities, gradient norms and counters (not timings; metrics added
