@@ -10,7 +10,7 @@ w± = max(mean_D |x̂0(v±) − x0|, floor) held constant,
     loss = adv_clip · [r·mean_D (x̂0(v⁺) − x0)² / w⁺ + (1 − r)·mean_D (x̂0(v⁻) − x0)² / w⁻] / λ
          + kl_weight · mean_D (v_θ − v_ref)²
 v_ref is the base model (the LoRA disabled). Everything is written for any x̂0 = a·x_t + b·out affine in the
-model's output: flow velocity (a = 1, b = −t), ε- or v-prediction on a VP schedule (see docs/nft.md).
+model's output: flow velocity (a = 1, b = −t), ε- or v-prediction on a VP schedule (see docs/algorithms.md, DiffusionNFT).
 """
 
 from __future__ import annotations
