@@ -117,13 +117,13 @@ class FlowFamily:
 
     def noised(self, schedule, j, x0, noise) -> torch.Tensor:
         """x0 carried forward to state j with `noise`: (1 − σ_j)·x0 + σ_j·ε."""
-        from dagcli.algorithms.nft import flow_noised
+        from dagcli.kernels.forward import flow_noised
 
         return flow_noised(x0, noise, schedule.sigma(j).to(x0.device, x0.dtype))
 
     def x0_coefficients(self, schedule, j) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) [n] of x̂0 = a·x + b·v at states j: (1, −σ_j)."""
-        from dagcli.algorithms.nft import x0_coefficients
+        from dagcli.kernels.forward import x0_coefficients
 
         return x0_coefficients("flow", schedule.sigma(j))
 

@@ -177,13 +177,13 @@ class SDFamily:
 
     def noised(self, schedule, j, x0, noise) -> torch.Tensor:
         """x0 carried forward to state j with `noise`: √ᾱ·x0 + √(1 − ᾱ)·ε at state j's DDIM timestep."""
-        from dagcli.algorithms.nft import vp_noised
+        from dagcli.kernels.forward import vp_noised
 
         return vp_noised(x0, noise, schedule.alpha(self.timestep(schedule, j)).to(x0.device, x0.dtype))
 
     def x0_coefficients(self, schedule, j) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, b) [n] of x̂0 = a·x + b·out at states j, for the scheduler's prediction type."""
-        from dagcli.algorithms.nft import x0_coefficients
+        from dagcli.kernels.forward import x0_coefficients
 
         return x0_coefficients(schedule.prediction_type, schedule.alpha(self.timestep(schedule, j)))
 
