@@ -44,7 +44,7 @@ from dagcli.rewards.clip import load_clip  # noqa: E402
 from dagcli.rewards.modes import image_backgrounds  # noqa: E402
 from dagcli.sampling import generators_for, sample_batch  # noqa: E402
 
-ALGORITHMS = ("dag-db", "dag-kl", "grpo", "ddpo")
+ALGORITHMS = ("dag-db", "dag-kl", "grpo", "ddpo", "nft")
 MODEL_ALGORITHMS = {"tiny": ("dag-db", "grpo", "ddpo"), "tiny-flow": ("dag-db", "dag-kl", "grpo", "ddpo")}
 REFERENCES = ("grpo", "ddpo")  # the level is the final reward of the first of these that ran (or --reference)
 QUICK_EPOCHS = 6
@@ -55,7 +55,7 @@ MODEL_PRESETS = {"tiny-flow": {"compressibility": "examples/demo-flow-compressib
 EVAL_PER_PROMPT = {"modes": 48}  # shares need more samples per prompt than a mean reward (default: 8)
 BASE_SAMPLES = 2000  # base-model samples per prompt behind the target shares
 BASE_CACHE = ROOT / "benchmarks" / "results"  # where the base model's shares are kept (modes-base-<model>.json)
-COLOURS = {"dag-db": "tab:blue", "dag-kl": "tab:green", "grpo": "tab:orange", "ddpo": "tab:red",
+COLOURS = {"dag-db": "tab:blue", "dag-kl": "tab:green", "grpo": "tab:orange", "ddpo": "tab:red", "nft": "tab:purple",
            "base": "tab:gray", "target": "black"}
 
 

@@ -358,7 +358,7 @@ def x0_decoder_folder(a, latent_channels: int) -> str:
     return random_tiny_decoder(latent_channels) if a.x0_decoder == "random" else a.x0_decoder
 
 
-def make_trainer(b: Bench, micro_batch: int):
+def make_trainer(b: Bench, micro_batch: int, algorithm: str = "dag-db"):
     from dagcli.config import Config, replace
     from dagcli.trainer import Trainer
 
@@ -370,7 +370,9 @@ def make_trainer(b: Bench, micro_batch: int):
     cfg = replace(cfg, "reward", spec=a.reward)
     n_micro = -(-a.batch * a.steps // micro_batch)
     cfg = replace(cfg, "train", batch_size=micro_batch, gradient_accumulation_steps=n_micro,
-                  mixed_precision="bf16" if b.cuda and a.dtype == "bf16" else "no", epochs=1)
+                  mixed_precision="bf16" if b.cuda and a.dtype == "bf16" else "no", epochs=1, algorithm=algorithm)
+    cfg = replace(cfg, "grpo", group_size=2)  # groups of 2 for the group-normalised algorithms (even batches)
+    cfg = replace(cfg, "nft", group_size=2)
     cfg = replace(cfg, "dag", beta=1.0, beta_ramp_epochs=0, x0_source="sampling", x0_guidance="cond")
     cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"), checkpoint_minutes=0.0)
     model = load_model_at(a.model, a.device, a.dtype, a.resolution)
@@ -428,6 +430,36 @@ class AlgorithmVariants:
             finally:
                 self.trainer.algorithm = self.variants["sampling"]
         return run
+
+
+def bench_algorithms(b: Bench) -> dict:
+    """An NFT epoch against a GRPO epoch on the same samples budget (the same trajectories, sampler and
+    micro-batches; NFT trains steps · timestep_fraction re-noised copies of each final sample, GRPO as many
+    stored transitions): sampling + rewards, training, and their ratio, each epoch timed `epoch_repeats` times."""
+    from dagcli.algorithms.base import hook
+
+    a, mb = b.args, b.args.train_batches[0]
+    out: dict = {"micro_batch": mb, "trajectories_per_epoch": a.batch, "steps": a.steps, "items_per_epoch":
+                 a.batch * a.steps}
+    for name in ("grpo", "nft"):
+        trainer, _, _ = make_trainer(b, mb, algorithm=name)
+        trainer.rollout.x0_vae = None
+        times = {"collect": [], "train": []}
+        for epoch in range(a.epoch_repeats + 1):  # the first epoch warms up
+            t0 = time.perf_counter()
+            batch, _ = trainer.collect(epoch)
+            b.sync()
+            t1 = time.perf_counter()
+            trainer.train_epoch(epoch, batch)
+            hook(trainer.algorithm, "end_epoch")(trainer.raw_denoiser, trainer.state.optimizer_steps)
+            b.sync()
+            if epoch:
+                times["collect"].append(t1 - t0)
+                times["train"].append(time.perf_counter() - t1)
+        out[name] = {k: round(statistics.median(v), 4) for k, v in times.items()}
+        out[name]["epoch"] = round(out[name]["collect"] + out[name]["train"], 4)
+    out["nft_over_grpo"] = {k: ratio(out["nft"][k], out["grpo"][k]) for k in ("collect", "train", "epoch")}
+    return out
 
 
 def bench_training(b: Bench) -> dict:
@@ -784,7 +816,8 @@ def parse_args(argv=None):
     p.add_argument("--flops", action="store_true", help="count UNet FLOPs and report MFU")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--sections", default="sampling,levers,training,overlap,flops,compile",
-                   help="overlap: rewards overlapped with sampling, measured inside training")
+                   help="overlap: rewards overlapped with sampling, measured inside training; algorithms (not "
+                        "by default): an NFT epoch against a GRPO epoch")
     p.add_argument("--time-budget", type=float, default=0, help="skip remaining sections after this many s")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
@@ -826,6 +859,8 @@ def main(argv=None) -> dict:
             loaded["model"] = None
             torch.cuda.empty_cache()
         b.section("training", lambda: bench_training(b))
+    if "algorithms" in sections:
+        b.section("algorithms", lambda: bench_algorithms(b))
     if "flops" in sections and (a.flops or b.cuda):
         b.section("flops", lambda: bench_flops(b, b.results, loaded["model"]))
     if "compile" in sections:

@@ -27,14 +27,15 @@ def test_resume_equals_uninterrupted(algorithm, tmp_path, tiny_pipeline_dir, cap
     unit_algorithms.register(monkeypatch)
     cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square", "a green triangle"],
                             sampling={"batch_size": 4}, train={"algorithm": algorithm}, grpo={"group_size": 2},
-                            dag={"beta": 1.0, "beta_ramp_epochs": 2}, lora={"init": "true"},
+                            nft={"group_size": 2}, dag={"beta": 1.0, "beta_ramp_epochs": 2}, lora={"init": "true"},
                             output={"checkpoint_every": 1, "keep_last": 2})
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli(["train", "--config", cfg, "--epochs", "3", "-o", a], capsys)[0] == 0
     assert run_cli(["train", "--config", cfg, "--epochs", "1", "-o", b], capsys)[0] == 0
     assert run_cli(["train", "--config", cfg, "--epochs", "3", "-o", b, "--resume"], capsys)[0] == 0
     names = ["pytorch_lora_weights.safetensors"] + (["flow.safetensors"] if ALGORITHMS[algorithm].section == "dag"
-                                                    else []) + (["log_z.safetensors"] if algorithm == "rtb" else [])
+                                                    else []) + (["log_z.safetensors"] if algorithm == "rtb" else []) + (
+        ["algorithm_state.safetensors"] if algorithm == "nft" else [])  # its sampling policy's LoRA
     assert {p.name for p in (a / "checkpoints" / "step-000003").glob("*.safetensors")} == set(names)
     for name in names:
         wa = load_file(a / "checkpoints" / "step-000003" / name)

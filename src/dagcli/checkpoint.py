@@ -6,6 +6,7 @@ Layout of a run directory (`--output runs/NAME`):
     checkpoints/step-000010/            one folder per saved step (zero-padded), written atomically
         pytorch_lora_weights.safetensors  the LoRA in diffusers' format (`pipe.load_lora_weights(dir)`)
         flow.safetensors                an algorithm's own network (DAG's flow network), its config as metadata
+        algorithm_state.safetensors     an algorithm's own tensors, if it keeps any (DiffusionNFT's sampling LoRA)
         optimizer.pt, rng.pt            optimiser and RNG state (read with weights_only=True)
         meta.json                       base model, LoRA settings, config, counters, file checksums
 """
@@ -23,6 +24,7 @@ from dagcli.quiet import quiet_libraries
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "meta.json"
+TENSORS_FILE = "algorithm_state.safetensors"  # an algorithm's own tensors (DiffusionNFT's sampling LoRA)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -264,13 +266,14 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict, module_metadata: dict[str, dict],
-                    optimizer, state: dict, config: dict, base_model: str, lora: dict, keep_last: int) -> Path:
+                    optimizer, state: dict, config: dict, base_model: str, lora: dict, keep_last: int,
+                    tensors: dict | None = None) -> Path:
     """Write a checkpoint atomically: everything goes to a temporary folder that is renamed when complete.
 
     A process killed at any moment leaves either the previous checkpoints only, or them plus the new one; an
     interrupted write (Ctrl-C) removes its temporary folder, and the rename and pruning finish before a signal
     is handled. `modules` (name -> network, e.g. the flow network) are written as `NAME.safetensors` with their
-    metadata.
+    metadata; `tensors` (an algorithm's own state, e.g. a stored policy) as `TENSORS_FILE` when there are any.
     """
     import os
     import shutil
@@ -287,7 +290,7 @@ def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict
     try:
         meta = {"format": 1, "step": step, "base_model": base_model, "family": family.name, "lora": lora,
                 "state": state, "config": config, "algorithm": config.get("train", {}).get("algorithm")}
-        _write_files(tmp, meta, family, denoiser, modules, module_metadata, optimizer)
+        _write_files(tmp, meta, family, denoiser, modules, module_metadata, optimizer, tensors or {})
     except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -302,7 +305,7 @@ def save_checkpoint(run_dir: Path, *, step: int, family, denoiser, modules: dict
 
 
 def _write_files(tmp: Path, meta: dict, family, denoiser, modules: dict, module_metadata: dict[str, dict],
-                 optimizer) -> None:
+                 optimizer, tensors: dict) -> None:
     """A checkpoint's files in `tmp`, `meta.json` (with every file's checksum) last, all synced to disk."""
     import torch
     from safetensors.torch import save_file
@@ -314,6 +317,8 @@ def _write_files(tmp: Path, meta: dict, family, denoiser, modules: dict, module_
         weights = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
         metadata = {k: json.dumps(v) for k, v in module_metadata.get(name, {}).items()}
         save_file(weights, str(tmp / f"{name}.safetensors"), metadata=metadata)
+    if tensors:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     torch.save({"torch": torch.get_rng_state()}, tmp / RNG_FILE)
     usual_modes(tmp)
@@ -389,3 +394,11 @@ def load_checkpoint_into(folder: Path, *, lora_prefix: str, denoiser, modules: d
     except Exception as e:
         raise DagError(f"could not restore checkpoint {str(folder)!r} ({type(e).__name__}: {str(e)[:200]})") from e
     return meta["state"]
+
+
+def load_tensors(folder: Path) -> dict:
+    """The algorithm's own tensors of a checkpoint (`TENSORS_FILE`, checked by `load_checkpoint_into`), {} if none."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / TENSORS_FILE
+    return load_file(str(path)) if path.exists() else {}

@@ -356,8 +356,12 @@ def validate(c: Config) -> list[str]:
     for name in POSITIVE_KEYS:
         if _unset_ok(_value(c, name)) <= 0:
             e.append(f"{setting(name, _value(c, name))}: must be positive")
-    if c.sampling.eta is not None and c.sampling.eta <= 0.0:  # the family's upper bound: `fill_model_defaults`
-        e.append(f"{setting('sampling.eta', c.sampling.eta)}: training needs a stochastic sampler, eta > 0")
+    info = ALGORITHMS.get(c.train.algorithm)
+    deterministic = info is not None and info.deterministic_sampling
+    if c.sampling.eta is not None and (c.sampling.eta < 0.0 if deterministic else c.sampling.eta <= 0.0):
+        # the family's upper bound: `fill_model_defaults`
+        need = f"{c.train.algorithm} needs eta >= 0" if deterministic else "training needs a stochastic sampler, eta > 0"
+        e.append(f"{setting('sampling.eta', c.sampling.eta)}: {need}")
     if not 0.0 < c.train.timestep_fraction <= 1.0:
         e.append(f"{setting('train.timestep_fraction', c.train.timestep_fraction)}: must be in (0, 1]")
     for name in NON_NEGATIVE_KEYS:
@@ -464,6 +468,10 @@ def fill_model_defaults(config: Config) -> tuple[Config, str]:
     wanted = {"sampling.prompts": d.prompts, "sampling.steps": d.steps, "sampling.guidance": d.guidance,
               "sampling.eta": d.eta, "sampling.resolution": d.resolution, "reward.spec": d.reward,
               "train.gradient_accumulation_steps": d.gradient_accumulation_steps}
+    from dagcli.algorithms import ALGORITHMS
+
+    info = ALGORITHMS.get(config.train.algorithm)
+    wanted.update(info.sampling_defaults(config) if info is not None else {})  # the algorithm's before the model's
     filled = {k: v for k, v in wanted.items() if _value(config, k) is None and v is not None}
     config = replace(config, "model", name=name)
     for section in dict.fromkeys(k.split(".")[0] for k in filled):

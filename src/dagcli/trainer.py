@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dagcli.algorithms import ALGORITHMS, build_algorithm
-from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput, transition_batch
+from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput, hook, transition_batch
 from dagcli.checkpoint import TrainState
 from dagcli.config import Config, dump_toml, epoch_sizes, fill_model_defaults, replace, to_dict, unit_fraction
 from dagcli.distributed import Dist
@@ -30,7 +30,7 @@ from dagcli.families import set_sampler
 from dagcli.families.base import check_image_size
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
-from dagcli.models import add_lora, load_model, load_tiny_decoder, lora_disabled
+from dagcli.models import add_lora, load_model, load_tiny_decoder, lora_disabled, lora_swapped
 from dagcli.optim import make_optimizer
 from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import prompt_metadata
@@ -115,7 +115,8 @@ class Trainer:
         return Context(family=self.family, schedule=self.rollout.schedule, device=self.model.device,
                        height=self.resolution, width=self.resolution, steps=c.sampling.steps, seed=c.train.seed,
                        reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards,
-                       reference_step=self.reference_step, prompts=tuple(self.prompts))
+                       reference_step=self.reference_step, prompts=tuple(self.prompts),
+                       frozen_output=self.frozen_output)
 
     @torch.no_grad()
     def reference_step(self, mb: MicroBatch):
@@ -125,6 +126,14 @@ class Trainer:
             out, _ = self.family.denoiser_fn(raw, self.rollout.schedule, mb.cond, c.sampling.guidance)(mb.x, mb.step_index)
         return self.family.step(self.rollout.schedule, mb.step_index, mb.x, out, c.sampling.eta, prev=mb.x_next,
                                 reduction=c.train.reduction)
+
+    @torch.no_grad()
+    def frozen_output(self, x, j, cond, lora: dict | None):
+        """The guided output at states j of the base model (`lora` None) or of the stored LoRA tensors `lora`."""
+        c, raw = self.config, self.raw_denoiser
+        block = lora_disabled(raw) if lora is None else lora_swapped(raw, lora)
+        with self.accelerator.autocast(), block:
+            return self.family.denoiser_fn(raw, self.rollout.schedule, cond, c.sampling.guidance)(x, j)[0]
 
     @property
     def raw_denoiser(self) -> torch.nn.Module:
@@ -142,9 +151,10 @@ class Trainer:
         """Sampling and rewards for one epoch (NaN/inf rewards dropped and counted), prepared for the algorithm."""
         c = self.config
         try:
-            batch, timing, dropped = self.rollout.collect(epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards,
-                                                          unit_fraction(self.unit_name, c.train.timestep_fraction),
-                                                          c.train.always_last_step)
+            with hook(self.algorithm, "sampling_policy")(self.raw_denoiser):
+                batch, timing, dropped = self.rollout.collect(
+                    epoch, self.raw_denoiser, self.algorithm.stored_x0_rewards,
+                    unit_fraction(self.unit_name, c.train.timestep_fraction), c.train.always_last_step)
             failure = None
         except DagError as e:  # e.g. a reward server that stopped answering: every process stops, none waits
             failure = e
@@ -295,6 +305,7 @@ class Trainer:
         batch, timing = self.collect(epoch)
         t0 = time.perf_counter()
         train_logs = self.train_epoch(epoch, batch)
+        hook(self.algorithm, "end_epoch")(self.raw_denoiser, self.state.optimizer_steps)
         timing["time_training"] = time.perf_counter() - t0
         self.state.epoch += 1
         self.state.trajectories_seen += self.dist.sum_int(batch.traj.batch_size)
@@ -342,13 +353,19 @@ class Trainer:
             modules=self.raw_modules(), module_metadata=self.algorithm.module_metadata(), optimizer=self.optimizer,
             state=asdict(self.state), config=to_dict(c), base_model=self.model.name,
             lora=dict(rank=c.lora.rank, alpha=c.lora.alpha, target_modules=list(c.lora.target_modules)),
-            keep_last=c.output.keep_last,
+            keep_last=c.output.keep_last, tensors=hook(self.algorithm, "state_tensors")(),
         )
         self.reporter.info(f"saved checkpoint {folder}")
         return folder
 
     def resume(self, folder: Path) -> None:
-        from dagcli.checkpoint import check_compatible, check_lora_fits, load_checkpoint_into, read_meta
+        from dagcli.checkpoint import (
+            check_compatible,
+            check_lora_fits,
+            load_checkpoint_into,
+            load_tensors,
+            read_meta,
+        )
 
         c = self.config
         check_compatible(folder, read_meta(folder), base_model=self.model.name, lora_rank=c.lora.rank,
@@ -358,6 +375,7 @@ class Trainer:
                                      modules=self.raw_modules(), optimizer=self.optimizer)
         self.state = TrainState.from_dict(state)
         self.algorithm.load_state_dict(self.state.algorithm)
+        hook(self.algorithm, "load_state_tensors")(load_tensors(folder))
         self.reporter.info(f"resumed from {folder} (epoch {self.state.epoch})")
 
 __all__ = ["Trainer", "TrainState"]

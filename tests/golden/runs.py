@@ -65,6 +65,12 @@ RUNS = {
             "rtb": {"beta": 50.0, "log_z": "learned", "log_z_learning_rate": 1e-2, "group_size": 4}},
     "rtb-vargrad": {"train": {"algorithm": "rtb"},
                     "rtb": {"beta": 50.0, "log_z": "vargrad", "log_z_learning_rate": 1e-2, "group_size": 4}},
+    # two groups of 4, sampled with the deterministic sampler and no guidance; the sampling policy lags from the
+    # first refresh on
+    "nft": {"train": {"algorithm": "nft"}, "sampling": {"eta": 0.0, "guidance": 1.0},
+            "nft": {"group_size": 4, "strength": 1.0, "kl_weight": 1e-4, "adv_clip": 5.0, "std_eps": 1e-4,
+                    "std": "global", "weight_floor": 1e-5, "old_decay_start": 0, "old_decay_rate": 0.001,
+                    "old_decay_max": 0.5, "guidance": 1.0}},
 }
 
 # What is compared: losses, rewards, log-probabilities, gradient norms and counters (not timings; metrics added

@@ -1,5 +1,5 @@
-"""Training objectives behind one interface (`base.Algorithm`): DAG-DB, DAG-KL and DAG-RDB (GFlowNet), DDPO and
-GRPO (RL baselines).
+"""Training objectives behind one interface (`base.Algorithm`): DAG-DB, DAG-KL, DAG-RDB and RTB (GFlowNet),
+DDPO, GRPO and DiffusionNFT (RL baselines).
 
 `ALGORITHMS` is the one list of them: the config's sections and their validation, `dag train --help` and error
 messages read it. Each reads its own config section (`settings`, declared beside it in `<name>_settings.py`) and
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dagcli.algorithms import dag_settings, ddpo_settings, grpo_settings, rtb_settings
+from dagcli.algorithms import dag_settings, ddpo_settings, grpo_settings, nft_settings, rtb_settings
 from dagcli.algorithms.settings import Section
 
 if TYPE_CHECKING:
@@ -33,6 +33,10 @@ class AlgorithmInfo:
     # it this many times (1: every trajectory draws its own prompt)
     group_size: Callable[[object], int] = lambda config: 1
     unit: str = "transitions"  # what a micro-batch holds: transitions | trajectories | samples (`dagcli.units`)
+    deterministic_sampling: bool = False  # trains on deterministic samples too: sampling.eta = 0 is allowed
+    # (the run's config) -> sampler settings ("sampling.eta": ...) it uses where the run leaves them unset, before
+    # the model's defaults
+    sampling_defaults: Callable[[object], dict] = lambda config: {}
 
     @property
     def section(self) -> str:
@@ -66,6 +70,12 @@ def _rtb(settings, ctx: Context) -> Algorithm:
     return Rtb(settings, ctx)
 
 
+def _nft(settings, ctx: Context) -> Algorithm:
+    from dagcli.algorithms.nft import Nft
+
+    return Nft(settings, ctx)
+
+
 ALGORITHMS: dict[str, AlgorithmInfo] = {
     "dag-db": AlgorithmInfo("dag-db", dag_settings.SECTION, "GFlowNet detailed balance with a forward-looking flow", 1,
                             _dag(False)),
@@ -80,6 +90,9 @@ ALGORITHMS: dict[str, AlgorithmInfo] = {
     "rtb": AlgorithmInfo("rtb", rtb_settings.SECTION,
                          "relative trajectory balance: the base model tilted by the reward, log Z per prompt", 1,
                          _rtb, group_size=lambda config: config.rtb.group_size, unit="trajectories"),
+    "nft": AlgorithmInfo("nft", nft_settings.SECTION, "DiffusionNFT: clean samples re-noised, implicit v± policies",
+                         1, _nft, group_size=lambda config: config.nft.group_size, unit="samples",
+                         deterministic_sampling=True, sampling_defaults=nft_settings.sampling_defaults),
 }
 
 

@@ -11,6 +11,7 @@ current policy as a function of (x, j).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,6 +72,23 @@ class Algorithm(Protocol):
     def state_dict(self) -> dict: ...  # what a checkpoint carries besides module weights
     def load_state_dict(self, state: dict) -> None: ...
     def module_metadata(self) -> dict[str, dict]: ...  # per module, what rebuilds it (saved beside its weights)
+
+
+class PolicyHooks(Protocol):
+    """Optional members of an algorithm that samples with a policy of its own (the trainer uses each one an
+    algorithm has; `hook` finds them)."""
+
+    def sampling_policy(self, denoiser) -> contextlib.AbstractContextManager: ...  # the LoRA the rollout samples with
+    def end_epoch(self, denoiser, optimizer_steps: int) -> None: ...  # after an epoch's steps (refresh that policy)
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...  # tensors a checkpoint carries (a safetensors file)
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+def hook(algorithm, name: str):
+    """The algorithm's optional member `name` of `PolicyHooks`, or one that does nothing."""
+    defaults = {"sampling_policy": lambda denoiser: contextlib.nullcontext(), "end_epoch": lambda denoiser, steps: None,
+                "state_tensors": dict, "load_state_tensors": lambda tensors: None}
+    return getattr(algorithm, name, defaults[name])
 
 
 class LoraOnly:
@@ -138,3 +156,6 @@ class Context:
     # micro-batch's stored transitions: its log P_F, step mean and std, no gradients
     reference_step: object
     prompts: tuple[str, ...] = ()  # the run's prompt list (a per-prompt table is sized by it)
+    # (x [n,...], state index j [n], cond, lora) -> the guided output of a frozen policy, no gradients: the base
+    # model (lora None: the LoRA disabled) or the denoiser with the stored LoRA tensors `lora` swapped in
+    frozen_output: object = None

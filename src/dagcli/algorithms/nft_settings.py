@@ -1,12 +1,16 @@
-"""DiffusionNFT's settings and the schedule of its sampling policy, torch-free (the `[nft]` section to be).
+"""DiffusionNFT's settings (the `[nft]` section) and the schedule of its sampling policy, torch-free.
 
 Defaults from DiffusionNFT (Zheng et al., arXiv 2509.16117; code NVlabs/DiffusionNFT): each comment names the
 file that sets the value (`config/nft.py` overrides `config/base.py`; `scripts/train_nft_sd3.py` holds the loss).
+The times each sample is trained at are the samples unit's: `train.timestep_fraction` · steps draws of a state
+per sample (the reference's int(0.99 · steps) without repetition is `train.timestep_fraction = 0.99`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from dagcli.algorithms.settings import Section
 
 NFT_STD = ("global", "group")
 
@@ -25,8 +29,6 @@ class NftConfig:
     std: str = "global"  # "global": std of every reward of the epoch | "group": each group's own (config/base.py:
     # sample.global_std = True)
     weight_floor: float = 1e-5  # lower bound of the adaptive weight mean |x̂0 − x0| (scripts/train_nft_sd3.py)
-    time_fraction: float = 0.99  # each sample is trained at int(steps · this) of the sampler's own times, drawn
-    # without repetition (config/base.py: train.timestep_fraction; scripts/train_nft_sd3.py)
     old_decay_start: int = 0  # optimiser steps before the sampling policy starts to lag (config/nft.py:
     # decay_type = 1; scripts/train_nft_sd3.py: return_decay; 75 in the OCR preset, decay_type = 2)
     old_decay_rate: float = 0.001  # its decay grows by this per optimiser step after the start (idem; 0.0075)
@@ -56,8 +58,26 @@ def check_nft(c: NftConfig) -> list[str]:
         e.append(f"nft.adv_clip = {c.adv_clip}: must be > 0")
     if c.std not in NFT_STD:
         e.append(f"nft.std = {c.std!r}: valid options: {', '.join(NFT_STD)}")
-    if not 0.0 < c.time_fraction <= 1.0:
-        e.append(f"nft.time_fraction = {c.time_fraction}: must be in (0, 1]")
     if not 0.0 <= c.old_decay_max < 1.0:
         e.append(f"nft.old_decay_max = {c.old_decay_max}: must be in [0, 1)")
     return e
+
+
+def check_section(c, setting) -> list[str]:
+    """The section's own problems, then its groups against the sampler's batch."""
+    problems = check_nft(c.nft)
+    size = c.nft.group_size
+    if not problems and c.sampling.batch_size % size:
+        problems.append(f"{setting('sampling.batch_size', c.sampling.batch_size)} does not divide into groups of "
+                        f"{setting('nft.group_size', size)}; use a multiple of {size} or another group size")
+    return problems
+
+
+def sampling_defaults(config) -> dict:
+    """What nft samples with unless set: the deterministic ODE (η = 0) and its own guidance."""
+    return {"sampling.eta": 0.0, "sampling.guidance": config.nft.guidance}
+
+
+SECTION = Section("nft", NftConfig, "DiffusionNFT: prompt group size, implicit-policy strength, KL weight, "
+                  "advantage normalisation, the sampling policy's lag", positive=("std_eps", "weight_floor"),
+                  non_negative=("old_decay_start", "old_decay_rate", "guidance"), validate=check_section)

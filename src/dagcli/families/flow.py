@@ -125,6 +125,18 @@ class FlowFamily:
     def predict_x0(self, schedule, j, x, out) -> torch.Tensor:
         return flow_sde.pred_x0(schedule, j, x, out)
 
+    def noised(self, schedule, j, x0, noise) -> torch.Tensor:
+        """x0 carried forward to state j with `noise`: (1 − σ_j)·x0 + σ_j·ε."""
+        from dagcli.kernels.forward import flow_noised
+
+        return flow_noised(x0, noise, schedule.sigma(j).to(x0.device, x0.dtype))
+
+    def x0_coefficients(self, schedule, j) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) [n] of x̂0 = a·x + b·v at states j: (1, −σ_j)."""
+        from dagcli.kernels.forward import x0_coefficients
+
+        return x0_coefficients("flow", schedule.sigma(j))
+
     def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
         return decode_latents(vae if vae is not None else self.pipe.vae, latents)
 

@@ -175,6 +175,18 @@ class SDFamily:
     def predict_x0(self, schedule, j, x, out) -> torch.Tensor:
         return ddim.pred_x0_from_eps(schedule, x, self.timestep(schedule, j), out)
 
+    def noised(self, schedule, j, x0, noise) -> torch.Tensor:
+        """x0 carried forward to state j with `noise`: √ᾱ·x0 + √(1 − ᾱ)·ε at state j's DDIM timestep."""
+        from dagcli.kernels.forward import vp_noised
+
+        return vp_noised(x0, noise, schedule.alpha(self.timestep(schedule, j)).to(x0.device, x0.dtype))
+
+    def x0_coefficients(self, schedule, j) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) [n] of x̂0 = a·x + b·out at states j, for the scheduler's prediction type."""
+        from dagcli.kernels.forward import x0_coefficients
+
+        return x0_coefficients(schedule.prediction_type, schedule.alpha(self.timestep(schedule, j)))
+
     def decode(self, latents: torch.Tensor, vae=None) -> torch.Tensor:
         return decode_latents(vae if vae is not None else self.pipe.vae, latents)
 
