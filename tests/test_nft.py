@@ -10,7 +10,7 @@ import torch
 
 from dagcli.algorithms import nft
 from dagcli.algorithms.nft_settings import NftConfig, check_nft, old_policy_decay
-from dagcli.kernels import ddim
+from dagcli.kernels import ddim, forward
 from dagcli.models import blend_lora, lora_swapped, lora_tensors
 
 # two samples of two latent dimensions
@@ -133,23 +133,14 @@ def test_optimality_probability_by_hand():
     assert nft.to_probability(torch.tensor([-9.0, 2.5, 9.0]), 5.0).tolist() == [0.0, 0.75, 1.0]
 
 
-def test_train_steps_are_distinct_per_sample_and_seeded():
-    steps = nft.train_steps(10, 6, 0.99, torch.Generator().manual_seed(0))
-    assert steps.shape == (6, 9) and steps.dtype == torch.long
-    assert all(len(set(row.tolist())) == 9 for row in steps) and steps.min() >= 0 and steps.max() <= 9
-    assert torch.equal(steps, nft.train_steps(10, 6, 0.99, torch.Generator().manual_seed(0)))
-    assert len({tuple(row.tolist()) for row in steps}) > 1
-    assert nft.train_steps(3, 2, 0.1).shape == (2, 1)
-
-
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_vp_coefficients_match_the_ddim_kernel(prediction_type):
     ab = torch.tensor([0.95, 0.36], dtype=torch.float64)
     schedule = ddim.Schedule(alphas_cumprod=ab, final_alpha_cumprod=0.99, timesteps=torch.tensor([1, 0]),
                              step_ratio=1, prediction_type=prediction_type)
     x0, eps, out = (torch.randn(2, 3, generator=torch.Generator().manual_seed(k)) for k in (1, 2, 3))
-    xt = nft.vp_noised(x0, eps, ab.float())
-    a, b = nft.x0_coefficients(prediction_type, ab)
+    xt = forward.vp_noised(x0, eps, ab.float())
+    a, b = forward.x0_coefficients(prediction_type, ab)
     expected = ddim.pred_x0_from_eps(schedule, xt, torch.tensor([0, 1]), out)
     assert torch.allclose(nft.predict_x0(xt, a, b, out), expected, atol=1e-6)
 
@@ -157,15 +148,15 @@ def test_vp_coefficients_match_the_ddim_kernel(prediction_type):
 def test_vp_coefficients_recover_x0_from_the_true_output():
     ab = torch.tensor([0.9, 0.2], dtype=torch.float64)
     x0, eps = (torch.randn(2, 4, generator=torch.Generator().manual_seed(k)) for k in (4, 5))
-    xt = nft.vp_noised(x0, eps, ab.float())
+    xt = forward.vp_noised(x0, eps, ab.float())
     v_true = ab.sqrt().float()[:, None] * eps - (1 - ab).sqrt().float()[:, None] * x0
     for kind, out in (("epsilon", eps), ("v_prediction", v_true)):
-        assert torch.allclose(nft.predict_x0(xt, *nft.x0_coefficients(kind, ab), out), x0, atol=1e-5)
+        assert torch.allclose(nft.predict_x0(xt, *forward.x0_coefficients(kind, ab), out), x0, atol=1e-5)
     t = torch.tensor([0.7, 0.1])
-    xt = nft.flow_noised(x0, eps, t)
-    assert torch.allclose(nft.predict_x0(xt, *nft.x0_coefficients("flow", t), eps - x0), x0, atol=1e-6)
+    xt = forward.flow_noised(x0, eps, t)
+    assert torch.allclose(nft.predict_x0(xt, *forward.x0_coefficients("flow", t), eps - x0), x0, atol=1e-6)
     with pytest.raises(ValueError, match="valid options: flow, epsilon, v_prediction"):
-        nft.x0_coefficients("sample", t)
+        forward.x0_coefficients("sample", t)
 
 
 @pytest.mark.parametrize("prediction_type,level", [("flow", [0.6, 0.2]), ("epsilon", [0.9, 0.05]),
@@ -174,7 +165,7 @@ def test_mixing_outputs_mixes_the_x0_predictions(prediction_type, level):
     """x̂0 is affine in the output with weights summing to one, so v± carry over to every prediction type."""
     g = torch.Generator().manual_seed(6)
     xt, out, old = (torch.randn(2, 5, generator=g) for _ in range(3))
-    a, b = nft.x0_coefficients(prediction_type, torch.tensor(level, dtype=torch.float64))
+    a, b = forward.x0_coefficients(prediction_type, torch.tensor(level, dtype=torch.float64))
     pos, neg = nft.implicit_policies(out, old, 0.4)
     x_out, x_old = nft.predict_x0(xt, a, b, out), nft.predict_x0(xt, a, b, old)
     assert torch.allclose(nft.predict_x0(xt, a, b, pos), 0.6 * x_old + 0.4 * x_out, atol=1e-5)

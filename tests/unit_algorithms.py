@@ -58,9 +58,7 @@ class RewardWeightedDenoising(LoraOnly):
     def loss(self, sb, policy, batch, epoch: int):
         schedule = self.ctx.schedule
         self.trained.extend(zip(sb.traj_index.tolist(), sb.step_index.tolist(), strict=True))
-        abar = schedule.alphas_cumprod[schedule.timesteps[sb.step_index]].float().to(sb.x0.device)
-        shape = (-1,) + (1,) * (sb.x0.dim() - 1)
-        x = abar.sqrt().view(shape) * sb.x0 + (1 - abar).sqrt().view(shape) * sb.noise
+        x = self.ctx.family.noised(schedule, sb.step_index, sb.x0, sb.noise)
         err = ((policy(x, sb.step_index).float() - sb.noise) ** 2).flatten(1).mean(1)
         weight = batch.advantages[sb.traj_index].to(err.device)
         return weight * err, {"denoising_error": err.detach().mean()}

@@ -19,7 +19,7 @@ import torch
 
 from dagcli.algorithms.base import LoraOnly
 from dagcli.algorithms.grpo import group_advantages
-from dagcli.kernels.forward import PREDICTION_TYPES, flow_noised, vp_noised, x0_coefficients  # noqa: F401 (here too)
+from dagcli.kernels.forward import flow_noised, x0_coefficients
 from dagcli.kernels.gaussian import bcast
 
 
@@ -34,15 +34,6 @@ def optimality_probability(rewards: torch.Tensor, groups: torch.Tensor, std_mode
     """[n] r ∈ [0, 1] of each sample: its group-normalised reward (as GRPO's, clipped to ±adv_clip) mapped
     linearly, so the group mean goes to ½ and ±adv_clip standard deviations to 1 and 0."""
     return to_probability(group_advantages(rewards, groups, std_mode, eps, adv_clip, all_rewards), adv_clip)
-
-
-# --- times ---------------------------------------------------------------------------------------------
-def train_steps(num_steps: int, n: int, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """[n, m] sampler step indices to train each of n samples at: m = int(num_steps·fraction) (at least 1) of
-    the sampler's own `num_steps` times, a fresh random choice without repetition per sample, in random order
-    (scripts/train_nft_sd3.py trains at the sampling schedule's timesteps, permuted per sample)."""
-    m = max(1, int(num_steps * fraction))
-    return torch.stack([torch.randperm(num_steps, generator=generator)[:m] for _ in range(n)])
 
 
 # --- forward process and x̂0: `dagcli.kernels.forward` (flow_noised, vp_noised, x0_coefficients) ------------
