@@ -542,8 +542,9 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
     per_prompt = args.eval_per_prompt or EVAL_PER_PROMPT.get(reward, 8)
     base = base_modes(preset, overrides, args.base_samples) if reward == "modes" else None
     mode_targets = {"targets": base["targets"], "rewarded": base["rewarded"]} if base else None
-    stamp = int(time.time())
-    tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs, out_dir=args.runs_dir / reward / f"{stamp}",
+    # one folder per invocation: two comparisons started in the same second must not write one metrics.jsonl
+    run_root = args.runs_dir / reward / f"{int(time.time())}-{os.getpid()}"
+    tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs, out_dir=run_root,
                   eval_per_prompt=per_prompt, overrides=[*overrides, *args.per_algo[algo]], eval_every=eval_every,
                   threads=threads, mode_targets=mode_targets)
              for seed in args.seeds for algo in args.algorithms]
