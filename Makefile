@@ -32,8 +32,9 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples tools
 
+# One pytest worker per core (pytest-xdist); each test process runs torch on one thread (tests/conftest.py).
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --durations=15
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow

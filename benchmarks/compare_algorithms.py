@@ -762,7 +762,8 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
     per_prompt = args.eval_per_prompt or EVAL_PER_PROMPT.get(reward, 8)
     final_per_prompt = args.final_eval_per_prompt or FINAL_EVAL_PER_PROMPT.get(reward, per_prompt)
     base = base_modes(preset, overrides, args.base_samples) if reward in MODE_REWARDS else None
-    stamp = int(time.time())
+    # one folder per invocation: two comparisons started in the same second must not write one metrics.jsonl
+    run_root = args.runs_dir / reward / f"{int(time.time())}-{os.getpid()}"
     tasks = []
     for seed in args.seeds:
         for algo in args.algorithms:
@@ -772,7 +773,7 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
             else:
                 mode_targets = {"targets": base["targets"], "rewarded": base["rewarded"]} if base else None
             tasks.append(dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs,
-                              out_dir=args.runs_dir / reward / f"{stamp}", eval_per_prompt=per_prompt,
+                              out_dir=run_root, eval_per_prompt=per_prompt,
                               overrides=task_overrides, eval_every=eval_every, threads=threads,
                               mode_targets=mode_targets, final_eval_per_prompt=final_per_prompt))
     if reward == "modes-exact":

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread per test process, and for the processes tests start: the models here are tiny, so threads
+# buy nothing, and with pytest-xdist's workers sharing the cores a second thread each only adds OpenMP's waiting
+# (a tiny UNet's forward and backward took 4-10x longer at 2 threads than at 1 on a loaded 2-core machine).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

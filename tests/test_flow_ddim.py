@@ -139,7 +139,7 @@ def test_the_sampler_setting_reaches_the_flow_familys_step():
     assert torch.equal(family.backward_log_prob(schedule, last, x, v), torch.zeros(2))
     with pytest.raises(DagError, match=r"must be in \[0, 1\]"):
         set_sampler(family, "ddim", 1.5)
-    with pytest.raises(DagError, match="--sampler 'euler' is not a sampler; valid options: sde, ddim"):
+    with pytest.raises(DagError, match="--sampler euler is not a sampler; valid options: sde, ddim"):
         set_sampler(family, "euler", what="--sampler")
 
 
@@ -159,3 +159,36 @@ def test_config_rejects_an_unknown_sampler_listing_the_valid_ones():
 
     problems = validate(replace(Config(), "sampling", sampler="euler"))
     assert any("sampling.sampler" in p and "euler" in p and "sde" in p and "ddim" in p for p in problems), problems
+
+
+@pytest.fixture
+def unloadable_sd_folder(tmp_path, monkeypatch):
+    """A Stable Diffusion folder that names its pipeline class and holds no weights; loading any model raises."""
+    import json
+
+    from dagcli import models, trainer
+
+    folder = tmp_path / "sd-without-weights"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before --sampler was checked")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(trainer, "load_model", no_loading)
+    return folder
+
+
+REFUSED_DDIM = ("error: --sampler ddim applies to the flow families only (sd3, flux: SD3 / SD3.5, FLUX and the "
+                "models built on them); the sd family takes 'sde' (its own sampler)")
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_ddim_on_an_sd_model_is_refused_before_loading_it(command, unloadable_sd_folder, tmp_path, capsys):
+    from cli_helpers import run_cli
+
+    args = {"train": ["train", "--device", "cpu"], "sample": ["sample", "--prompt", "a red circle"]}[command]
+    code, _, err = run_cli([*args, "-m", unloadable_sd_folder, "--sampler", "ddim", "-o", tmp_path / "out"], capsys)
+    assert (code, err.strip()) == (2, REFUSED_DDIM), err
+    assert not (tmp_path / "out").exists()

@@ -123,6 +123,33 @@ def test_the_sampling_policy_is_refreshed_after_each_epoch(tmp_path):
         assert any(not torch.equal(old[k], theta[k]) for k in old)  # it lags θ
 
 
+def test_the_defaults_line_credits_the_algorithm_with_the_sampler_settings_it_gives(tmp_path, capsys):
+    """Without sampler settings nft samples with its own η 0 and guidance (`nft.guidance`), the model's for the rest;
+    the line names each source with its own values."""
+    code, _, err = run_cli(["train", "-m", "tiny-flow", "--algorithm", "nft", "--epochs", "1", "--batch-size", "2",
+                            "--set", "nft.group_size=2", "--set", "sampling.batches_per_epoch=1",
+                            "--train-batch-size", "10", "--device", "cpu", "-o", tmp_path / "run"], capsys)
+    assert code == 0, err
+    said = " ".join(err.split())  # however the terminal wraps it
+    assert ("settings not given, from the defaults of model 'tiny-flow': prompts 'shapes', steps 10, resolution 32, "
+            "reward 'compressibility', gradient_accumulation_steps 1; from the defaults of algorithm 'nft': "
+            "guidance 1, eta 0") in said
+    saved = load_config(tmp_path / "run" / "config.toml")
+    assert (saved.sampling.eta, saved.sampling.guidance, saved.sampling.steps) == (0.0, 1.0, 10)
+
+
+def test_a_run_that_sets_the_models_settings_hears_only_of_the_algorithms():
+    from dagcli.config import fill_model_defaults
+
+    given = ['model.name="tiny-flow"', 'train.algorithm="nft"', "nft.group_size=4", "nft.guidance=2.5",
+             'sampling.prompts="shapes"', "sampling.steps=4", "sampling.resolution=32", 'reward.spec="compressibility"',
+             "train.gradient_accumulation_steps=1"]
+    cfg, said = fill_model_defaults(load_config(None, given))
+    assert said == "settings not given, from the defaults of algorithm 'nft': guidance 2.5, eta 0"
+    assert (cfg.sampling.guidance, cfg.sampling.eta) == (2.5, 0.0)
+    assert fill_model_defaults(load_config(None, [*given, "sampling.guidance=3", "sampling.eta=0.7"]))[1] == ""
+
+
 def test_eta_zero_is_refused_for_an_algorithm_that_needs_a_stochastic_sampler(tmp_path, capsys):
     cfg = _config(tmp_path, "tiny-flow")
     code, _, err = run_cli(["train", "--config", cfg, "--algorithm", "grpo", "--eta", "0", "-o", tmp_path / "r"],

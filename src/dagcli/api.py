@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dagcli.checks import check_eta, check_positive, check_writable_dir, sampler_defaults
+from dagcli.checks import check_eta, check_positive, check_sampler, check_writable_dir, sampler_defaults
 from dagcli.errors import DagError, Interrupted
 from dagcli.progress import NullReporter, Reporter
 
@@ -344,6 +344,7 @@ def sample(
     if folder:
         check_lora_fits(folder, model)
     check_eta(eta, model)
+    check_sampler(f"--sampler {sampler or 'sde'}", sampler or "sde", eta, model)
     check_writable_dir(output)
 
     if not same_model(trained_on, model):  # it fits: another name for the model, or a fine-tune of it

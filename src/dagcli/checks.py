@@ -29,6 +29,25 @@ def check_eta(eta: float | None, model: str | None = None) -> None:
         raise DagError(f"--eta must be >= 0 (0: the deterministic ODE / DDIM sampler), got {eta}")
 
 
+def check_sampler(named: str, sampler: str, eta: float | None, model: str | None) -> None:
+    """`sampler` (`named`: the setting as the message names it) suits the family of `model`
+    (`model_sampler_problem`); else one DagError line."""
+    problem = model_sampler_problem(named, sampler, eta, model)
+    if problem:
+        raise DagError(problem)
+
+
+def model_sampler_problem(named: str, sampler: str, eta: float | None, model: str | None) -> str | None:
+    """What is wrong with `sampler` for the family of `model`, read without loading weights
+    (`families.sampler_problem`); None when nothing is, or when the family cannot be told yet (a hub model not
+    yet downloaded: checked once loaded)."""
+    from dagcli.families import sampler_problem
+    from dagcli.models import known_family
+
+    family = known_family(model)
+    return sampler_problem(family, named, sampler, eta) if family is not None else None
+
+
 def check_writable_dir(path: Path, flag: str = "--output") -> None:
     """The folder exists or can be created, and files can be written there; nothing is created.
 

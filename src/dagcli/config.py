@@ -459,37 +459,58 @@ def _check_micro_batches(c: Config) -> list[str]:
 
 def fill_model_defaults(config: Config) -> tuple[Config, str]:
     """The config with the model named and the settings it leaves unset (sampler, reward, accumulation) taken
-    from the model (`models.model_defaults`, read without loading weights); also a line saying what was filled
-    in ("" when nothing was). Checks what could only be checked once the settings are known."""
+    from the algorithm (`AlgorithmInfo.sampling_defaults`), else from the model (`models.model_defaults`, read
+    without loading weights); also a line saying what was filled in and from where ("" when nothing was).
+    Checks what could only be checked once the settings and the model's family are known."""
+    from dagcli.algorithms import ALGORITHMS
     from dagcli.models import default_model, model_defaults
 
     name = config.model.name or default_model()
     d = model_defaults(name)
-    wanted = {"sampling.prompts": d.prompts, "sampling.steps": d.steps, "sampling.guidance": d.guidance,
-              "sampling.eta": d.eta, "sampling.resolution": d.resolution, "reward.spec": d.reward,
-              "train.gradient_accumulation_steps": d.gradient_accumulation_steps}
-    from dagcli.algorithms import ALGORITHMS
-
+    from_model = {"sampling.prompts": d.prompts, "sampling.steps": d.steps, "sampling.guidance": d.guidance,
+                  "sampling.eta": d.eta, "sampling.resolution": d.resolution, "reward.spec": d.reward,
+                  "train.gradient_accumulation_steps": d.gradient_accumulation_steps}
     info = ALGORITHMS.get(config.train.algorithm)
-    wanted.update(info.sampling_defaults(config) if info is not None else {})  # the algorithm's before the model's
+    from_algorithm = info.sampling_defaults(config) if info is not None else {}
+    wanted = {**from_model, **from_algorithm}  # the algorithm's before the model's
     filled = {k: v for k, v in wanted.items() if _value(config, k) is None and v is not None}
     config = replace(config, "model", name=name)
     for section in dict.fromkeys(k.split(".")[0] for k in filled):
         config = replace(config, section, **{k.split(".")[1]: v for k, v in filled.items() if k.startswith(section + ".")})
     if config.lora.target_modules is None:
         config = replace(config, "lora", target_modules=d.lora_targets)
-    problems = _check_micro_batches(config)
-    if d.max_eta is not None and config.sampling.eta is not None and config.sampling.eta > d.max_eta:
-        problems.append(f"{setting('sampling.eta', config.sampling.eta)}: this model's sampler needs "
-                        f"0 < eta <= {d.max_eta:g}")
+    problems = _check_micro_batches(config) + _check_sampler_for_model(config, d.max_eta)
     if problems:
         raise invalid(problems)
-    if not filled:
-        return config, ""
+    by_source = {d.source: {k: v for k, v in filled.items() if k not in from_algorithm},
+                 f"algorithm {config.train.algorithm!r}": {k: v for k, v in filled.items() if k in from_algorithm}}
+    return config, defaults_line(by_source)
+
+
+def _check_sampler_for_model(c: Config, max_eta: float | None) -> list[str]:
+    """The sampler's noise level and step against the model's family, read without loading weights (a family that
+    cannot be told yet, a hub model not yet downloaded: checked once loaded)."""
+    from dagcli.checks import model_sampler_problem
+
+    problems = []
+    if max_eta is not None and c.sampling.eta is not None and c.sampling.eta > max_eta:
+        problems.append(f"{setting('sampling.eta', c.sampling.eta)}: this model's sampler needs 0 < eta <= {max_eta:g}")
+    wrong = model_sampler_problem(setting("sampling.sampler", c.sampling.sampler), c.sampling.sampler,
+                                  c.sampling.eta, c.model.name)
+    return problems + ([wrong] if wrong else [])
+
+
+def defaults_line(by_source: dict[str, dict]) -> str:
+    """The line saying which settings were filled in, grouped by where they came from (source -> key -> value;
+    sources with nothing left out); "" when none was."""
     labels = {"reward.spec": "reward"}
-    said = ", ".join(f"{labels.get(k, k.split('.')[1])} " + (repr(v) if isinstance(v, str) else f"{v:g}")
-                     for k, v in filled.items())
-    return config, f"settings not given, from the defaults of {d.source}: {said}"
+
+    def said(values: dict) -> str:
+        return ", ".join(f"{labels.get(k, k.split('.')[1])} " + (repr(v) if isinstance(v, str) else f"{v:g}")
+                         for k, v in values.items())
+
+    parts = [f"from the defaults of {source}: {said(values)}" for source, values in by_source.items() if values]
+    return "settings not given, " + "; ".join(parts) if parts else ""
 
 
 def to_dict(config: Config) -> dict:

@@ -43,19 +43,37 @@ def family_for(pipe, device: torch.device) -> Family:
 
 
 def set_sampler(family: Family, sampler: str, eta: float | None = None, what: str = "sampling.sampler") -> None:
-    """Make every schedule of `family` use `sampler` (`what`: the setting or flag that gave it); only flow families
-    have a choice, and "ddim" needs eta <= 1 (η = 1: the noising chain's posterior). Else one DagError line naming
-    the valid values."""
-    samplers = getattr(family, "samplers", ("sde",))
-    if sampler not in samplers and len(samplers) > 1:
-        raise DagError(f"{what} {sampler!r} is not a sampler; valid options: {', '.join(samplers)}")
-    if sampler not in samplers:
-        raise DagError(f"{what} {sampler!r} applies to the flow families only (sd3, flux: SD3 / SD3.5, "
-                       f"FLUX and the models built on them); the {family.name} family takes 'sde' (its own sampler)")
-    if sampler == "ddim" and eta is not None and not 0.0 <= eta <= 1.0:
-        raise DagError(f"eta {eta:g} with {what} 'ddim': must be in [0, 1] (1: the posterior of P_B)")
-    if len(samplers) > 1:
+    """Make every schedule of `family` use `sampler` (`what`: the setting or flag that gave it); a problem
+    (`sampler_problem`) is one DagError line naming the valid values."""
+    named = f"{what} {sampler}" if what.startswith("--") else f"{what} = {sampler!r}"  # as `config.setting` does
+    problem = sampler_problem(family, named, sampler, eta)
+    if problem:
+        raise DagError(problem)
+    if len(family_samplers(family)) > 1:
         family.sampler = sampler
 
 
-__all__ = ["FAMILIES", "Cond", "Family", "family_class", "family_for", "pipeline_family", "set_sampler"]
+def family_samplers(family) -> tuple[str, ...]:
+    """The `sampling.sampler` values a family (class or instance) takes: the flow families have a choice, the
+    others only their own step, "sde"."""
+    return tuple(getattr(family, "samplers", ("sde",)))
+
+
+def sampler_problem(family, named: str, sampler: str, eta: float | None = None) -> str | None:
+    """What is wrong with `sampler` (at `eta`) for `family`, a class or an instance, so that it can be said
+    before loading; `named` is the setting as the message names it ("--sampler ddim"). None: nothing.
+    "ddim" needs eta <= 1 (η = 1: the noising chain's posterior)."""
+    samplers = family_samplers(family)
+    taking = [c.name for c in FAMILIES.values() if sampler in family_samplers(c)]
+    if sampler not in samplers and (len(samplers) > 1 or not taking):
+        return f"{named} is not a sampler; valid options: {', '.join(samplers)}"
+    if sampler not in samplers:
+        return (f"{named} applies to the flow families only ({', '.join(taking)}: SD3 / SD3.5, FLUX and the models "
+                f"built on them); the {family.name} family takes 'sde' (its own sampler)")
+    if sampler == "ddim" and eta is not None and not 0.0 <= eta <= 1.0:
+        return f"eta {eta:g} with {named}: must be in [0, 1] (1: the posterior of P_B)"
+    return None
+
+
+__all__ = ["FAMILIES", "Cond", "Family", "family_class", "family_for", "pipeline_family", "sampler_problem",
+           "set_sampler"]
