@@ -1,10 +1,12 @@
-"""DAG-DB, DAG-KL, GRPO and DDPO on the same model, reward, prompts and sampling budget, over several seeds.
+"""DAG-DB, DAG-KL, DAG-RDB, RTB, GRPO, DDPO and NFT on the same model, reward, prompts and sampling budget, over
+several seeds.
 
     python benchmarks/compare_algorithms.py --quick                 # the modes reward, 6 epochs: < 10 min on 2 cores
     python benchmarks/compare_algorithms.py --quick --reward compressibility
     python benchmarks/compare_algorithms.py                         # compressibility and modes, 16 epochs, 3 seeds
     python benchmarks/compare_algorithms.py --reward clip --algo-set grpo:train.learning_rate=3e-3
     python benchmarks/compare_algorithms.py --model tiny-flow       # another built-in model (its own algorithm set)
+    python benchmarks/compare_algorithms.py --reward modes-exact    # DAG-DB, DAG-RDB, RTB (learned, VarGrad) vs p*
 
 For every (reward, algorithm, seed) it trains in a worker process (`--jobs` at a time, one thread each on a
 2-core machine) and records the reward of each epoch against the trajectories seen so far. Before training,
@@ -15,7 +17,12 @@ so diversity can be compared at equal reward. With the `modes` reward (`backgrou
 backgrounds rewarded, prompts that name none) it also counts each background's share of the evaluation samples
 and compares them with the GFlowNet target, computed from the base model's own shares (`--base-samples` per
 prompt, cached in `benchmarks/results/modes-base-<model>.json`; see `dagcli.modes`): total-variation distance and
-rewarded modes kept. The reference level is the final reward of `--reference` (GRPO by default). Writes
+rewarded modes kept. `modes-exact` runs the exact-target presets (`examples/configs/<model>-modes-exact-target.toml`:
+β_eff = ln 4, a target strictly between the base model and "always rewarded") and reads every evaluation against
+that exact target p* of each run's own β (`dagcli.modes.target_report`): TV to p*, the reward gap to E_{p*}[r], the
+split among the rewarded backgrounds, and for rtb with a learned log Z the learned log Z per prompt against the
+true one; its last evaluation takes 200 samples per prompt. The reference level is the final reward of
+`--reference` (GRPO by default). Writes
 `benchmarks/results/compare-<reward>[-<model>][-quick][-NAME].json`, a PNG plot beside it, and prints a summary
 table."""
 
@@ -44,43 +51,60 @@ from dagcli.rewards.clip import load_clip  # noqa: E402
 from dagcli.rewards.modes import image_backgrounds  # noqa: E402
 from dagcli.sampling import generators_for, sample_batch  # noqa: E402
 
-ALGORITHMS = ("dag-db", "dag-kl", "grpo", "ddpo", "nft")
+ALGORITHMS = ("dag-db", "dag-kl", "dag-rdb", "rtb", "rtb-vargrad", "grpo", "ddpo", "nft")
+VARIANTS = {"rtb-vargrad": ("rtb", ['rtb.log_z="vargrad"'])}  # a label -> (train.algorithm, the overrides it adds)
 MODEL_ALGORITHMS = {"tiny": ("dag-db", "grpo", "ddpo"), "tiny-flow": ("dag-db", "dag-kl", "grpo", "ddpo")}
+REWARD_ALGORITHMS = {"modes-exact": ("dag-db", "dag-rdb", "rtb", "rtb-vargrad")}  # before the model's set
 REFERENCES = ("grpo", "ddpo")  # the level is the final reward of the first of these that ran (or --reference)
 QUICK_EPOCHS = 6
 PRESETS = {"compressibility": "examples/demo-compressibility.toml", "clip": "examples/demo-clip.toml",
-           "modes": "examples/demo-modes.toml"}
+           "modes": "examples/demo-modes.toml", "modes-exact": "examples/configs/tiny-modes-exact-target.toml"}
 MODEL_PRESETS = {"tiny-flow": {"compressibility": "examples/demo-flow-compressibility.toml",
-                               "modes": "examples/demo-flow-modes.toml"}}  # a model's own sampler settings
-EVAL_PER_PROMPT = {"modes": 48}  # shares need more samples per prompt than a mean reward (default: 8)
+                               "modes": "examples/demo-flow-modes.toml",
+                               "modes-exact": "examples/configs/tiny-flow-modes-exact-target.toml"}}  # its sampler
+MODE_REWARDS = ("modes", "modes-exact")  # background-modes: shares against the target (modes-exact: β_eff = ln 4)
+EVAL_PER_PROMPT = {"modes": 48, "modes-exact": 48}  # shares need more samples per prompt than a mean reward (8)
+# the last evaluation of modes-exact: TV of n samples drawn from p* itself is ≈ 0.1 at n = 48, ≈ 0.05 at 200
+FINAL_EVAL_PER_PROMPT = {"modes-exact": 200}
 BASE_SAMPLES = 2000  # base-model samples per prompt behind the target shares
 BASE_CACHE = ROOT / "benchmarks" / "results"  # where the base model's shares are kept (modes-base-<model>.json)
-COLOURS = {"dag-db": "tab:blue", "dag-kl": "tab:green", "grpo": "tab:orange", "ddpo": "tab:red", "nft": "tab:purple",
+COLOURS = {"dag-db": "tab:blue", "dag-kl": "tab:green", "dag-rdb": "tab:cyan", "rtb": "tab:brown",
+           "rtb-vargrad": "tab:pink", "grpo": "tab:orange", "ddpo": "tab:red", "nft": "tab:purple",
            "base": "tab:gray", "target": "black"}
 
 
 def run_one(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path, eval_per_prompt: int,
             overrides: list[str], eval_every: int = 0, threads: int | None = None,
-            mode_targets: dict | None = None) -> dict:
-    """Train one configuration, evaluating it every `eval_every` epochs (and before training and at the end);
-    returns its reward curve, its evaluation points and the final metrics. `mode_targets` ({"targets": prompt ->
-    target shares, "rewarded": backgrounds}) adds the mode metrics to every evaluation."""
+            mode_targets: dict | None = None, final_eval_per_prompt: int | None = None) -> dict:
+    """Train one configuration, evaluating it every `eval_every` epochs (and before training and at the end, there
+    with `final_eval_per_prompt` samples per prompt if given); returns its reward curve, its evaluation points and
+    the final metrics. `algorithm` is a name of `ALGORITHMS` (a `VARIANTS` label adds its overrides).
+    `mode_targets` ({"targets": prompt -> target shares, "rewarded": backgrounds}, and for the exact target "base",
+    "values", "beta_eff", "log_z_scale": `exact_targets`) adds the mode metrics to every evaluation."""
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         return _train_and_evaluate(preset, algorithm, seed, epochs, out_dir, eval_per_prompt, overrides, eval_every,
-                                   mode_targets)
+                                   mode_targets, final_eval_per_prompt or eval_per_prompt)
     finally:
         torch.set_num_threads(before)  # an in-process caller keeps its own thread count
 
 
+def run_config(preset: Path, algorithm: str, seed: int, epochs: int, overrides: list[str]):
+    """The configuration of one run: `algorithm` (a `VARIANTS` label: its algorithm and overrides) on the preset."""
+    name, extra = VARIANTS.get(algorithm, (algorithm, []))
+    return load_config(preset, [f"train.algorithm=\"{name}\"", f"train.seed={seed}", f"train.epochs={epochs}",
+                                "output.checkpoint_every=100000", "output.checkpoint_minutes=0",
+                                "output.sample_every=0", *extra, *overrides])
+
+
 def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, out_dir: Path, eval_per_prompt: int,
-                        overrides: list[str], eval_every: int, mode_targets: dict | None) -> dict:
+                        overrides: list[str], eval_every: int, mode_targets: dict | None,
+                        final_per_prompt: int) -> dict:
     from dagcli import api
 
-    cfg = load_config(preset, [f"train.algorithm=\"{algorithm}\"", f"train.seed={seed}", f"train.epochs={epochs}",
-                               "output.checkpoint_every=100000", "output.checkpoint_minutes=0", "output.sample_every=0", *overrides])
+    cfg = run_config(preset, algorithm, seed, epochs, overrides)
     cfg = replace(cfg, "output", dir=str(out_dir / f"{algorithm}-s{seed}"))
     if algorithm == "dag-kl" and cfg.train.batch_size < 2:
         cfg = replace(cfg, "train", batch_size=2)
@@ -89,9 +113,10 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
     trainer = api.build_trainer(plan)
     embedder = load_clip(default_embed_model(trainer.model.name), device=trainer.model.device)  # once per run
 
-    def evaluation(epoch: int) -> dict:
-        return {"epoch": epoch, "trajectories": trainer.state.trajectories_seen,
-                **evaluate(trainer, embedder, prompts_eval, eval_per_prompt, seed, mode_targets)}
+    def evaluation(epoch: int, per_prompt: int = eval_per_prompt) -> dict:
+        return {"epoch": epoch, "trajectories": trainer.state.trajectories_seen, "per_prompt": per_prompt,
+                **evaluate(trainer, embedder, prompts_eval, per_prompt, seed, mode_targets),
+                **learned_log_z(trainer, mode_targets)}
 
     stops = sorted({*range(eval_every, epochs, eval_every), epochs}) if eval_every else [epochs]
     points = [evaluation(0)] if eval_every else []
@@ -100,11 +125,30 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
         t0 = time.perf_counter()
         trainer.train(until_epoch=stop)
         seconds += time.perf_counter() - t0
-        points.append(evaluation(stop))
+        points.append(evaluation(stop, final_per_prompt if stop == epochs else eval_per_prompt))
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [{"trajectories": m["trajectories_seen"], "reward": m["reward_mean"]} for m in lines]
+    curve = [{"trajectories": m["trajectories_seen"], "reward": m["reward_mean"],
+              **{k: m[k] for k in CURVE_LOGS if k in m}} for m in lines]
     return {"algorithm": algorithm, "seed": seed, "overrides": overrides, "curve": curve, "evals": points,
             "train_seconds": seconds, **points[-1]}
+
+
+CURVE_LOGS = ("log_ratio_base", "log_z", "rtb_residual_abs", "db_loss")  # kept per epoch beside the reward
+
+
+def learned_log_z(trainer, mode_targets: dict | None) -> dict:
+    """For rtb with a learned log Z: the table's value per prompt in nats of a whole trajectory (`log_z_scale`:
+    D under reduction "mean", where every log-prob, hence the residual's log Z, is divided by D), beside the exact
+    log Z of the target and the mean |learned − true| over prompts. Empty for any other run."""
+    table = getattr(trainer.algorithm, "table", None)
+    if table is None or mode_targets is None or "log_z_scale" not in mode_targets:
+        return {}
+    scale = mode_targets["log_z_scale"]
+    learned = {p: float(v) * scale for p, v in zip(table.prompts, table.log_z.detach().cpu(), strict=True)}
+    true = {p: modes.log_partition(mode_targets["base"][p], mode_targets["values"], mode_targets["beta_eff"])
+            for p in learned}
+    return {"log_z_learned": learned, "log_z_true": true,
+            "log_z_error": sum(abs(learned[p] - true[p]) for p in learned) / len(learned)}
 
 
 def _run_task(task: dict) -> dict:
@@ -152,9 +196,23 @@ def mode_metrics(images: torch.Tensor, rows: list[str], mode_targets: dict) -> d
     for prompt, background in zip(rows, image_backgrounds(images), strict=True):
         labels.setdefault(prompt, []).append(background)
     report = modes.mode_report(labels, mode_targets["targets"], mode_targets["rewarded"])
-    return {"tv": report["tv"], "split_tv": report["split_tv"], "modes_kept": report["modes_kept"],
-            "modes_possible": report["modes_possible"], "shares": report["shares"],
-            "per_prompt_shares": {p: r["shares"] for p, r in report["per_prompt"].items()}}
+    out = {"tv": report["tv"], "split_tv": report["split_tv"], "modes_kept": report["modes_kept"],
+           "modes_possible": report["modes_possible"], "shares": report["shares"],
+           "per_prompt_shares": {p: r["shares"] for p, r in report["per_prompt"].items()}}
+    return out if "base" not in mode_targets else {**out, **exact_metrics(out["per_prompt_shares"], mode_targets)}
+
+
+def exact_metrics(shares: dict[str, dict[str, float]], mode_targets: dict) -> dict:
+    """A run's shares (prompt -> shares) against the exact target (`modes.target_report`): TV to p*, the reward
+    gap E_run[r] − E_{p*}[r] and the split among the rewarded backgrounds beside the target's, per prompt and
+    averaged over prompts."""
+    report = modes.target_report(shares, mode_targets["base"], mode_targets["values"], mode_targets["beta_eff"],
+                                 mode_targets["rewarded"])
+    return {"tv_exact": report["tv"], "reward_gap": report["reward_gap"], "split": report["split"],
+            "target_split": report["target_split"],
+            "per_prompt_exact": {p: {k: r[k] for k in ("tv", "reward_gap", "split", "target_split", "log_z",
+                                                       "expected_reward")}
+                                 for p, r in report["per_prompt"].items()}}
 
 
 SMOOTH = 3  # epochs: the final reward and the reward curve used for "trajectories to reach" are 3-epoch means
@@ -263,6 +321,21 @@ def summarize_algorithm(mine: list[dict], level: float | None, eval_level: float
             "modes_possible": sum(r["modes_possible"] for r in mine),
             "shares": {b: mean_std([r["shares"][b] for r in mine]) for b in mine[0]["shares"]},
         })
+    if all("reward_gap" in r for r in mine):
+        out.update({
+            "reward_gap": mean_std([r["reward_gap"] for r in mine]),
+            "split": {b: mean_std([r["split"][b] for r in mine]) for b in mine[0]["split"]},
+            "target_split": {b: mean_std([r["target_split"][b] for r in mine]) for b in mine[0]["target_split"]},
+            "expected_reward_target": mean_std([sum(v["expected_reward"] for v in r["per_prompt_exact"].values())
+                                                / len(r["per_prompt_exact"]) for r in mine]),
+        })
+    if all("log_z_learned" in r for r in mine):
+        prompts = list(mine[0]["log_z_learned"])
+        out.update({
+            "log_z_error": mean_std([r["log_z_error"] for r in mine]),
+            "log_z_learned": {p: mean_std([r["log_z_learned"][p] for r in mine]) for p in prompts},
+            "log_z_true": {p: mean_std([r["log_z_true"][p] for r in mine]) for p in prompts},
+        })
     return out
 
 
@@ -271,6 +344,8 @@ def plot(runs: list[dict], summary: dict, reward: str, path: Path, base: dict | 
     background shares against the base model's and the target's (`base`: the base-shares record)."""
     from matplotlib.figure import Figure
 
+    if any("reward_gap" in r for r in runs):
+        return plot_exact(runs, summary, path, base)
     with_modes = any("tv" in r for r in runs)
     fig = Figure(figsize=(10, 8) if with_modes else (10, 4))
     axes = fig.subplots(2, 2).flatten() if with_modes else fig.subplots(1, 2)
@@ -284,6 +359,69 @@ def plot(runs: list[dict], summary: dict, reward: str, path: Path, base: dict | 
         _plot_shares(axes[3], summary, base)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_exact(runs: list[dict], summary: dict, path: Path, base: dict | None = None) -> None:
+    """Against the exact target: TV to p* and the reward gap against trajectories seen (mean ± std over seeds),
+    rtb's learned log Z against the true one, and the final background shares beside the base model's and p*."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 8))
+    axes = fig.subplots(2, 2).flatten()
+    floors = (base or {}).get("tv_floor", {})
+    for n, floor in floors.items():
+        axes[0].axhline(floor, ls=":", color="grey", lw=1, label=f"p* itself, {n} samples/prompt")
+    _plot_evals(axes[0], runs, "tv", "TV to p* (background shares)")
+    axes[0].set_title("TV to the exact target (mean ± std over seeds)")
+    axes[0].legend(fontsize=7)
+    axes[1].axhline(0.0, color="black", lw=1)
+    _plot_evals(axes[1], runs, "reward_gap", "E_run[r] − E_p*[r]")
+    axes[1].set_title("reward gap (> 0: past the target)")
+    axes[1].legend(fontsize=7)
+    _plot_log_z(axes[2], runs)
+    _plot_shares(axes[3], summary, base)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _plot_evals(ax, runs: list[dict], key: str, label: str) -> None:
+    """`key` of the evaluation points against trajectories seen, mean ± std over each algorithm's seeds."""
+    for algo in ALGORITHMS:
+        evals = [r["evals"] for r in runs if r["algorithm"] == algo and r.get("evals")]
+        if not evals:
+            continue
+        k = min(len(e) for e in evals)
+        x = [evals[0][i]["trajectories"] for i in range(k)]
+        ys = torch.tensor([[e[i][key] for i in range(k)] for e in evals], dtype=torch.float64)
+        m = ys.mean(0)
+        sd = ys.std(0) if len(evals) > 1 else torch.zeros_like(m)
+        ax.plot(x, m, marker="o", label=algo, color=COLOURS[algo])
+        ax.fill_between(x, m - sd, m + sd, alpha=0.2, color=COLOURS[algo])
+    ax.set_xlabel("trajectories seen")
+    ax.set_ylabel(label)
+
+
+def _plot_log_z(ax, runs: list[dict]) -> None:
+    """rtb's learned log Z per prompt (nats of a trajectory, mean over seeds) at each evaluation; true as lines."""
+    shown = False
+    for algo in ALGORITHMS:
+        evals = [r["evals"] for r in runs if r["algorithm"] == algo and r.get("evals")
+                 and all("log_z_learned" in e for e in r["evals"])]
+        if not evals:
+            continue
+        k = min(len(e) for e in evals)
+        x = [evals[0][i]["trajectories"] for i in range(k)]
+        for j, prompt in enumerate(evals[0][0]["log_z_learned"]):
+            y = [sum(e[i]["log_z_learned"][prompt] for e in evals) / len(evals) for i in range(k)]
+            line = ax.plot(x, y, marker="o", ls=["-", "--", "-."][j % 3], color=COLOURS[algo],
+                           label=f"{algo}: {prompt}")[0]
+            ax.axhline(evals[0][-1]["log_z_true"][prompt], ls=line.get_linestyle(), color="black", lw=0.8)
+        shown = True
+    ax.set_xlabel("trajectories seen")
+    ax.set_ylabel("log Z (nats of a trajectory)")
+    ax.set_title("learned log Z per prompt (black: true log Z)" if shown else "no learned log Z in these runs")
+    if shown:
+        ax.legend(fontsize=7)
 
 
 def _plot_curves(ax, runs: list[dict], summary: dict, reward: str, ref: str) -> None:
@@ -379,6 +517,39 @@ def _row(algo: str, s: dict, modes_cols: bool) -> str:
     return row
 
 
+def exact_table(summary: dict) -> str:
+    """The runs against the exact target as a Markdown table: TV to p*, reward gap, the first rewarded
+    background's share of the rewarded samples beside the target's, eval reward beside E_{p*}[r], diversity,
+    fidelity and rtb's log Z error, |learned − true| (mean over prompts; nats)."""
+    rows = {a: s for a, s in summary["algorithms"].items() if "reward_gap" in s}
+    if not rows:
+        return ""
+    first = next(iter(next(iter(rows.values()))["split"]))
+    head = (f"| algorithm | TV to p* | reward gap | {first} share of rewarded (target) | eval reward (E_p*[r]) | "
+            "diversity | fidelity | log Z error (nats) | train s/run |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for algo, s in rows.items():
+        lz = _fmt(s["log_z_error"]) if "log_z_error" in s else "–"
+        lines.append(f"| {algo} | {_fmt(s['tv'])} | {_fmt(s['reward_gap'], 3)} | {_fmt(s['split'][first])} "
+                     f"({s['target_split'][first]['mean']:.3f}) | {_fmt(s['eval_reward'])} "
+                     f"({s['expected_reward_target']['mean']:.3f}) | {_fmt(s['diversity'])} | {_fmt(s['fidelity'])} | "
+                     f"{lz} | {_fmt(s['train_seconds'], 0)} |")
+    return "\n".join(lines)
+
+
+def log_z_table(summary: dict) -> str:
+    """rtb's learned log Z per prompt (nats of a whole trajectory, mean ± std over seeds) beside the true log Z."""
+    rows = {a: s for a, s in summary["algorithms"].items() if "log_z_learned" in s}
+    if not rows:
+        return ""
+    lines = ["| algorithm | prompt | learned log Z | true log Z | learned − true |", "|---|---|---|---|---|"]
+    for algo, s in rows.items():
+        for prompt, learned in s["log_z_learned"].items():
+            true = s["log_z_true"][prompt]["mean"]
+            lines.append(f"| {algo} | {prompt} | {_fmt(learned)} | {true:.3f} | {learned['mean'] - true:+.3f} |")
+    return "\n".join(lines)
+
+
 def weights_fingerprint(name: str) -> str | None:
     """SHA-256 (16 hex digits) of a built-in model's or a local folder's safetensors, so that cached base shares
     are sampled again when the weights change; None for a hub id (its revision is the hub's business)."""
@@ -396,12 +567,21 @@ def weights_fingerprint(name: str) -> str | None:
     return digest.hexdigest()[:16]
 
 
+DEFAULT_SAMPLER = "sde"  # sampling.sampler's default: the family's own sampler (the only one of the SD families)
+
+
+def base_cache_name(model: str, sampler: str) -> str:
+    """The base shares' cache file of a model and sampler: the default sampler's keeps the plain name."""
+    return f"modes-base-{model}.json" if sampler == DEFAULT_SAMPLER else f"modes-base-{model}-{sampler}.json"
+
+
 def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: Path = BASE_CACHE) -> dict:
     """The base model's background shares per prompt (`per_prompt` samples each, the preset's sampler settings) and
     the GFlowNet target shares for its reward and β (`modes.effective_beta`). The shares are cached in
-    `cache_dir/modes-base-<model>.json` (whatever --output is) and sampled again when a setting differs; the
-    targets depend on the run's β and go into each comparison's result instead."""
+    `cache_dir/modes-base-<model>[-<sampler>].json` (whatever --output is; `base_cache_name`) and sampled again
+    when a setting differs; the targets depend on the run's β and go into each comparison's result instead."""
     from dagcli.config import fill_model_defaults
+    from dagcli.families import set_sampler
     from dagcli.models import load_model
     from dagcli.prompts import load_prompts
     from dagcli.rewards.modes import background_modes
@@ -414,11 +594,15 @@ def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: P
     prompts = sorted({p.prompt for p in load_prompts(s.prompts)})
     reward = background_modes(**dict(cfg.reward.options).get("background-modes", {}))
     key = {"model": cfg.model.name, "weights": weights_fingerprint(cfg.model.name), "prompts": prompts,
-           "steps": s.steps, "guidance": s.guidance, "eta": s.eta, "resolution": s.resolution, "per_prompt": per_prompt}
-    cache = cache_dir / f"modes-base-{cfg.model.name}.json"
+           "steps": s.steps, "guidance": s.guidance, "eta": s.eta, "sampler": s.sampler, "resolution": s.resolution,
+           "per_prompt": per_prompt}
+    cache = cache_dir / base_cache_name(cfg.model.name, s.sampler)
     record = json.loads(cache.read_text()) if cache.is_file() else {}
+    if record.get("key") is not None:
+        record["key"] = {"sampler": DEFAULT_SAMPLER, **record["key"]}  # written before the key named the sampler
     if record.get("key") != key:
         model = load_model(cfg.model.name, device="cpu")
+        set_sampler(model.family, s.sampler, s.eta)
         started = time.perf_counter()
         labels = modes.sample_backgrounds(model, prompts, per_prompt, steps=s.steps, guidance=s.guidance, eta=s.eta)
         dims = model.family.initial_latents(1, s.resolution, s.resolution, torch.Generator().manual_seed(0)).numel()
@@ -434,6 +618,37 @@ def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: P
                    "targets": modes.targets_for(record["shares"], values, beta_eff)})
     record["base_tv"] = sum(modes.tv_distance(record["shares"][p], record["targets"][p]) for p in prompts) / len(prompts)
     return record
+
+
+def algorithm_beta(cfg) -> float:
+    """The β of a run's target: rtb reads `rtb.beta`, every other algorithm is set against DAG's `dag.beta`."""
+    return cfg.rtb.beta if cfg.train.algorithm == "rtb" else cfg.dag.beta
+
+
+def exact_targets(base: dict, cfg) -> dict:
+    """A run's exact target from the base shares record (`base_modes`) and the run's configuration: β_eff of its
+    algorithm's β under its reduction, p* per prompt, and the factor that turns rtb's learned log Z into nats of a
+    whole trajectory (D under "mean": the residual log Z + Σ ρ − β·r adds per-dimension means, so its log Z is
+    log Z(β_eff) / D; 1 under "sum")."""
+    dims, reduction = base["latent_dims"], cfg.train.reduction
+    beta_eff = modes.effective_beta(algorithm_beta(cfg), reduction, dims)
+    return {"targets": modes.targets_for(base["shares"], base["values"], beta_eff), "rewarded": base["rewarded"],
+            "base": base["shares"], "values": base["values"], "beta_eff": beta_eff,
+            "log_z_scale": modes.effective_beta(1.0, reduction, dims)}
+
+
+def sampling_floor(base: dict, mode_targets: dict, per_prompt: int, draws: int = 2000) -> float:
+    """The TV to p* that `per_prompt` samples drawn from p* itself read on average (over prompts and `draws`
+    multinomial draws, seeded): below it a run's TV is sampling noise."""
+    names = list(modes.background_names())
+    gen = torch.Generator().manual_seed(0)
+    total = 0.0
+    for prompt in base["shares"]:
+        p = torch.tensor([mode_targets["targets"][prompt][b] for b in names], dtype=torch.float64)
+        counts = torch.stack([torch.bincount(torch.multinomial(p, per_prompt, True, generator=gen), minlength=len(p))
+                              for _ in range(draws)]).double()
+        total += float((counts / per_prompt - p).abs().sum(1).mean() / 2)
+    return total / len(base["shares"])
 
 
 def merge_source(spec: str | Path) -> tuple[Path, set[str] | None]:
@@ -484,6 +699,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the preset's)")
     p.add_argument("--eval-per-prompt", type=int, default=None,
                    help="evaluation samples per prompt (default 8; 48 for the modes reward)")
+    p.add_argument("--final-eval-per-prompt", type=int, default=None,
+                   help="evaluation samples per prompt at the end (default: as --eval-per-prompt; 200 for "
+                        "modes-exact)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluate every N epochs (0: at the end only; default 4, 3 with --quick)")
     p.add_argument("--base-samples", type=int, default=BASE_SAMPLES,
@@ -511,7 +729,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if algo not in args.per_algo or "=" not in override:
             p.error(f"--algo-set {item!r}: expected ALGO:section.key=value with ALGO one of {', '.join(ALGORITHMS)}")
         args.per_algo[algo].append(override)
-    args.algorithms = args.algorithms or list(MODEL_ALGORITHMS.get(args.model, ALGORITHMS))
+    if args.algorithms is None:
+        sets = [REWARD_ALGORITHMS[r] for r in args.reward or () if r in REWARD_ALGORITHMS]
+        args.algorithms = list(sets[0] if sets else MODEL_ALGORITHMS.get(args.model, ALGORITHMS))
     return args
 
 
@@ -540,20 +760,33 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
     epochs = args.epochs or (QUICK_EPOCHS if args.quick else load_config(preset).train.epochs)
     eval_every = args.eval_every if args.eval_every is not None else (3 if args.quick else 4)
     per_prompt = args.eval_per_prompt or EVAL_PER_PROMPT.get(reward, 8)
-    base = base_modes(preset, overrides, args.base_samples) if reward == "modes" else None
-    mode_targets = {"targets": base["targets"], "rewarded": base["rewarded"]} if base else None
+    final_per_prompt = args.final_eval_per_prompt or FINAL_EVAL_PER_PROMPT.get(reward, per_prompt)
+    base = base_modes(preset, overrides, args.base_samples) if reward in MODE_REWARDS else None
     # one folder per invocation: two comparisons started in the same second must not write one metrics.jsonl
     run_root = args.runs_dir / reward / f"{int(time.time())}-{os.getpid()}"
-    tasks = [dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs, out_dir=run_root,
-                  eval_per_prompt=per_prompt, overrides=[*overrides, *args.per_algo[algo]], eval_every=eval_every,
-                  threads=threads, mode_targets=mode_targets)
-             for seed in args.seeds for algo in args.algorithms]
+    tasks = []
+    for seed in args.seeds:
+        for algo in args.algorithms:
+            task_overrides = [*overrides, *args.per_algo[algo]]
+            if reward == "modes-exact":  # each run against the target of its own β
+                mode_targets = exact_targets(base, run_config(preset, algo, seed, epochs, task_overrides))
+            else:
+                mode_targets = {"targets": base["targets"], "rewarded": base["rewarded"]} if base else None
+            tasks.append(dict(preset=preset, algorithm=algo, seed=seed, epochs=epochs,
+                              out_dir=run_root, eval_per_prompt=per_prompt,
+                              overrides=task_overrides, eval_every=eval_every, threads=threads,
+                              mode_targets=mode_targets, final_eval_per_prompt=final_per_prompt))
+    if reward == "modes-exact":
+        base = {**base, "tv_floor": {str(n): sampling_floor(base, tasks[0]["mode_targets"], n)
+                                     for n in sorted({per_prompt, final_per_prompt})}}
     started = time.perf_counter()
     runs = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for run in pool.map(_run_task, tasks):
             runs.append(run)
             tv = f", TV {run['tv']:.3f}" if "tv" in run else ""
+            tv += f", reward gap {run['reward_gap']:+.3f}" if "reward_gap" in run else ""
+            tv += f", |log Z - true| {run['log_z_error']:.3f}" if "log_z_error" in run else ""
             print(f"{reward} {run['algorithm']} seed {run['seed']}: reward {run['curve'][0]['reward']:.4f} -> "
                   f"{run['curve'][-1]['reward']:.4f}, diversity {run['diversity']:.4f}{tv}, "
                   f"fidelity {run['fidelity']}, {run['train_seconds']:.0f}s", flush=True)
@@ -561,7 +794,8 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
     result = {
         "reward": reward, "preset": preset_name, "model": args.model, "epochs": epochs, "seeds": args.seeds,
         "overrides": args.overrides, "algo_overrides": args.per_algo, "quick": args.quick, "jobs": jobs,
-        "threads_per_job": threads, "eval_per_prompt": per_prompt, "wall_seconds": time.perf_counter() - started,
+        "threads_per_job": threads, "eval_per_prompt": per_prompt, "final_eval_per_prompt": final_per_prompt,
+        "wall_seconds": time.perf_counter() - started,
         "command": "python benchmarks/compare_algorithms.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "cpu_count": os.cpu_count()},
@@ -572,6 +806,8 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
     (args.output / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     plot(runs, summary, reward, args.output / f"{stem}.png", base)
     print(f"\n{reward}: {len(runs)} runs in {result['wall_seconds']:.0f}s\n{table(summary)}\n")
+    if reward == "modes-exact":
+        print(f"{exact_table(summary)}\n\n{log_z_table(summary)}\n")
     return result
 
 

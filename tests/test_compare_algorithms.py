@@ -215,3 +215,118 @@ def test_merge_refuses_files_of_different_rewards(compare, tmp_path) -> None:
     with pytest.raises(ValueError, match="different rewards"):
         compare.merge(files, tmp_path, "x")
     assert not list(tmp_path.glob("compare-*"))  # nothing written
+
+
+EXACT_PRESETS = {"tiny": "examples/configs/tiny-modes-exact-target.toml",
+                 "tiny-flow": "examples/configs/tiny-flow-modes-exact-target.toml"}
+
+
+@pytest.mark.parametrize("model", sorted(EXACT_PRESETS))
+def test_exact_presets_give_every_algorithm_the_same_target(compare, model) -> None:
+    """β_eff = ln 4 for DAG's β and for rtb's own, under reduction "mean" over D = 256, and rtb's learned log Z is
+    read in units of 1/D."""
+    preset = ROOT / EXACT_PRESETS[model]
+    assert compare.MODEL_PRESETS.get(model, compare.PRESETS)["modes-exact"] == EXACT_PRESETS[model]
+    base = {"latent_dims": 256, "shares": {"a": {"black": 0.25, "gray": 0.25, "white": 0.25, "brown": 0.25}},
+            "values": {"black": 1.0, "gray": 0.0, "white": 1.0, "brown": 0.0}, "rewarded": ["black", "white"]}
+    for algo in ("dag-db", "dag-rdb", "rtb", "rtb-vargrad"):
+        cfg = compare.run_config(preset, algo, 0, 1, [])
+        target = compare.exact_targets(base, cfg)
+        assert target["beta_eff"] == pytest.approx(math.log(4), rel=1e-6), algo
+        assert target["log_z_scale"] == 256
+        # 4^r over uniform base shares: Z = 0.5·4 + 0.5 = 2.5, p*(black) = 0.25·4 / 2.5
+        assert target["targets"]["a"]["black"] == pytest.approx(0.4, rel=1e-6)
+    assert compare.run_config(preset, "rtb-vargrad", 0, 1, []).rtb.log_z == "vargrad"
+    assert compare.run_config(preset, "rtb", 0, 1, []).rtb.log_z == "learned"
+
+
+def hand_target():
+    base = {"a": {"black": 0.25, "gray": 0.25, "white": 0.25, "brown": 0.25},
+            "b": {"black": 0.1, "gray": 0.4, "white": 0.3, "brown": 0.2}}
+    values = {"black": 1.0, "gray": 0.0, "white": 1.0, "brown": 0.0}
+    beta_eff = math.log(4)
+    # by hand: a: Z = 2.5, p* = .4/.1/.4/.1, E[r] = .8; b: Z = .4·4 + .6 = 2.2, p* = .4/2.2, .4/2.2, 1.2/2.2, .2/2.2
+    p_star = {"a": {"black": 0.4, "gray": 0.1, "white": 0.4, "brown": 0.1},
+              "b": {"black": 0.4 / 2.2, "gray": 0.4 / 2.2, "white": 1.2 / 2.2, "brown": 0.2 / 2.2}}
+    mode_targets = {"targets": p_star, "rewarded": ["black", "white"], "base": base, "values": values,
+                    "beta_eff": beta_eff, "log_z_scale": 256}
+    return mode_targets, {"a": math.log(2.5), "b": math.log(2.2)}, {"a": 0.8, "b": 1.6 / 2.2}
+
+
+def test_exact_metrics_match_the_target_by_hand(compare) -> None:
+    mode_targets, _, expected = hand_target()
+    shares = {"a": {"black": 0.6, "gray": 0.1, "white": 0.3, "brown": 0.0},
+              "b": {"black": 0.0, "gray": 0.5, "white": 0.5, "brown": 0.0}}
+    got = compare.exact_metrics(shares, mode_targets)
+    tv = {"a": 0.5 * (0.2 + 0.0 + 0.1 + 0.1),
+          "b": 0.5 * (0.4 / 2.2 + abs(0.5 - 0.4 / 2.2) + abs(0.5 - 1.2 / 2.2) + 0.2 / 2.2)}
+    gap = {"a": 0.9 - expected["a"], "b": 0.5 - expected["b"]}
+    for p in ("a", "b"):
+        assert got["per_prompt_exact"][p]["tv"] == pytest.approx(tv[p])
+        assert got["per_prompt_exact"][p]["reward_gap"] == pytest.approx(gap[p])
+        assert got["per_prompt_exact"][p]["expected_reward"] == pytest.approx(expected[p])
+    assert got["tv_exact"] == pytest.approx((tv["a"] + tv["b"]) / 2)
+    assert got["reward_gap"] == pytest.approx((gap["a"] + gap["b"]) / 2)
+    assert got["split"]["black"] == pytest.approx((0.6 / 0.9 + 0.0) / 2)
+    assert got["target_split"]["black"] == pytest.approx((0.5 + 0.25) / 2)  # b: 0.4 / (0.4 + 1.2)
+    # the plain mode metrics read the same TV from the same p*
+    labels = {"a": ["black"] * 6 + ["gray"] + ["white"] * 3, "b": ["gray"] * 5 + ["white"] * 5}
+    images_rows = compare.modes.mode_report(labels, mode_targets["targets"], mode_targets["rewarded"])
+    assert images_rows["tv"] == pytest.approx(got["tv_exact"])
+
+
+def test_learned_log_z_in_nats_of_a_trajectory(compare) -> None:
+    from types import SimpleNamespace
+
+    from dagcli.algorithms.rtb import LogZTable
+
+    mode_targets, true, _ = hand_target()
+    table = LogZTable(["b", "a"])
+    with torch.no_grad():
+        table.log_z.copy_(torch.tensor([0.003, 0.004]))
+    got = compare.learned_log_z(SimpleNamespace(algorithm=SimpleNamespace(table=table)), mode_targets)
+    assert got["log_z_learned"] == pytest.approx({"b": 0.003 * 256, "a": 0.004 * 256}, rel=1e-6)
+    assert got["log_z_true"] == pytest.approx(true)
+    assert got["log_z_error"] == pytest.approx((abs(0.768 - math.log(2.2)) + abs(1.024 - math.log(2.5))) / 2,
+                                               rel=1e-5)
+    assert compare.learned_log_z(SimpleNamespace(algorithm=SimpleNamespace()), mode_targets) == {}  # no table
+
+
+def test_sampling_floor_of_one_sample_is_one_minus_the_collision_probability(compare) -> None:
+    """One sample b of p* reads TV 1 − p*(b): its mean over draws is 1 − Σ p*²."""
+    mode_targets, _, _ = hand_target()
+    base = {"shares": mode_targets["base"]}
+    by_hand = sum(1 - sum(v * v for v in p.values()) for p in mode_targets["targets"].values()) / 2
+    assert compare.sampling_floor(base, mode_targets, 1, draws=4000) == pytest.approx(by_hand, abs=0.02)
+    assert compare.sampling_floor(base, mode_targets, 400) < 0.05
+
+
+def test_run_one_with_rtb_reports_the_exact_target(compare, tmp_path) -> None:
+    """One epoch of rtb (learned log Z) on the tiny model: the evaluation's TV / gap follow its shares, and its
+    learned log Z is the saved table's, times D."""
+    from safetensors.torch import load_file
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    # 8 trajectories: some rewarded (a zero-LoRA residual is −β·r, so without one log Z gets no gradient)
+    overrides = ["sampling.batch_size=8", "sampling.batches_per_epoch=1", "sampling.steps=2", "train.batch_size=8",
+                 f'sampling.prompts="{prompts}"', "output.checkpoint_every=1"]
+    mode_targets, _, _ = hand_target()
+    base = {"latent_dims": 256, "shares": {"a red circle": mode_targets["base"]["b"]},
+            "values": mode_targets["values"], "rewarded": ["black", "white"]}
+    preset = ROOT / EXACT_PRESETS["tiny"]
+    targets = compare.exact_targets(base, compare.run_config(preset, "rtb", 0, 1, overrides))
+    run = compare.run_one(preset, "rtb", 0, 1, tmp_path, 4, overrides, eval_every=1, threads=1,
+                          mode_targets=targets, final_eval_per_prompt=6)
+    assert [p["per_prompt"] for p in run["evals"]] == [4, 6]
+    for point in run["evals"]:
+        share = point["per_prompt_shares"]["a red circle"]
+        assert point["tv_exact"] == pytest.approx(point["tv"])
+        assert point["tv"] == pytest.approx(compare.modes.tv_distance(share, targets["targets"]["a red circle"]))
+        assert point["reward_gap"] == pytest.approx(point["eval_reward"] - 1.6 / 2.2)
+        assert point["log_z_true"] == {"a red circle": pytest.approx(math.log(2.2))}
+    assert run["evals"][0]["log_z_learned"] == {"a red circle": 0.0}  # the table starts at 0
+    saved = load_file(next((tmp_path / "rtb-s0" / "checkpoints").glob("step-*")) / "log_z.safetensors")
+    (value,) = [float(v) for v in saved.values()]
+    assert value != 0.0 and run["log_z_learned"]["a red circle"] == pytest.approx(value * 256, rel=1e-6)
+    assert "log_z" in run["curve"][0] and "log_ratio_base" in run["curve"][0]
