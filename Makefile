@@ -41,7 +41,7 @@ test-slow: $(STAMP)
 
 # Break the training arithmetic on purpose, one change at a time, and check that the tests catch each (minutes).
 mutations: $(STAMP)
-	$(BIN)/python tests/mutations.py
+	$(BIN)/python tests/helpers/mutations.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

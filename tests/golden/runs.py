@@ -3,7 +3,7 @@
 `python tests/golden/runs.py [NAME ...]` (re)writes `tests/golden/golden.json` (only the named runs' entries):
 each run's per-epoch metrics, a sha256 of its trained weights, per-tensor statistics of those weights (norm, sum,
 a fixed random projection, in float64) and the platform it was recorded on (CPU, library versions, the kernel
-dispatch). `tests/test_golden.py` repeats the runs and compares them two ways:
+dispatch). `tests/integration/test_golden.py` repeats the runs and compares them two ways:
 
 - within `TOLERANCE` (always, on any machine): the relative deviation of every metric and weight statistic,
   tight while the run draws the recorded rewards and looser after the first epoch whose rewards moved; the

@@ -1,0 +1,144 @@
+"""The benchmark scripts: real model shapes, the memory-fit table, perf.py's epoch and decoder measures, gpu.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import gpu_shapes  # noqa: E402
+import perf  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """The benchmarks set torch's thread count (`--threads`); later tests must see the suite's own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def total_size(module: torch.nn.Module) -> int:
+    """Parameters and buffers: what a checkpoint file holds."""
+    return sum(t.numel() for t in [*module.parameters(), *module.buffers()])
+
+
+def test_shapes_match_the_published_models():
+    """Built on the meta device at full depth; sizes from the published checkpoints: SDXL base's UNet (2,567,463,684
+    parameters), FLUX.1-dev's transformer (11,901,408,320), SD3.5 Medium's transformer file (4.94 GB in bf16: its
+    parameters and its 384x384 position table)."""
+    with torch.device("meta"):
+        sdxl, sd35, flux = (gpu_shapes.BUILDERS[n](None) for n in ("sdxl", "sd35_medium", "flux_dev"))
+    assert gpu_shapes.parameters(sdxl.unet) == 2_567_463_684
+    assert gpu_shapes.parameters(flux.transformer) == 11_901_408_320
+    assert round(total_size(sd35.transformer) * 2 / 1e9, 2) == 4.94
+    assert len(sd35.transformer.config.dual_attention_layers) == 13
+    assert sd35.transformer.config.num_attention_heads * sd35.transformer.config.attention_head_dim == 1536
+    assert flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim == 3072
+    assert (sd35.vae.config.latent_channels, flux.vae.config.latent_channels, sdxl.vae.config.latent_channels) == (16, 16, 4)
+
+
+def test_fewer_layers_keep_the_widths():
+    with torch.device("meta"):
+        sd35, flux = gpu_shapes.build_sd35_medium(2), gpu_shapes.build_flux_dev((1, 2))
+    assert (sd35.transformer.config.num_layers, sd35.transformer.config.caption_projection_dim) == (2, 1536)
+    assert len(flux.transformer.transformer_blocks) == 1 and len(flux.transformer.single_transformer_blocks) == 2
+    assert flux.transformer.x_embedder.out_features == 3072
+
+
+@pytest.mark.parametrize(("reserved_gib", "skipped", "expected"), [
+    (22.0, None, ["yes", "yes", "yes"]),  # 22 + 1 GiB context <= 23.5
+    (23.0, None, ["no", "yes", "yes"]),  # 24 > 23.5
+    (44.0, None, ["no", "no", "yes"]),  # 45 > 44.5
+    (79.0, None, ["no", "no", "no"]),
+    (None, "out of memory: CUDA out of memory", ["no (out of memory here)"] * 3),
+    (None, None, ["n/a (CPU)"] * 3),
+])
+def test_fits(reserved_gib, skipped, expected):
+    row = {"micro_batch": 1, "gradient_checkpointing": False}
+    if reserved_gib is not None:
+        row["peak_cuda_reserved_mib"] = reserved_gib * 1024
+    if skipped:
+        row["skipped"] = skipped
+    assert gpu_shapes.fits(row) == expected
+
+
+def test_every_state_switch_restores_the_rollout(tmp_path):
+    import dagcli.rollout as rollout
+    from dagcli.config import Config
+
+    class Holder:
+        config = Config()
+
+    pairs = torch.tensor([[0, 1]])
+    before = rollout.states_needed
+    with perf.timestep_fraction(Holder, 0.5, every_state=True):
+        assert Holder.config.train.timestep_fraction == 0.5
+        assert rollout.states_needed(pairs, 2, 3).all()
+    assert rollout.states_needed is before and Holder.config.train.timestep_fraction == 1.0
+    with perf.timestep_fraction(Holder, 0.5):  # only the states the pair touches: (0, 1) and (0, 2)
+        assert rollout.states_needed(pairs, 2, 3).nonzero().tolist() == [[0, 1], [0, 2]]
+
+
+def test_random_tiny_decoder_loads_like_a_real_one():
+    from dagcli.models import load_tiny_decoder
+
+    folder = perf.random_tiny_decoder(4)
+    decoder = load_tiny_decoder(folder, torch.device("cpu"), torch.float32)
+    assert (Path(folder) / "diffusion_pytorch_model.safetensors").is_file()
+    with torch.no_grad():
+        images = decoder.decode(torch.zeros(1, 4, 8, 8), return_dict=False)[0]
+    assert images.shape == (1, 3, 64, 64)  # TAESD upsamples 8x
+
+
+def test_perf_training_measures_fractions_and_the_small_decoder(tmp_path):
+    out = tmp_path / "perf.json"
+    perf.main(["--quick", "--sections", "training", "--batch", "2", "--steps", "4", "--train-batches", "2",
+               "--repeats", "1", "--epoch-repeats", "1", "--threads", "1", "--out", str(out)])
+    tr = json.loads(out.read_text())["sections"]["training"]
+    full, half = tr["epochs_by_fraction"]["1.0"], tr["epochs_by_fraction"]["0.5"]
+    assert (full["transitions_trained"], half["transitions_trained"]) == (2 * 4, 2 * 2)  # batch 2, 4 steps
+    assert set(full["seconds"]) == {"sampling", "current"}
+    assert set(half["seconds"]) == {"sampling", "current", "sampling_every_state"}
+    assert half["ratio_sampling_vs_current"] == pytest.approx(half["seconds"]["current"] / half["seconds"]["sampling"],
+                                                              abs=1e-4)
+    small = tr["per_transition"]["small_decoder"]
+    assert small["speedup_fl_vs_vae"] > 0 and tr["epochs_small_decoder"]["timestep_fraction"] == 1.0
+    assert "fraction 0.5: speed-up of decoding only the trained states" in json.loads(out.read_text())["table"]
+
+
+def test_gpu_shapes_tiny_run_writes_ratios_and_tables(tmp_path):
+    out = tmp_path / "shapes.json"
+    gpu_shapes.main(["--tiny", "--models", "tiny-random-flux", "--micro-batches", "1", "--threads", "1",
+                     "--out", str(out)])
+    res = json.loads(out.read_text())["sections"]["tiny-random-flux"]
+    sp, pt = res["sampling"], res["training"]["per_transition"]
+    assert sp["guided_batch"] == 2  # FLUX is guidance-distilled: no [uncond; cond] doubling
+    assert sp["ratio_ours_vs_pipeline_images_per_s"] == pytest.approx(
+        sp["images_per_s"]["ours"] / sp["images_per_s"]["pipeline"], rel=1e-3)
+    assert pt["ratio_ours_vs_guided_fwd_bwd"] >= pt["ratio_ours_vs_guided_fwd_bwd_without_fl"] > 0
+    assert [(r["micro_batch"], r["gradient_checkpointing"]) for r in res["training"]["sweep"]] == [(1, False), (1, True)]
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny-random-flux | all | 32 | 2 | 2 |" in md and "n/a (CPU)" in md
+
+
+@pytest.mark.slow
+def test_gpu_sh_tiny_dry_run(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--tiny"], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    for name in ("gpu-sd15.json", "gpu-sd15.md", "gpu-shapes.json", "gpu-shapes.md", "gpu.log"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    shapes = json.loads((tmp_path / "gpu-shapes.json").read_text())["sections"]
+    assert set(shapes) == set(gpu_shapes.TINY) and all("sampling" in r for r in shapes.values())
+

@@ -1,0 +1,164 @@
+"""RTB's arithmetic: the residual by hand, the per-transition surrogate's gradient against autograd of the whole
+trajectory loss on a toy Gaussian chain, VarGrad against its closed form, and the learned log Z table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dagcli.algorithms import rtb
+from dagcli.errors import DagError
+
+STD = 0.5  # the toy chain's step noise
+
+
+def test_residual_hand_computed():
+    a = rtb.residual(torch.tensor([1.0, -0.5]), torch.tensor([0.25, 2.0]), torch.tensor([0.5, 1.0]), beta=3.0)
+    # 1 + 0.25 - 3·0.5 = -0.25 ; -0.5 + 2 - 3·1 = -1.5
+    torch.testing.assert_close(a, torch.tensor([-0.25, -1.5]))
+    torch.testing.assert_close(rtb.trajectory_loss(torch.tensor([1.0, -0.5]), torch.tensor([0.25, 2.0]),
+                                                   torch.tensor([0.5, 1.0]), beta=3.0), torch.tensor([0.0625, 2.25]))
+
+
+def gaussian_log_prob(x_next, mean):
+    return (-0.5 * ((x_next - mean) / STD) ** 2 - math.log(STD) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def toy_chain(steps: int = 4, n: int = 5, dim: int = 3):
+    """A Gaussian chain x_{i+1} ~ N(a_i·x_i + b_i, STD²) sampled from the policy θ = (a, b); the base model is the
+    same with its own (a0, b0)."""
+    g = torch.Generator().manual_seed(0)
+    theta_a = (1 + 0.1 * torch.randn(steps, generator=g)).requires_grad_()
+    theta_b = (0.2 * torch.randn(steps, dim, generator=g)).requires_grad_()
+    base_a, base_b = 1 + 0.1 * torch.randn(steps, generator=g), 0.2 * torch.randn(steps, dim, generator=g)
+    xs = [torch.randn(n, dim, generator=g)]
+    with torch.no_grad():
+        for i in range(steps):
+            xs.append(theta_a[i] * xs[-1] + theta_b[i] + STD * torch.randn(n, dim, generator=g))
+    log_pf = torch.stack([gaussian_log_prob(xs[i + 1], theta_a[i] * xs[i] + theta_b[i]) for i in range(steps)], 1)
+    log_base = torch.stack([gaussian_log_prob(xs[i + 1], base_a[i] * xs[i] + base_b[i]) for i in range(steps)], 1)
+    reward = -(xs[-1] ** 2).sum(-1)  # any function of x_T
+    return (theta_a, theta_b), log_pf, log_base, reward
+
+
+def test_transition_surrogate_gradient_is_the_trajectory_loss_gradient():
+    params, log_pf, log_base, reward = toy_chain()
+    table = rtb.LogZTable(["a", "b"])
+    with torch.no_grad():
+        table.log_z.copy_(torch.tensor([0.7, -1.3]))
+    prompts = ["a", "b", "a", "a", "b"]
+    beta = 0.8
+    full = rtb.trajectory_loss(table(prompts), (log_pf - log_base).sum(1), reward, beta).sum()
+    expected = torch.autograd.grad(full, [*params, table.log_z], retain_graph=True)
+
+    log_z = table(prompts)
+    a = rtb.residual(log_z, (log_pf - log_base).sum(1).detach(), reward, beta)  # once per trajectory, no graph
+    per_transition = rtb.transition_surrogate(a[:, None].expand_as(log_pf), log_pf)  # each step on its own
+    surrogate = per_transition.sum() + rtb.log_z_surrogate(a, log_z).sum()
+    got = torch.autograd.grad(surrogate, [*params, table.log_z])
+    for e, g in zip(expected, got, strict=True):
+        assert e.abs().max() > 1e-3
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_vargrad_log_z_and_residuals_are_the_closed_form():
+    log_ratio = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0])
+    reward = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0])
+    groups = torch.tensor([3, 3, 7, 7, 7])
+    beta = 2.0
+    # β r − Σ ρ: [1.5, 1.0, -1.0, 2.0, -1.0]; group 3: mean 1.25; group 7: mean 0
+    torch.testing.assert_close(rtb.vargrad_log_z(log_ratio, reward, groups, beta),
+                               torch.tensor([1.25, 1.25, 0.0, 0.0, 0.0]))
+    # A = log Ẑ + Σ ρ − β r: [-0.25, 0.25, 1.0, -2.0, 1.0]
+    torch.testing.assert_close(rtb.vargrad_residuals(log_ratio, reward, groups, beta),
+                               torch.tensor([-0.25, 0.25, 1.0, -2.0, 1.0]))
+    assert rtb.vargrad_residuals(log_ratio[:1], reward[:1], groups[:1], beta).item() == 0.0  # a group of one
+
+
+def test_vargrad_surrogate_gradient_is_the_group_variance_gradient():
+    """With A centred in its group the surrogate is the gradient of Σ_g Σ_k (s_k − mean_g s)², s = Σ ρ − β r."""
+    params, log_pf, log_base, reward = toy_chain(n=6)
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    beta = 1.5
+    s = (log_pf - log_base).sum(1) - beta * reward
+    variance = sum(((s[groups == g] - s[groups == g].mean()) ** 2).sum() for g in (0, 1))
+    expected = torch.autograd.grad(variance, params, retain_graph=True)
+    a = rtb.vargrad_residuals((log_pf - log_base).sum(1), reward, groups, beta)
+    got = torch.autograd.grad(rtb.transition_surrogate(a[:, None].expand_as(log_pf), log_pf).sum(), params)
+    for e, g in zip(expected, got, strict=True):
+        assert e.abs().max() > 1e-3
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_learned_log_z_converges_to_the_true_log_z():
+    """One Gaussian step: base N(0, 1), reward r(x) = x. The target N(β, 1) has log Z = log E_base[e^{βx}] = β²/2;
+    training the policy's mean and log Z on RTB's surrogates lands on both."""
+    beta = 1.2
+    mean = torch.zeros(1, requires_grad=True)
+    table = rtb.LogZTable(["p"])
+    opt = torch.optim.Adam([mean, table.log_z], lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(600):
+        x = (mean.detach() + torch.randn(256, generator=g))
+        log_pf = -0.5 * (x - mean) ** 2
+        log_base = -0.5 * x**2
+        log_z = table(["p"] * 256)
+        a = rtb.residual(log_z, (log_pf - log_base).detach(), x, beta)
+        loss = (rtb.transition_surrogate(a, log_pf) + rtb.log_z_surrogate(a, log_z)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert mean.item() == pytest.approx(beta, abs=0.05)
+    assert table.log_z.item() == pytest.approx(beta**2 / 2, abs=0.05)
+
+
+def test_log_z_table_looks_up_saves_and_names_an_unknown_prompt(tmp_path):
+    table = rtb.LogZTable(["a red circle", "a blue square", "a red circle"])
+    assert table.prompts == ["a red circle", "a blue square"]
+    with torch.no_grad():
+        table.log_z.copy_(torch.tensor([0.5, -2.0]))
+    torch.testing.assert_close(table(["a blue square", "a red circle", "a blue square"]),
+                               torch.tensor([-2.0, 0.5, -2.0]))
+    import json
+
+    save_file(table.state_dict(), str(tmp_path / "log_z.safetensors"),
+              metadata={k: json.dumps(v) for k, v in table.metadata().items()})
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "log_z.safetensors"), framework="pt") as f:
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    again = rtb.log_z_table_from(meta)
+    again.load_state_dict(load_file(tmp_path / "log_z.safetensors"))
+    torch.testing.assert_close(again(["a red circle"]), torch.tensor([0.5]))
+    with pytest.raises(DagError, match="no learned log Z for the prompt 'a green star'"):
+        table(["a green star"])
+
+
+@pytest.mark.parametrize("log_z", ["learned", "vargrad"])
+def test_rtb_trains_two_epochs_on_tiny(log_z, tmp_path, tiny_pipeline_dir, capsys):
+    import json
+
+    from helpers.cli import run_cli, write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square"],
+                            train={"algorithm": "rtb", "epochs": 2},
+                            sampling={"batch_size": 4}, rtb={"beta": 1.0, "log_z": log_z, "group_size": 2})
+    run = tmp_path / "run"
+    code, _, err = run_cli(["train", "--config", cfg, "-o", run], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2]
+    for m in lines:
+        for key in ("loss", "rtb_loss", "log_z", "log_ratio_base", "rtb_residual_abs", "grad_norm_lora"):
+            assert math.isfinite(m[key]), key
+    assert lines[0]["log_ratio_base"] == 0.0  # a zero LoRA is the base model, bit for bit
+    assert lines[1]["log_ratio_base"] != 0.0 and lines[0]["grad_norm_lora"] > 0
+    step = run / "checkpoints" / "step-000002"
+    assert (step / "log_z.safetensors").exists() == (log_z == "learned")
+    if log_z == "learned":  # logged per epoch, per prompt, and it moved from 0 after the first epoch's updates
+        assert lines[0]["log_z"] == 0.0 and lines[1]["log_z"] != 0.0
+        saved = load_file(step / "log_z.safetensors")["log_z"]
+        assert saved.shape == (2,) and saved.abs().max() > 0
