@@ -114,6 +114,19 @@ def _build_config_class() -> type:
 
 
 Config = _build_config_class()
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def config_class() -> type:
+    """`Config` for the algorithms registered now: rebuilt once `algorithms.register_algorithm` (or a test's
+    registry change) adds or removes a section after this module was imported."""
+    global Config, _SECTIONS
+    from dagcli.algorithms import sections
+
+    names = ("model", "sampling", "reward", "lora", "train", *sections(), "output")
+    if names != _SECTIONS:
+        Config, _SECTIONS = _build_config_class(), names
+    return Config
 
 
 # --- how messages name a setting ----------------------------------------------------------------------
@@ -196,7 +209,7 @@ def config_from_dict(data: dict, errors: list[str] | None = None) -> Config:
     """Build a `Config` from nested dicts, collecting every problem; raises one DagError listing them all."""
     own_errors = errors if errors is not None else []
     sections = {}
-    top = _hints(Config)
+    top = _hints(config_class())
     for name, value in data.items():
         if name not in top:
             own_errors.append(f"unknown section [{name}] (valid: {', '.join(top)})")
@@ -222,7 +235,7 @@ def config_from_dict(data: dict, errors: list[str] | None = None) -> Config:
             sections[name] = cls(**kwargs)
         except TypeError as e:
             own_errors.append(f"[{name}]: {e}")
-    config = Config(**sections)
+    config = config_class()(**sections)
     own_errors.extend(validate(config))
     if errors is None and own_errors:
         raise invalid(own_errors)
@@ -524,7 +537,7 @@ def to_dict(config: Config) -> dict:
         return v
 
     return {name: {k: plain(v) for k, v in dataclasses.asdict(getattr(config, name)).items()}
-            for name in _hints(Config)}
+            for name in _hints(config_class())}
 
 
 def dump_toml(config: Config) -> str:

@@ -6,7 +6,9 @@ messages read it. Each reads its own config section (`settings`, declared beside
 trains on one loss unit (`unit`: transitions, trajectories or samples, see `dagcli.units`); it is built with
 `build_algorithm`. This module imports no torch, so the command line can list the algorithms without loading it.
 
-Adding an algorithm: its module (the `Algorithm`), its settings module (a `Section`), one line here.
+Adding an algorithm: its module (the `Algorithm`), its settings module (a `Section`), one line here; or, from
+outside the package (a notebook, a research fork), `register_algorithm(AlgorithmInfo(...))` before the run is
+configured, which adds its name and its config section exactly as a line here would.
 """
 
 from __future__ import annotations
@@ -106,9 +108,26 @@ def build_algorithm(name: str, config, ctx: Context) -> Algorithm:
     return info.build(getattr(config, info.section), ctx)
 
 
+def register_algorithm(info: AlgorithmInfo) -> None:
+    """Add an algorithm defined outside this package: `--algorithm NAME`, its `[section]` table with its checks and
+    defaults, checkpoints and resume then work as for the built-in ones (the run's `Config` is rebuilt with the
+    section on its next use). Its section may be a new one or an existing one, shared as dag-db and dag-kl share
+    `[dag]`; a name or a section name already taken by something else is refused."""
+    from dagcli.errors import DagError
+
+    if info.name in ALGORITHMS:
+        raise DagError(f"an algorithm named {info.name!r} is already registered: choose another name")
+    taken = sections().get(info.section)
+    if taken is not None and taken is not info.settings:
+        raise DagError(f"the config section [{info.section}] already belongs to "
+                       f"{', '.join(n for n, i in ALGORITHMS.items() if i.section == info.section)}: reuse its "
+                       f"Section object or name the section differently")
+    ALGORITHMS[info.name] = info
+
+
 def sections() -> dict[str, Section]:
     """Every algorithm's config section, once each, in the registry's order."""
     return {info.section: info.settings for info in ALGORITHMS.values()}
 
 
-__all__ = ["ALGORITHMS", "AlgorithmInfo", "build_algorithm", "sections"]
+__all__ = ["ALGORITHMS", "AlgorithmInfo", "build_algorithm", "register_algorithm", "sections"]
