@@ -373,6 +373,7 @@ def make_trainer(b: Bench, micro_batch: int, algorithm: str = "dag-db"):
                   mixed_precision="bf16" if b.cuda and a.dtype == "bf16" else "no", epochs=1, algorithm=algorithm)
     cfg = replace(cfg, "grpo", group_size=2)  # groups of 2 for the group-normalised algorithms (even batches)
     cfg = replace(cfg, "nft", group_size=2)
+    cfg = replace(cfg, "rtb", group_size=2)
     cfg = replace(cfg, "dag", beta=1.0, beta_ramp_epochs=0, x0_source="sampling", x0_guidance="cond")
     cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"), checkpoint_minutes=0.0)
     model = load_model_at(a.model, a.device, a.dtype, a.resolution)
@@ -432,33 +433,56 @@ class AlgorithmVariants:
         return run
 
 
+# each ratio: (algorithm, its baseline) on the same samples budget
+ALGORITHM_RATIOS = (("dag-rdb", "dag-db"), ("rtb", "grpo"), ("nft", "grpo"))
+
+
 def bench_algorithms(b: Bench) -> dict:
-    """An NFT epoch against a GRPO epoch on the same samples budget (the same trajectories, sampler and
-    micro-batches; NFT trains steps · timestep_fraction re-noised copies of each final sample, GRPO as many
-    stored transitions): sampling + rewards, training, and their ratio, each epoch timed `epoch_repeats` times."""
+    """Each algorithm's epoch against its baseline's on the same samples budget (the same trajectories, sampler and
+    micro-batches): dag-rdb against DAG-DB (the same transitions; one more forward of the base model each),
+    rtb and NFT against GRPO (rtb: the same stored transitions after a no-grad pass of the policy and the base
+    model over every step; NFT: steps · timestep_fraction re-noised copies of each final sample). Sampling +
+    rewards, training and their sum are timed per epoch, each algorithm's epochs interleaved with its baseline's
+    (one pair in memory at a time, each ratio of the pair's own medians), `epoch_repeats` times after one warm-up
+    epoch each; with the trajectories per epoch equal, the ratio of training times is
+    the ratio per trained transition and the ratio of epochs the ratio per trajectory."""
+    import gc
+
     from dagcli.algorithms.base import hook
 
     a, mb = b.args, b.args.train_batches[0]
     out: dict = {"micro_batch": mb, "trajectories_per_epoch": a.batch, "steps": a.steps, "items_per_epoch":
                  a.batch * a.steps}
-    for name in ("grpo", "nft"):
-        trainer, _, _ = make_trainer(b, mb, algorithm=name)
-        trainer.rollout.x0_vae = None
-        times = {"collect": [], "train": []}
+    for name, base in ALGORITHM_RATIOS:  # two trainers at a time: SD 1.5's shapes hold 4-5 GB each
+        trainers = {}
+        for n in (base, name):
+            trainer, _, _ = make_trainer(b, mb, algorithm=n)
+            trainer.rollout.x0_vae = None
+            trainers[n] = trainer
+        times = {n: {"collect": [], "train": []} for n in trainers}
         for epoch in range(a.epoch_repeats + 1):  # the first epoch warms up
-            t0 = time.perf_counter()
-            batch, _ = trainer.collect(epoch)
-            b.sync()
-            t1 = time.perf_counter()
-            trainer.train_epoch(epoch, batch)
-            hook(trainer.algorithm, "end_epoch")(trainer.raw_denoiser, trainer.state.optimizer_steps)
-            b.sync()
-            if epoch:
-                times["collect"].append(t1 - t0)
-                times["train"].append(time.perf_counter() - t1)
-        out[name] = {k: round(statistics.median(v), 4) for k, v in times.items()}
-        out[name]["epoch"] = round(out[name]["collect"] + out[name]["train"], 4)
-    out["nft_over_grpo"] = {k: ratio(out["nft"][k], out["grpo"][k]) for k in ("collect", "train", "epoch")}
+            for n, trainer in trainers.items():
+                t0 = time.perf_counter()
+                batch, _ = trainer.collect(epoch)
+                b.sync()
+                t1 = time.perf_counter()
+                trainer.train_epoch(epoch, batch)
+                hook(trainer.algorithm, "end_epoch")(trainer.raw_denoiser, trainer.state.optimizer_steps)
+                b.sync()
+                if epoch:
+                    times[n]["collect"].append(t1 - t0)
+                    times[n]["train"].append(time.perf_counter() - t1)
+        del trainers
+        gc.collect()
+        for n in (base, name):  # a baseline measured beside two algorithms keeps its first measurement
+            if n not in out:
+                out[n] = {k: round(statistics.median(v), 4) for k, v in times[n].items()}
+                out[n]["epoch"] = round(out[n]["collect"] + out[n]["train"], 4)
+        pair = {n: {k: statistics.median(v) for k, v in times[n].items()} for n in (base, name)}
+        for n in pair:
+            pair[n]["epoch"] = pair[n]["collect"] + pair[n]["train"]
+        out[f"{name.replace('-', '_')}_over_{base.replace('-', '_')}"] = {
+            k: ratio(pair[name][k], pair[base][k]) for k in ("collect", "train", "epoch")}
     return out
 
 
@@ -776,6 +800,13 @@ def table(results: dict) -> str:
         for k, v in fl.items():
             if k.startswith("mfu_sampling"):
                 add(k, v)
+    al = s.get("algorithms")
+    if al:
+        for name, base in ALGORITHM_RATIOS:
+            key = f"{name.replace('-', '_')}_over_{base.replace('-', '_')}"
+            if key in al:
+                add(f"{name} / {base}: training (per transition)", al[key]["train"], "{:.2f}x")
+                add(f"{name} / {base}: epoch (per trajectory)", al[key]["epoch"], "{:.2f}x")
     mem = [v.get("memory_after", {}) for v in s.values() if isinstance(v, dict)]
     if mem:
         add("peak RSS MiB (process)", max(m.get("peak_rss_mib", 0) for m in mem), "{:.0f}")
@@ -817,7 +848,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--sections", default="sampling,levers,training,overlap,flops,compile",
                    help="overlap: rewards overlapped with sampling, measured inside training; algorithms (not "
-                        "by default): an NFT epoch against a GRPO epoch")
+                        "by default): dag-rdb against DAG-DB, rtb and NFT against GRPO, epoch by epoch")
     p.add_argument("--time-budget", type=float, default=0, help="skip remaining sections after this many s")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", default="wall", choices=["wall", "process"],

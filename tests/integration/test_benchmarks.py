@@ -142,3 +142,20 @@ def test_gpu_sh_tiny_dry_run(tmp_path):
     shapes = json.loads((tmp_path / "gpu-shapes.json").read_text())["sections"]
     assert set(shapes) == set(gpu_shapes.TINY) and all("sampling" in r for r in shapes.values())
 
+
+def test_perf_algorithms_times_each_algorithm_against_its_baseline(tmp_path):
+    out = tmp_path / "perf.json"
+    perf.main(["--quick", "--sections", "algorithms", "--batch", "2", "--steps", "3", "--train-batches", "2",
+               "--epoch-repeats", "1", "--threads", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    al = result["sections"]["algorithms"]
+    assert set(al) >= {"dag-db", "dag-rdb", "grpo", "rtb", "nft"}
+    seen = set()
+    for name, base in perf.ALGORITHM_RATIOS:
+        key = f"{name.replace('-', '_')}_over_{base.replace('-', '_')}"
+        for part in ("collect", "train", "epoch"):
+            if base not in seen:  # a baseline's recorded times are those of its first pair
+                assert al[key][part] == pytest.approx(al[name][part] / al[base][part], rel=3e-2, abs=1e-3)
+            assert al[key][part] > 0
+        seen |= {name, base}
+        assert f"{name} / {base}: epoch (per trajectory)" in result["table"]
