@@ -135,14 +135,15 @@ class Rtb:
         from dagcli.algorithms.base import transition_batch
         from dagcli.algorithms.grpo import groups_of
 
-        n, steps = log_pf.shape
+        n, steps = log_pf.shape[0], self.ratio_steps(log_pf.shape[1])
         every = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
         log_base = torch.empty(n, steps)
         for start in range(0, len(every), steps):
             idx = every[start : start + steps]
             log_base[idx[:, 0], idx[:, 1]] = self.ctx.reference_step(
                 transition_batch(batch, idx, self.ctx.device)).log_prob.float().cpu()
-        ratio_sum, reward, beta = (log_pf - log_base).sum(1), batch.rewards.float(), self.settings.beta
+        ratio_sum = (log_pf[:, :steps] - log_base).sum(1)
+        reward, beta = batch.rewards.float(), self.settings.beta
         if self.learned:
             with torch.no_grad():
                 log_z = self.modules["log_z"](batch.traj.prompts).float().cpu()
@@ -155,12 +156,17 @@ class Rtb:
         if self.learned:
             self._logs.update({f"log_z/{k}": float(v) for k, v in enumerate(self.table.log_z.detach())})
 
+    def ratio_steps(self, steps: int) -> int:
+        """The leading steps whose log ratio A sums and whose log P_θ is trained: all but `tail_steps`."""
+        return steps - self.settings.tail_steps
+
     def epoch_logs(self, epoch: int) -> dict:
         return dict(self._logs)
 
     def loss(self, mb, policy, batch, epoch: int):
         a = batch.advantages[mb.traj_index].to(mb.x.device)
-        loss = transition_surrogate(a, policy.step.log_prob)
+        trained = a * (mb.step_index.to(a.device) < self.ratio_steps(self.ctx.steps))  # no gradient from the tail
+        loss = transition_surrogate(trained, policy.step.log_prob)
         if self.learned:  # every step is trained once: 1/T of the log Z term on each adds it once per trajectory
             loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ctx.steps
         return loss, {"rtb_loss": loss.detach().mean()}

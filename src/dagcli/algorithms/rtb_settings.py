@@ -17,6 +17,19 @@ class RtbConfig:
     log_z: str = "learned"  # "learned": a per-prompt log Z table | "vargrad": each prompt group's mean (no table)
     log_z_learning_rate: float = 1e-2  # the learned log Z table's learning rate
     group_size: int = 4  # trajectories per prompt group (VarGrad's groups; 1 is allowed with "learned")
+    # the last steps left out of the log ratio and of training (0: none, the exact objective): near-deterministic
+    # steps whose tiny σ turns a small change of the mean into hundreds of nats (docs/algorithms.md); the LoRA is
+    # then trained on the steps before them, against the reward of the x_T they lead to
+    tail_steps: int = 0
+
+
+def check_section(c, setting) -> list[str]:
+    """The group checks, and a tail that leaves at least one step to train."""
+    problems = check_groups(c, setting)
+    if c.sampling.steps is not None and c.rtb.tail_steps >= c.sampling.steps:
+        problems.append(f"{setting('rtb.tail_steps', c.rtb.tail_steps)}: must be less than "
+                        f"{setting('sampling.steps', c.sampling.steps)}, or no step is trained")
+    return problems
 
 
 def check_groups(c, setting) -> list[str]:
@@ -33,5 +46,5 @@ def check_groups(c, setting) -> list[str]:
 
 
 SECTION = Section("rtb", RtbConfig, "RTB: β, log Z (learned per prompt or VarGrad), prompt group size",
-                  positive=("beta", "log_z_learning_rate", "group_size"), choices={"log_z": LOG_Z},
-                  validate=check_groups)
+                  positive=("beta", "log_z_learning_rate", "group_size"), non_negative=("tail_steps",),
+                  choices={"log_z": LOG_Z}, validate=check_section)

@@ -162,3 +162,43 @@ def test_rtb_trains_two_epochs_on_tiny(log_z, tmp_path, tiny_pipeline_dir, capsy
         assert lines[0]["log_z"] == 0.0 and lines[1]["log_z"] != 0.0
         saved = load_file(step / "log_z.safetensors")["log_z"]
         assert saved.shape == (2,) and saved.abs().max() > 0
+
+
+def test_tail_steps_leave_the_last_steps_out_of_the_ratio_and_the_gradient():
+    """rtb.tail_steps = 1 on a 3-step chain: A sums the first two steps' log ratios only (values by hand), and the
+    third step's transitions carry no loss, while the base model is asked for the first two steps only."""
+    from types import SimpleNamespace
+
+    from dagcli.algorithms.rtb_settings import RtbConfig
+
+    n, steps, beta = 2, 3, 2.0
+    log_pf = torch.tensor([[0.5, 0.25, 9.0], [-0.5, 1.0, -7.0]])
+    log_base = torch.tensor([[0.25, 0.25, 1.0], [0.0, 0.5, 1.0]])
+    asked = []
+
+    def reference_step(mb):
+        asked.extend(mb.step_index.tolist())
+        return SimpleNamespace(log_prob=log_base[mb.traj_index, mb.step_index])
+
+    ctx = SimpleNamespace(prompts=["p"], device=torch.device("cpu"), steps=steps, reference_step=reference_step)
+    algo = rtb.Rtb(RtbConfig(beta=beta, log_z="vargrad", group_size=2, tail_steps=1), ctx)
+    traj = SimpleNamespace(latents=torch.zeros(n, steps + 1, 1), cond=torch.zeros(n, 1), prompts=["p", "p"],
+                           log_probs=log_pf, out_guided=torch.zeros(n, steps, 1), num_steps=steps)
+    batch = SimpleNamespace(traj=traj, rewards=torch.tensor([1.0, 0.0]), groups=None, advantages=None)
+    algo.prepare_trajectories(batch, log_pf, dist=None)
+    assert sorted(set(asked)) == [0, 1]
+    # Σρ over steps 0, 1: 0.25 and 0.0; β r: 2 and 0; centred in the group of two: ±(0.25 − 2 − 0) / 2
+    torch.testing.assert_close(batch.advantages, torch.tensor([-0.875, 0.875]))
+    log_prob = torch.tensor([1.0, 1.0, 1.0, 1.0], requires_grad=True)
+    mb = SimpleNamespace(traj_index=torch.tensor([0, 1, 0, 1]), step_index=torch.tensor([0, 1, 2, 2]),
+                         x=torch.zeros(4, 1), prompts=["p"] * 4)
+    loss, _ = algo.loss(mb, SimpleNamespace(step=SimpleNamespace(log_prob=log_prob)), batch, epoch=1)
+    loss.sum().backward()
+    torch.testing.assert_close(log_prob.grad, torch.tensor([2 * -0.875, 2 * 0.875, 0.0, 0.0]))
+
+
+def test_tail_steps_must_leave_a_step():
+    from dagcli.config import config_from_dict
+
+    with pytest.raises(DagError, match=r"rtb.tail_steps = 10: must be less than sampling.steps = 10"):
+        config_from_dict({"train": {"algorithm": "rtb"}, "sampling": {"steps": 10}, "rtb": {"tail_steps": 10}})
