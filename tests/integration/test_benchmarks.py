@@ -159,3 +159,27 @@ def test_perf_algorithms_times_each_algorithm_against_its_baseline(tmp_path):
             assert al[key][part] > 0
         seen |= {name, base}
         assert f"{name} / {base}: epoch (per trajectory)" in result["table"]
+
+
+@pytest.mark.parametrize("learning_rate, moved", [(1e-12, False), (3e-2, True)])
+def test_log_ratio_steps_is_zero_for_the_base_model_and_sums_per_step(learning_rate, moved, tmp_path,
+                                                                      tiny_pipeline_dir, capsys):
+    """A LoRA that has hardly left zero scores every step as the base model does (ρ = 0); a trained one does not,
+    and the per-step means add up to the path's."""
+    import log_ratio_steps
+
+    from helpers.cli import run_cli, write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"], train={"algorithm": "rtb",
+                            "learning_rate": learning_rate}, rtb={"log_z": "learned", "group_size": 1})
+    run = tmp_path / "run"
+    assert run_cli(["train", "--config", cfg, "--epochs", "2", "-o", run], capsys)[0] == 0
+    out = tmp_path / "steps.json"
+    log_ratio_steps.main([str(run), "--output", str(out)])
+    r = json.loads(out.read_text())["runs"][0]
+    assert (r["trajectories"], len(r["log_ratio_mean"]), r["latent_dims"]) == (3, 4, 4 * 8 * 8)
+    assert sum(r["log_ratio_mean"]) == pytest.approx(r["path_log_ratio_mean"], rel=1e-4, abs=1e-4)
+    if moved:
+        assert max(abs(v) for v in r["log_ratio_mean"]) > 1e-2 and r["path_log_ratio_mean"] > 0  # KL ≥ 0
+    else:
+        assert max(abs(v) for v in r["log_ratio_mean"]) < 1e-3 and max(r["mean_shift_in_sigma"]) < 1e-3
