@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import pytest
@@ -175,3 +176,13 @@ def test_every_example_config_loads_and_its_prompt_file_exists(path):
     prompts = cfg.sampling.prompts
     if prompts and prompts.endswith((".txt", ".jsonl")):  # else a built-in prompt set's name
         assert (ROOT / prompts).is_file(), prompts  # examples name their files from the repository root
+
+
+@pytest.mark.parametrize("algorithm, tail, message", [
+    ("dag-kl", 1, "dag.tail_steps = 1: not with dag-kl"),
+    ("dag-rdb", 4, "dag.tail_steps = 4: must be less than sampling.steps = 4"),
+])
+def test_dag_tail_steps_checks(algorithm, tail, message):
+    with pytest.raises(DagError, match=re.escape(message)):
+        config_from_dict({"train": {"algorithm": algorithm}, "sampling": {"steps": 4}, "dag": {"tail_steps": tail}})
+    config_from_dict({"train": {"algorithm": "dag-db"}, "sampling": {"steps": 4}, "dag": {"tail_steps": 3}})

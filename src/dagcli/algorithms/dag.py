@@ -23,6 +23,13 @@ from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.algorithms.flow import FlowConfig, FlowNetwork
 
 
+def _mean(values: torch.Tensor, trained: torch.Tensor | None) -> torch.Tensor:
+    """The mean over the trained transitions (all when `trained` is None; 0 when none is)."""
+    if trained is None:
+        return values.mean()
+    return (values * trained).sum() / trained.sum().clamp(min=1)
+
+
 def beta_at(beta: float, ramp_epochs: int, epoch: int) -> float:
     """β for an epoch (0-based): linear ramp reaching β after `ramp_epochs` epochs; the first epoch is > 0."""
     if ramp_epochs <= 0:
@@ -71,14 +78,19 @@ class Dag:
         fl_now, fl_next = self._x0_rewards(mb, batch)
         flow_now, flow_next = self._flow_values(mb)
         log_f_now = losses.forward_looking_flow(flow_now.float(), fl_now, beta)
-        terminal_value = beta * batch.rewards[mb.traj_index].to(mb.x.device)
-        log_f_next = torch.where(mb.terminal, terminal_value,
+        if s.tail_steps:  # x_{T−k} is the terminal: its log F is β·r(x̂0(x_{T−k})); the tail is not trained
+            trained = mb.step_index.to(mb.x.device) < ctx.steps - s.tail_steps
+            terminal, terminal_value = mb.step_index.to(mb.x.device) == ctx.steps - s.tail_steps - 1, beta * fl_next
+        else:
+            trained, terminal = None, mb.terminal
+            terminal_value = beta * batch.rewards[mb.traj_index].to(mb.x.device)
+        log_f_next = torch.where(terminal, terminal_value,
                                  losses.forward_looking_flow(flow_next.float(), fl_next, beta))
         logs = {}
         if self.relative:
             loss = losses.rdb_residual(log_f_now, log_pf, log_p_base, log_f_next) ** 2
-            logs["db_loss"] = loss.detach().mean()
-            logs["log_ratio_base"] = (log_pf.detach() - log_p_base).mean()
+            logs["db_loss"] = _mean(loss.detach(), trained)
+            logs["log_ratio_base"] = _mean(log_pf.detach() - log_p_base, trained)
         elif self.kl:
             flow_loss, policy_loss = losses.dag_kl_losses(log_f_now, log_pf, mb.log_pf_old, log_f_next, log_pb,
                                                           s.clip_range, s.adv_clip)
@@ -87,7 +99,7 @@ class Dag:
             logs["policy_loss"] = policy_loss.detach().mean()
         else:
             loss = losses.db_loss(log_f_now, log_pf, log_f_next, log_pb)
-            logs["db_loss"] = loss.detach().mean()
+            logs["db_loss"] = _mean(loss.detach(), trained)
         if s.proximity > 0:
             prox = losses.proximity(policy.out, mb.out_old)
             loss = loss + s.proximity * prox
@@ -95,6 +107,8 @@ class Dag:
         if log_pb is not None:
             logs["log_pb"] = log_pb.mean()
         logs["flow"] = flow_now.detach().float().mean()
+        if trained is not None:
+            loss = loss * trained
         return loss, logs
 
     def _x0_rewards(self, mb: MicroBatch, batch) -> tuple[torch.Tensor, torch.Tensor]:

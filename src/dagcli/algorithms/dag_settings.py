@@ -28,11 +28,27 @@ class DagConfig:
     kl_weight: float = 1.0  # DAG-KL: weight of the REINFORCE term
     clip_range: float = 1e-4  # DAG-KL: ratio clip of the REINFORCE term
     adv_clip: float = 5.0  # DAG-KL: advantages clipped to ±this
+    # DAG-DB, DAG-RDB: the last k transitions untrained, x_{T−k} the terminal with log F = β·r(x̂0(x_{T−k})) (0: none,
+    # the whole chain): for samplers whose last steps are nearly deterministic (docs/algorithms.md)
+    tail_steps: int = 0
+
+
+def check_tail(c, setting) -> list[str]:
+    """A tail that leaves a transition to train, and none with DAG-KL (its baseline is over the micro-batch)."""
+    tail = c.dag.tail_steps
+    if not tail or not c.train.algorithm.startswith("dag-"):
+        return []
+    if c.train.algorithm == "dag-kl":
+        return [f"{setting('dag.tail_steps', tail)}: not with dag-kl; set it to 0 or use dag-db / dag-rdb"]
+    if c.sampling.steps is not None and tail >= c.sampling.steps:
+        return [f"{setting('dag.tail_steps', tail)}: must be less than {setting('sampling.steps', c.sampling.steps)}, "
+                f"or no transition is trained"]
+    return []
 
 
 SECTION = Section(
     "dag", DagConfig, "DAG-DB / DAG-KL: reward exponent β and its ramp, the flow network, x̂0 rewards, proximity",
     positive=("flow_learning_rate", "clip_range", "adv_clip"),
-    non_negative=("beta", "proximity", "beta_ramp_epochs", "flow_warmup_epochs", "kl_weight"),
-    choices={"x0_source": X0_SOURCES, "x0_guidance": X0_GUIDANCE},
+    non_negative=("beta", "proximity", "beta_ramp_epochs", "flow_warmup_epochs", "kl_weight", "tail_steps"),
+    choices={"x0_source": X0_SOURCES, "x0_guidance": X0_GUIDANCE}, validate=check_tail,
 )

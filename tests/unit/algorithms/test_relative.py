@@ -35,9 +35,11 @@ def test_rdb_residual_hand_computed_and_the_base_is_data():
     assert log_p_base.grad is None
 
 
-def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base():
+@pytest.mark.parametrize("tail", [0, 1])
+def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base(tail):
     """Two SD3 steps; the policy's and the base model's velocities are chosen, so both log-probs are closed-form
-    Gaussians: δ_k = log F(x_k) + log P_θ − log P_base − log F(x_{k+1}), with no P_B anywhere."""
+    Gaussians: δ_k = log F(x_k) + log P_θ − log P_base − log F(x_{k+1}), with no P_B anywhere. With
+    `dag.tail_steps` 1 the second transition is not trained and x_1 is the terminal, log F(x_1) = β·r(x̂0(x_1))."""
     from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
     from dagcli.algorithms.dag import Dag
     from dagcli.algorithms.dag_settings import DagConfig
@@ -64,7 +66,8 @@ def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base():
     ctx = Context(family=family, schedule=schedule, device=torch.device("cpu"), height=32, width=32, steps=2,
                   seed=0, reduction="mean", autocast=contextlib.nullcontext, x0_rewards=None,
                   reference_step=reference_step)
-    dag = Dag(DagConfig(beta=beta, beta_ramp_epochs=0, proximity=0.0), ctx, kl=False, relative=True)
+    dag = Dag(DagConfig(beta=beta, beta_ramp_epochs=0, proximity=0.0, tail_steps=tail), ctx, kl=False,
+              relative=True)
     cond = family.encode(["a red circle"])
     reward, fl = 0.25, torch.tensor([[0.1, -0.3]])
     traj = Trajectory(latents=torch.stack(xs, 1), log_probs=torch.zeros(1, 2), out_guided=torch.stack(vs, 1),
@@ -94,11 +97,14 @@ def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base():
         ratio = log_p(k, vs[k]) - log_p(k, vb[k])
         assert abs(ratio) > 1e-3  # the two velocities differ: the base model's term matters
         log_f = float(flow[k]) + beta * float(fl[0, k])
-        log_f_next = beta * reward if k == 1 else float(flow[1]) + beta * float(fl[0, 1])
-        expected.append((log_f + ratio - log_f_next) ** 2)
+        if tail:  # x_1 ends the trained chain with F̃ = 0; the transition into x_2 carries no loss
+            log_f_next = beta * float(fl[0, 1])
+        else:
+            log_f_next = beta * reward if k == 1 else float(flow[1]) + beta * float(fl[0, 1])
+        expected.append((log_f + ratio - log_f_next) ** 2 if k < 2 - tail else 0.0)
         ratios.append(ratio)
     torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
-    assert logs["log_ratio_base"].item() == pytest.approx(sum(ratios) / 2, rel=1e-4, abs=1e-5)
+    assert logs["log_ratio_base"].item() == pytest.approx(sum(ratios[:2 - tail]) / (2 - tail), rel=1e-4, abs=1e-5)
 
 
 @pytest.fixture
