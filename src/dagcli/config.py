@@ -410,8 +410,10 @@ def _unset_ok(value: int | float | None) -> int | float:
 
 
 def transitions_per_trajectory(steps: int, fraction: float) -> int:
-    """How many of a trajectory's `steps` transitions are trained (`train.timestep_fraction`), at least one."""
-    return max(1, round(steps * fraction))
+    """How many of a trajectory's `steps` transitions are trained (`train.timestep_fraction`), at least one:
+    ⌊steps·fraction⌋, as DDPO's, Flow-GRPO's and DiffusionNFT's code count them (int(0.99·10) = 9 of 10; the 1e-9
+    keeps 0.3·10 = 2.9999… at 3)."""
+    return max(1, int(steps * fraction + 1e-9))
 
 
 def accumulation_steps(accumulation: int, steps: int, fraction: float) -> int:

@@ -98,8 +98,8 @@ MUTATIONS = (
     # the β ramp, the transitions an epoch trains on, the micro-batches per optimiser step
     Mutation("beta ramp starts at 0", DAG, "min(1.0, (epoch + 1) / ramp_epochs)", "min(1.0, epoch / ramp_epochs)",
              T_TRANSITIONS),
-    Mutation("timestep_fraction floored instead of rounded", CONFIG, "max(1, round(steps * fraction))",
-             "max(1, int(steps * fraction))", T_TRANSITIONS),
+    Mutation("timestep_fraction rounded instead of floored", CONFIG, "max(1, int(steps * fraction + 1e-9))",
+             "max(1, round(steps * fraction))", T_TRANSITIONS),
     Mutation("accumulation not scaled by timestep_fraction", CONFIG,
              "round(accumulation * transitions_per_trajectory(steps, fraction) / steps)", "accumulation",
              T_TRANSITIONS),

@@ -57,12 +57,17 @@ def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tenso
     return reduce_latent(elem, reduction)
 
 
+def prompt_groups(prompts: list[str]) -> torch.Tensor:
+    """[N] one group per distinct prompt, in order of first appearance."""
+    order: dict[str, int] = {}
+    return torch.tensor([order.setdefault(p, len(order)) for p in prompts], dtype=torch.long)
+
+
 def groups_of(batch) -> torch.Tensor:
     """The batch's prompt groups; a batch built without them is grouped by prompt."""
     if batch.groups is not None:
         return batch.groups
-    order: dict[str, int] = {}
-    return torch.tensor([order.setdefault(p, len(order)) for p in batch.traj.prompts], dtype=torch.long)
+    return prompt_groups(batch.traj.prompts)
 
 
 class Grpo(LoraOnly):
@@ -78,7 +83,7 @@ class Grpo(LoraOnly):
         """Advantages within this process's groups (groups never span processes); the global std over every
         process's rewards."""
         s = self.settings
-        groups = groups_of(batch)
+        groups = groups_of(batch) if s.groups == "call" else prompt_groups(batch.traj.prompts)
         pool = dist.gather_floats(batch.rewards) if s.std == "global" else None
         batch.advantages = group_advantages(batch.rewards, groups, s.std, s.std_eps, s.adv_clip, pool)
         self._logs = {"zero_std_groups": zero_std_fraction(batch.rewards, groups),

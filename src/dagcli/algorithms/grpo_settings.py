@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dagcli.algorithms.settings import Section
 
 GRPO_STD = ("global", "group")
+GRPO_GROUPS = ("call", "prompt")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class GrpoConfig:
     std_eps: float = 1e-4  # added to the std that divides the advantages (flow_grpo/stat_tracking.py)
     std: str = "global"  # "global": std of every reward of the epoch | "group": each group's own (config/base.py:
     # sample.global_std = True)
+    # "call": a group is one sampler call's copies of a prompt | "prompt": every sample of a prompt in the epoch on
+    # this process, however many calls drew it (Flow-GRPO's per-prompt stat tracker, flow_grpo/stat_tracking.py)
+    groups: str = "call"
 
 
 def check_groups(c, setting) -> list[str]:
@@ -36,4 +40,4 @@ def check_groups(c, setting) -> list[str]:
 
 SECTION = Section("grpo", GrpoConfig, "GRPO: prompt group size, PPO ratio clip, KL weight, advantage normalisation",
                   positive=("clip_range", "adv_clip", "std_eps"), non_negative=("kl_weight",),
-                  choices={"std": GRPO_STD}, validate=check_groups)
+                  choices={"std": GRPO_STD, "groups": GRPO_GROUPS}, validate=check_groups)

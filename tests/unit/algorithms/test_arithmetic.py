@@ -87,17 +87,18 @@ def _chosen(fraction: float, always_last: bool, n: int = 16, epoch: int = 0) -> 
     return [sorted(int(i) for j, i in pairs.tolist() if j == b) for b in range(n)]
 
 
-@pytest.mark.parametrize("fraction, k", [(1.0, 10), (0.26, 3), (0.5, 5), (0.01, 1)])
-def test_transitions_per_trajectory_rounds_the_fraction(fraction, k):
-    # round(10·fraction), at least 1: 10, round(2.6) = 3, 5, round(0.1) = 0 -> 1
+@pytest.mark.parametrize("fraction, k", [(1.0, 10), (0.99, 9), (0.26, 2), (0.3, 3), (0.5, 5), (0.01, 1)])
+def test_transitions_per_trajectory_floors_the_fraction(fraction, k):
+    # ⌊10·fraction⌋, at least 1, as the reference codes' int(): 10, ⌊9.9⌋ = 9 (the last step is not always
+    # trained), ⌊2.6⌋ = 2, 3 (0.3·10 = 2.9999… in floats), 5, ⌊0.1⌋ = 0 -> 1
     assert transitions_per_trajectory(10, fraction) == k
     assert all(len(c) == len(set(c)) == k and all(0 <= i < 10 for i in c) for c in _chosen(fraction, False))
 
 
 @pytest.mark.parametrize("accumulation, steps, fraction, expected", [
     (200, 50, 0.5, 100),  # 200 · 25/50
-    (4, 10, 0.26, 1),  # round(4 · 3/10) = round(1.2)
-    (10, 10, 0.26, 3),  # 10 · 3/10
+    (4, 10, 0.26, 1),  # round(4 · 2/10) = round(0.8)
+    (10, 10, 0.26, 2),  # 10 · 2/10
     (1, 10, 0.1, 1),  # round(0.1) = 0 -> at least 1
     (8, 10, 1.0, 8),
 ])

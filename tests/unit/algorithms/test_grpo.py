@@ -125,6 +125,24 @@ def test_prepare_normalises_by_the_std_over_every_process():
     assert algo.epoch_logs(0)["zero_std_groups"] == 0.5
 
 
+@pytest.mark.parametrize("groups, expected_means", [
+    ("call", [1.0, 1.0, 3.0, 3.0, 5.0, 5.0]),  # each sampler call's pair on its own
+    ("prompt", [2.0, 2.0, 2.0, 2.0, 5.0, 5.0]),  # prompt "a" drawn by two calls: its four samples pooled
+])
+def test_prompt_pooling_groups_every_sample_of_a_prompt(groups, expected_means):
+    """A prompt drawn by two sampler calls: with grpo.groups = "prompt" its samples form one group, as
+    Flow-GRPO's per-prompt stat tracker pools them; the std is each group's own here, by hand."""
+    rewards = [0.0, 2.0, 2.0, 4.0, 5.0, 5.0]
+    algo = Grpo(GrpoConfig(std="group", groups=groups), SimpleNamespace())
+    batch = SimpleNamespace(rewards=torch.tensor(rewards), groups=torch.tensor([0, 0, 1, 1, 2, 2]),
+                            advantages=None, traj=SimpleNamespace(prompts=["a", "a", "a", "a", "b", "b"]))
+    algo.prepare(batch, TwoRanks(torch.tensor([])))
+    members = {"call": [[0, 1], [2, 3], [4, 5]], "prompt": [[0, 1, 2, 3], [4, 5]]}[groups]
+    std = {i: statistics.pstdev([rewards[j] for j in g]) for g in members for i in g}
+    expected = [(r - m) / (std[i] + 1e-4) for i, (r, m) in enumerate(zip(rewards, expected_means, strict=True))]
+    torch.testing.assert_close(batch.advantages, torch.tensor(expected, dtype=torch.float32))
+
+
 # --- prompt groups ---------------------------------------------------------------------------------------------
 def test_draw_prompts_repeats_one_draw_per_group():
     g = torch.Generator().manual_seed(3)
