@@ -191,7 +191,8 @@ class Trainer:
         """The guided output of `denoiser` on a micro-batch's states and the step that scores its stored moves."""
         c, i = self.config, mb.step_index
         with self.accelerator.autocast():
-            out, _ = self.family.denoiser_fn(denoiser, self.rollout.schedule, mb.cond, c.sampling.guidance)(mb.x, i)
+            out, _ = self.family.denoiser_fn(denoiser, self.rollout.schedule, mb.cond, c.sampling.guidance,
+                                             getattr(self.algorithm, "detach_uncond", False))(mb.x, i)
         step = self.family.step(self.rollout.schedule, i, mb.x, out, c.sampling.eta, prev=mb.x_next,
                                 reduction=c.train.reduction)
         return out, step

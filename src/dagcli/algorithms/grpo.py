@@ -77,6 +77,7 @@ class Grpo(LoraOnly):
 
     def __init__(self, settings, ctx: Context):
         super().__init__(settings, ctx)
+        self.detach_uncond = settings.detach_uncond  # read by the trainer's policy forward
         self._logs: dict[str, float] = {}
 
     def prepare(self, batch, dist) -> None:

@@ -24,6 +24,9 @@ class GrpoConfig:
     # "call": a group is one sampler call's copies of a prompt | "prompt": every sample of a prompt in the epoch on
     # this process, however many calls drew it (Flow-GRPO's per-prompt stat tracker, flow_grpo/stat_tracking.py)
     groups: str = "call"
+    # the unconditional branch of guidance a constant in the policy's output, the gradient through the conditional
+    # one only (Flow-GRPO's train_sd3.py detaches the unconditional prediction)
+    detach_uncond: bool = False
 
 
 def check_groups(c, setting) -> list[str]:

@@ -89,8 +89,9 @@ class FluxFamily(FlowFamily):
         sigmas = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
         return {"sigmas": sigmas, "mu": mu}
 
-    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float) -> Denoise:
-        """(x, j) -> (velocity, velocity): x packed into tokens, the transformer's output unpacked."""
+    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float, detach_uncond: bool = False) -> Denoise:
+        """(x, j) -> (velocity, velocity): x packed into tokens, the transformer's output unpacked. FLUX has no
+        unconditional branch (guidance is an input of the distilled model), so `detach_uncond` changes nothing."""
         embeds, pooled, text_ids = cond.tensors["embeds"], cond.tensors["pooled"], cond.tensors["text_ids"][0]
         dtype = embeds.dtype  # the transformer's input dtype, as diffusers: the text encoders'
         distilled = bool(self.pipe.transformer.config.guidance_embeds)

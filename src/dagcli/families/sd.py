@@ -68,12 +68,14 @@ class PromptEncoder:
         return self.encode(prompts)["embeds"]
 
 
-def guided_unet(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, **added) -> Callable:
+def guided_unet(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float, detach_uncond: bool = False,
+                **added) -> Callable:
     """(x, t) -> (ε̃, ε(c)) with classifier-free guidance ε̃ = ε(∅) + w (ε(c) − ε(∅)) in one UNet call on [∅; c].
 
     `cond` is [B, L, D], `uncond` [1, L, D] or [B, L, D]; `added` are extra UNet inputs given as (∅, c) pairs of
     [B, ...] tensors (SDXL's pooled embeddings and time ids). With w <= 1 only the conditional branch runs (as
-    diffusers does) and ε̃ = ε(c).
+    diffusers does) and ε̃ = ε(c). `detach_uncond`: ε(∅) enters ε̃ as a constant, so gradients reach the weights
+    through ε(c) alone (Flow-GRPO's training forward).
     """
     batch = cond.shape[0]
     uncond = uncond.expand(batch, -1, -1)
@@ -90,6 +92,8 @@ def guided_unet(unet, cond: torch.Tensor, uncond: torch.Tensor, guidance: float,
         if not use_cfg:
             return out, out
         eps_u, eps_c = out.chunk(2)
+        if detach_uncond:
+            eps_u = eps_u.detach()
         return eps_u + guidance * (eps_c - eps_u), eps_c
 
     return denoise
@@ -160,8 +164,9 @@ class SDFamily:
         last = schedule.prev(schedule.timesteps[-1:]).clamp(min=0)
         return torch.cat([schedule.timesteps, last])[j]
 
-    def denoiser_fn(self, model, schedule: ddim.Schedule, cond: Cond, guidance: float) -> Denoise:
-        guided = guided_unet(model, cond.tensors["embeds"], self.encoder([""]), guidance)
+    def denoiser_fn(self, model, schedule: ddim.Schedule, cond: Cond, guidance: float,
+                    detach_uncond: bool = False) -> Denoise:
+        guided = guided_unet(model, cond.tensors["embeds"], self.encoder([""]), guidance, detach_uncond)
         return lambda x, j: guided(x, self.timestep(schedule, j).to(x.device))
 
     def step(self, schedule, i, x, out, eta, prev=None, generator=None, reduction: Reduction = "mean") -> StepOutput:

@@ -83,9 +83,9 @@ class SD3Family(FlowFamily):
                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                       config.get("max_shift", 1.16))}
 
-    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float) -> Denoise:
+    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float, detach_uncond: bool = False) -> Denoise:
         """(x, j) -> (guided velocity, conditional velocity): ṽ = v(∅) + w (v(c) − v(∅)) in one call on [∅; c],
-        only v(c) when w <= 1 (as diffusers does)."""
+        only v(c) when w <= 1 (as diffusers does); `detach_uncond`: v(∅) a constant in ṽ (no gradient through it)."""
         embeds, pooled = cond.tensors["embeds"], cond.tensors["pooled"]
         dtype = embeds.dtype  # the transformer's input dtype, as diffusers: the text encoders'
         use_cfg = guidance > 1.0
@@ -103,6 +103,8 @@ class SD3Family(FlowFamily):
             if not use_cfg:
                 return out, out
             v_u, v_c = out.chunk(2)
+            if detach_uncond:
+                v_u = v_u.detach()
             return v_u + guidance * (v_c - v_u), v_c
 
         return denoise

@@ -89,7 +89,7 @@ class SDXLFamily(SDFamily):
         ids = torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=x.device)
         return ids.expand(x.shape[0], -1)
 
-    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float) -> Denoise:
+    def denoiser_fn(self, model, schedule, cond: Cond, guidance: float, detach_uncond: bool = False) -> Denoise:
         embeds, pooled = cond.tensors["embeds"], cond.tensors["pooled"]
         uncond, uncond_pooled = self.unconditional(len(cond))
         by_size: dict[tuple, object] = {}  # the time ids follow the latent size, known at the first call
@@ -98,7 +98,8 @@ class SDXLFamily(SDFamily):
             size = tuple(x.shape[-2:])
             if size not in by_size:
                 ids = self.time_ids(x, embeds.dtype)
-                by_size[size] = guided_unet(model, embeds, uncond, guidance, text_embeds=(uncond_pooled, pooled),
+                by_size[size] = guided_unet(model, embeds, uncond, guidance, detach_uncond,
+                                            text_embeds=(uncond_pooled, pooled),
                                             time_ids=(ids, ids))
             return by_size[size](x, self.timestep(schedule, j).to(x.device))
 

@@ -264,3 +264,28 @@ def test_grpo_trains_every_family_with_the_base_model_as_reference(model, tmp_pa
     out = trainer.train_epoch(0, batch)
     assert math.isfinite(out["policy_loss"]) and out["grad_norm_lora"] > 0
     assert trainer.micro_batch_loss(batch, pairs, epoch=1)[1]["kl_loss"] > 0
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_detach_uncond_reaches_the_policy_forward_only(detach, tmp_path, tiny_pipeline_dir, monkeypatch):
+    """grpo.detach_uncond is what the trainer's policy forward asks the family for; sampling never detaches."""
+    from dagcli.config import load_config
+    from dagcli.trainer import Trainer
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"], sampling={"batch_size": 2},
+                            train={"algorithm": "grpo", "epochs": 1}, grpo={"group_size": 2, "detach_uncond": detach},
+                            output={"dir": str(tmp_path / "run")})
+    trainer = Trainer(load_config(cfg), ["a red circle"])
+    family, seen = trainer.family, []
+    original = type(family).denoiser_fn
+
+    def recording(self, model, schedule, cond, guidance, detach_uncond=False):
+        seen.append(detach_uncond)
+        return original(self, model, schedule, cond, guidance, detach_uncond)
+
+    monkeypatch.setattr(type(family), "denoiser_fn", recording)
+    batch, _ = trainer.collect(0)
+    assert seen and not any(seen)  # the rollout
+    seen.clear()
+    trainer.train_epoch(0, batch)
+    assert seen and (True in seen) == detach  # the policy's forward; the base model's KL step never detaches
