@@ -114,18 +114,20 @@ def _build_config_class() -> type:
 
 
 Config = _build_config_class()
-_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+_CLASSES = {tuple(f.name for f in dataclasses.fields(Config)): Config}  # one class per set of sections
 
 
 def config_class() -> type:
     """`Config` for the algorithms registered now: rebuilt once `algorithms.register_algorithm` (or a test's
-    registry change) adds or removes a section after this module was imported."""
-    global Config, _SECTIONS
+    registry change) adds or removes a section after this module was imported; the same class again whenever the
+    sections are the same, so configs built before and after compare equal."""
+    global Config
     from dagcli.algorithms import sections
 
     names = ("model", "sampling", "reward", "lora", "train", *sections(), "output")
-    if names != _SECTIONS:
-        Config, _SECTIONS = _build_config_class(), names
+    if names not in _CLASSES:
+        _CLASSES[names] = _build_config_class()
+    Config = _CLASSES[names]
     return Config
 
 
