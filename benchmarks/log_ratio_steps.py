@@ -53,13 +53,13 @@ def measure(run: Path, batches: int | None) -> dict:
     ratio, sigma, shift = torch.empty(n, steps), torch.empty(steps), torch.empty(n, steps)
     with torch.no_grad():
         for i in range(steps):
-            mb = transition_batch(batch, torch.stack([torch.arange(n), torch.full((n,), i)], 1), torch.device("cpu"))
+            mb = transition_batch(batch, torch.stack([torch.arange(n), torch.full((n,), i)], 1), trainer.model.device)
             ref = trainer.reference_step(mb)
-            ratio[:, i] = (traj.log_probs[:, i].float() - ref.log_prob.float()) * dims
+            ratio[:, i] = (traj.log_probs[:, i].float() - ref.log_prob.float().cpu()) * dims
             mean = trainer.family.step(trainer.rollout.schedule, mb.step_index, mb.x, mb.out_old,
                                        cfg.sampling.eta, prev=mb.x_next, reduction=cfg.train.reduction).mean
-            sigma[i] = ref.std.float().mean()
-            shift[:, i] = (mean - ref.mean).flatten(1).norm(dim=1) / ref.std.float()
+            sigma[i] = ref.std.float().mean().cpu()
+            shift[:, i] = ((mean - ref.mean).flatten(1).norm(dim=1) / ref.std.float()).cpu()
     total = ratio.sum(1)
     return {"run": str(run), "checkpoint": checkpoints[-1].name, "algorithm": cfg.train.algorithm,
             "trajectories": n, "latent_dims": traj.latents[0, 0].numel(),

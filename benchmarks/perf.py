@@ -474,13 +474,10 @@ def bench_algorithms(b: Bench) -> dict:
                     times[n]["train"].append(time.perf_counter() - t1)
         del trainers
         gc.collect()
-        for n in (base, name):  # a baseline measured beside two algorithms keeps its first measurement
-            if n not in out:
-                out[n] = {k: round(statistics.median(v), 4) for k, v in times[n].items()}
-                out[n]["epoch"] = round(out[n]["collect"] + out[n]["train"], 4)
         pair = {n: {k: statistics.median(v) for k, v in times[n].items()} for n in (base, name)}
-        for n in pair:
-            pair[n]["epoch"] = pair[n]["collect"] + pair[n]["train"]
+        for n, medians in pair.items():  # a baseline measured beside two algorithms keeps its first measurement
+            medians["epoch"] = medians["collect"] + medians["train"]
+            out.setdefault(n, {k: round(v, 4) for k, v in medians.items()})
         out[f"{name.replace('-', '_')}_over_{base.replace('-', '_')}"] = {
             k: ratio(pair[name][k], pair[base][k]) for k in ("collect", "train", "epoch")}
     return out

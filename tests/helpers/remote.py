@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from helpers import ROOT
+
 HERE = Path(__file__).parent
-ROOT = HERE.parents[1]
 START_TIMEOUT = 120.0  # seconds for a server to print its URL (`dag serve-reward` imports torch)
 
 

@@ -79,8 +79,8 @@ class Dag:
         flow_now, flow_next = self._flow_values(mb)
         log_f_now = losses.forward_looking_flow(flow_now.float(), fl_now, beta)
         if s.tail_steps:  # x_{T−k} is the terminal: its log F is β·r(x̂0(x_{T−k})); the tail is not trained
-            trained = mb.step_index.to(mb.x.device) < ctx.steps - s.tail_steps
-            terminal, terminal_value = mb.step_index.to(mb.x.device) == ctx.steps - s.tail_steps - 1, beta * fl_next
+            i, end = mb.step_index.to(mb.x.device), ctx.steps - s.tail_steps
+            trained, terminal, terminal_value = i < end, i == end - 1, beta * fl_next
         else:
             trained, terminal = None, mb.terminal
             terminal_value = beta * batch.rewards[mb.traj_index].to(mb.x.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dagcli.algorithms.settings import Section
+from dagcli.algorithms.settings import Section, check_tail_steps
 
 X0_SOURCES = ("sampling", "current")
 X0_GUIDANCE = ("cond", "guided")
@@ -40,10 +40,7 @@ def check_tail(c, setting) -> list[str]:
         return []
     if c.train.algorithm == "dag-kl":
         return [f"{setting('dag.tail_steps', tail)}: not with dag-kl; set it to 0 or use dag-db / dag-rdb"]
-    if c.sampling.steps is not None and tail >= c.sampling.steps:
-        return [f"{setting('dag.tail_steps', tail)}: must be less than {setting('sampling.steps', c.sampling.steps)}, "
-                f"or no transition is trained"]
-    return []
+    return check_tail_steps("dag.tail_steps", tail, c.sampling.steps, setting, what="transition")
 
 
 SECTION = Section(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dagcli.algorithms.settings import Section
+from dagcli.algorithms.settings import Section, check_tail_steps
 
 LOG_Z = ("learned", "vargrad")
 
@@ -25,11 +25,7 @@ class RtbConfig:
 
 def check_section(c, setting) -> list[str]:
     """The group checks, and a tail that leaves at least one step to train."""
-    problems = check_groups(c, setting)
-    if c.sampling.steps is not None and c.rtb.tail_steps >= c.sampling.steps:
-        problems.append(f"{setting('rtb.tail_steps', c.rtb.tail_steps)}: must be less than "
-                        f"{setting('sampling.steps', c.sampling.steps)}, or no step is trained")
-    return problems
+    return check_groups(c, setting) + check_tail_steps("rtb.tail_steps", c.rtb.tail_steps, c.sampling.steps, setting)
 
 
 def check_groups(c, setting) -> list[str]:

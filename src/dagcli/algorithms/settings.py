@@ -37,3 +37,11 @@ def check_section(section: Section, values, setting: Callable) -> list[str]:
         if getattr(values, key) < 0:
             problems.append(f"{setting(f'{section.name}.{key}', getattr(values, key))}: must not be negative")
     return problems
+
+
+def check_tail_steps(key: str, tail: int, steps: int | None, setting: Callable, what: str = "step") -> list[str]:
+    """A `tail_steps` setting (`key`) that leaves at least one of the sampler's `steps` to train (unset steps, filled
+    from the model later, pass)."""
+    if steps is None or tail < steps:
+        return []
+    return [f"{setting(key, tail)}: must be less than {setting('sampling.steps', steps)}, or no {what} is trained"]
