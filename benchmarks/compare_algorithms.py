@@ -172,7 +172,8 @@ def evaluate(trainer, encoder, prompts: list[str], per_prompt: int, seed: int,
         traj = sample_batch(trainer.model, rows[i : i + c.sampling.batch_size],
                             generators_for(seeds[i : i + c.sampling.batch_size]), steps=c.sampling.steps,
                             guidance=c.sampling.guidance, eta=c.sampling.eta, denoiser=denoiser,
-                            height=trainer.resolution, width=trainer.resolution)
+                            height=trainer.resolution, width=trainer.resolution,
+                            lora_steps=trainer.rollout.lora_steps)
         images.append(traj.images)
         rewards.append(trainer.rollout.score(traj.images, traj.prompts)[0])
     images_t, rewards_t = torch.cat(images), torch.cat(rewards)

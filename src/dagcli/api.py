@@ -15,6 +15,7 @@ build the trainer itself (`build_trainer`) and drive its epochs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,6 +323,7 @@ def sample(
     from dagcli.checkpoint import (
         attach_lora,
         check_lora_fits,
+        lora_steps_for,
         read_meta,
         resolve_checkpoint,
         trained_resolution,
@@ -358,6 +360,7 @@ def sample(
         attach_lora(loaded.pipe, folder, loaded.name)
     settings = SampleSettings(**sampler_defaults(loaded, steps, guidance, eta), height=height, width=width,
                               batch_size=batch_size, num_per_prompt=num_per_prompt, seed=seed)
+    settings = dataclasses.replace(settings, lora_steps=lora_steps_for(folder, settings.steps))
     images = generate(loaded, items, settings, reporter)
     extra = {"model": loaded.name, **({"ckpt": str(folder)} if folder else {})}
     manifest = write_samples(images, settings, output, extra)
@@ -562,6 +565,7 @@ class ExportResult:
     format: str  # diffusers | kohya | merged
     output: Path  # the folder (diffusers, merged) or .safetensors file (kohya) written
     files: tuple[Path, ...]  # every file written, sorted
+    warnings: tuple[str, ...] = ()  # what a user of the export must know (a LoRA trained with a base-model tail)
 
 
 def export(run: str | Path, *, format: str | None = None, output: str | Path | None = None,
@@ -584,7 +588,22 @@ def export(run: str | Path, *, format: str | None = None, output: str | Path | N
     folder = resolve_checkpoint(Path(run), step)
     written = Path(write_export(folder, format, Path(output), model=model))
     files = (written,) if written.is_file() else tuple(sorted(p for p in written.rglob("*") if p.is_file()))
-    return ExportResult(folder, format, written, files)
+    return ExportResult(folder, format, written, files, tuple(tail_warnings(folder, format)))
+
+
+def tail_warnings(folder: Path, format: str) -> list[str]:
+    """The line an export of a LoRA trained with a base-model tail needs: it was trained to act on the first k of
+    T steps only, which no export format records."""
+    from dagcli.checkpoint import trained_lora_steps
+
+    trained = trained_lora_steps(folder)
+    if trained is None:
+        return []
+    k, total = trained
+    how = ("a merged pipeline cannot switch it off; export diffusers or kohya instead" if format == "merged" else
+           f"switch it off after step {k - 1} of {total} with a callback_on_step_end (docs/training.md)")
+    return [f"{folder}: this LoRA was trained on the first {k} of {total} steps, the base model the rest "
+            f"(its tail_steps); {how}"]
 
 
 # --- rewards -----------------------------------------------------------------------------------------------

@@ -102,6 +102,24 @@ def trained_resolution(folder: Path) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
+def trained_lora_steps(folder: Path) -> tuple[int, int] | None:
+    """(k, T) when the checkpoint's LoRA was trained to sample only the first k of T steps, the base model the rest
+    (`rtb.tail_steps`, `dag.tail_steps`); None when it samples every step."""
+    value = read_meta(folder).get("lora", {}).get("steps")
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return value[0], value[1]
+    return None
+
+
+def lora_steps_for(folder: Path | None, steps: int) -> int | None:
+    """The leading steps of a `steps`-step chain the checkpoint's LoRA samples (`sampling.lora_steps_at`), None for
+    all of them (no checkpoint, or one without a base-model tail)."""
+    from dagcli.sampling import lora_steps_at
+
+    trained = trained_lora_steps(folder) if folder is not None else None
+    return lora_steps_at(steps, *trained) if trained else None
+
+
 def attach_lora(pipe, folder: Path, model: str | None = None) -> None:
     """Load a diffusers-format LoRA into the pipeline's denoiser, as plain diffusers would, once it is checked to
     fit (`check_lora_fits`); `model` names the pipeline in messages. A failure is one line: the libraries' own

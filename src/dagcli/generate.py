@@ -30,6 +30,7 @@ class SampleSettings:
     batch_size: int = 8  # images per sampler call
     num_per_prompt: int = 4
     seed: int = 0
+    lora_steps: int | None = None  # the leading steps the LoRA samples, the base model the rest; None: every step
 
 
 @dataclass
@@ -67,6 +68,7 @@ def generate(
                 eta=settings.eta,
                 height=settings.height,
                 width=settings.width,
+                lora_steps=settings.lora_steps,
             )
             for (item, seed), img in zip(batch, to_pil(traj.images), strict=True):
                 out.append(GeneratedImage(item.prompt, seed, img, dict(item.metadata)))

@@ -100,6 +100,7 @@ class Rollout:
             raise DagError(f"sampling.batch_size = {settings.batch_size} does not divide into groups of {group_size}; "
                            f"use a multiple of {group_size}")
         self.schedule = self.family.schedule(settings.steps, height, width)
+        self.lora_steps: int | None = None  # the leading steps the LoRA samples, the base model the rest; None: all
         self.x0_vae = None  # a smaller decoder for the x̂0 images (`models.load_tiny_decoder`), None: the VAE
 
     def collect(self, epoch: int, denoiser, stored_x0: str | None, fraction: float = 1.0,
@@ -111,6 +112,8 @@ class Rollout:
         s = self.settings
         n = s.batch_size * s.batches_per_epoch
         pairs = select_transitions(self.seed, epoch, self.rank, n, s.steps, fraction, always_last)
+        if self.lora_steps is not None:  # the base model's tail is not trained
+            pairs = pairs[pairs[:, 1] < self.lora_steps]
         needed = states_needed(pairs, n, s.steps)
         traj, rewards, components, fl, timing = self._sample_and_score(epoch, denoiser, stored_x0, needed)
         groups = torch.arange(traj.batch_size) // self.group_size
@@ -144,7 +147,7 @@ class Rollout:
                 gens = [torch.Generator().manual_seed(x) for x in seeds]
                 parts.append(sample_batch(self.model, prompts, gens, steps=s.steps, guidance=s.guidance, eta=s.eta,
                                           reduction=self.reduction, denoiser=denoiser, height=self.height,
-                                          width=self.width))
+                                          width=self.width, lora_steps=self.lora_steps))
                 if on_batch is not None:
                     on_batch(parts[-1])
                 advance()

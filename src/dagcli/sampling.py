@@ -73,11 +73,13 @@ def rollout(
     generator: torch.Generator | list[torch.Generator] | None = None,
     reduction: Reduction = "mean",
     callback: Callable[[int, int], None] | None = None,
+    tail: tuple[int, Denoise] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the sampler from the initial noise, recording every state, log-prob and model output.
 
     Returns (latents [B,T+1,...], log_probs [B,T], guided outputs [B,T,...], conditional outputs [B,T,...]).
-    `callback(step, total)` is called after each step (for progress bars).
+    `callback(step, total)` is called after each step (for progress bars). `tail` = (k, denoise_tail): steps k and
+    later take their model output from `denoise_tail` (the base model, for a LoRA trained on the first k steps).
     """
     x = x_init.float()
     states, log_probs, guided, cond = [x], [], [], []
@@ -86,7 +88,7 @@ def rollout(
         check_interrupt()
         fault_point("sampler-step")
         index = torch.full((batch,), i, dtype=torch.long)
-        out_g, out_c = denoise(x, index)
+        out_g, out_c = (tail[1] if tail is not None and i >= tail[0] else denoise)(x, index)
         out = family.step(schedule, index, x, out_g, eta, generator=generator, reduction=reduction)
         x = out.prev_sample
         states.append(x)
@@ -112,23 +114,46 @@ def sample_batch(
     height: int | None = None,
     width: int | None = None,
     callback: Callable[[int, int], None] | None = None,
+    lora_steps: int | None = None,
 ) -> Trajectory:
     """Roll out one batch of prompts with a `LoadedModel` and return the full `Trajectory`.
 
-    `denoiser` overrides the family's network (e.g. the LoRA-wrapped one during training).
+    `denoiser` overrides the family's network (e.g. the LoRA-wrapped one during training). `lora_steps` = k: its
+    LoRA acts on the first k steps only and the base model (the LoRA switched off) takes the rest (None: all).
     """
     family = model.family
     height, width = height or model.resolution, width or model.resolution
     schedule = family.schedule(steps, height, width)
     cond = family.encode(prompts)
     x_init = family.initial_latents(len(prompts), height, width, generator)
-    denoise = family.denoiser_fn(denoiser if denoiser is not None else family.denoiser, schedule, cond, guidance)
+    net = denoiser if denoiser is not None else family.denoiser
+    denoise = family.denoiser_fn(net, schedule, cond, guidance)
+    tail = None
+    if lora_steps is not None and lora_steps < steps:
+        tail = (lora_steps, base_denoise(net, denoise))
     latents, log_probs, out_g, out_c = rollout(family, schedule, denoise, x_init, eta, generator=generator,
-                                               reduction=reduction, callback=callback)
+                                               reduction=reduction, callback=callback, tail=tail)
     return Trajectory(
         latents=latents, log_probs=log_probs, out_guided=out_g, out_cond=out_c, cond=cond, prompts=list(prompts),
         images=family.decode(latents[:, -1]) if decode else None, eta=eta, reduction=reduction,
     )
+
+
+def base_denoise(net: torch.nn.Module, denoise: Denoise) -> Denoise:
+    """`denoise` with the LoRA of `net` (the network it calls) switched off for the call."""
+    from dagcli.models import lora_disabled
+
+    def call(x, index):
+        with lora_disabled(net):
+            return denoise(x, index)
+
+    return call
+
+
+def lora_steps_at(steps: int, trained_steps: int, trained_total: int) -> int:
+    """The leading steps of a `steps`-step chain a LoRA trained on the first `trained_steps` of `trained_total`
+    acts on: the same fraction of the chain, rounded to the nearest step (the same steps at the training count)."""
+    return int(round(steps * trained_steps / trained_total))
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -94,6 +94,7 @@ class Trainer:
                                metadata=prompt_metadata(c.sampling.prompts))
         self.context = self._context()
         self.algorithm = build_algorithm(c.train.algorithm, c, self.context)
+        self.rollout.lora_steps = getattr(self.algorithm, "lora_steps", None)
         self.unit_name = ALGORITHMS[c.train.algorithm].unit
         self.unit = UNITS[self.unit_name]
         if self.algorithm.x0_decoder:
@@ -353,11 +354,17 @@ class Trainer:
             self.run_dir, step=self.state.epoch, family=self.family, denoiser=self.raw_denoiser,
             modules=self.raw_modules(), module_metadata=self.algorithm.module_metadata(), optimizer=self.optimizer,
             state=asdict(self.state), config=to_dict(c), base_model=self.model.name,
-            lora=dict(rank=c.lora.rank, alpha=c.lora.alpha, target_modules=list(c.lora.target_modules)),
+            lora=dict(rank=c.lora.rank, alpha=c.lora.alpha, target_modules=list(c.lora.target_modules),
+                      **self._lora_steps_meta()),
             keep_last=c.output.keep_last, tensors=hook(self.algorithm, "state_tensors")(),
         )
         self.reporter.info(f"saved checkpoint {folder}")
         return folder
+
+    def _lora_steps_meta(self) -> dict:
+        """{"steps": [k, T]} when the LoRA samples only the first k of the T steps (a base-model tail), else {}."""
+        k = self.rollout.lora_steps
+        return {"steps": [k, self.config.sampling.steps]} if k is not None else {}
 
     def resume(self, folder: Path) -> None:
         from dagcli.checkpoint import (

@@ -64,8 +64,9 @@ class Trajectories(Transitions):
         quantities (`prepare_trajectories`), set on the batch."""
         traj, size = batch.traj, trainer.config.train.batch_size
         n, steps = traj.log_probs.shape
-        log_pf = torch.full((n, steps), float("nan"))
-        every = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
+        log_pf = torch.full((n, steps), float("nan"))  # NaN on a base-model tail (`Rollout.lora_steps`): not scored
+        scored = trainer.rollout.lora_steps or steps
+        every = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(scored), indexing="ij"), -1).reshape(-1, 2)
         with torch.no_grad():
             for start in range(0, len(every), size):
                 idx = every[start : start + size]

@@ -145,3 +145,42 @@ def test_missing_run(tmp_path, capsys):
     code, _, err = run_cli(["export", tmp_path / "nope", "--format", "kohya", "-o", tmp_path / "x.safetensors"],
                            capsys)
     assert code == 2 and "not found" in err
+
+
+def test_a_base_tail_lora_warns_on_export_and_the_documented_callback_reproduces_it(tiny_pipeline_dir, tmp_path,
+                                                                                      capsys):
+    """A LoRA trained with a base-model tail (`rtb.tail_steps`) exports with a warning naming the steps, and plain
+    diffusers with docs/training.md's callback (the LoRA off after step k − 1) draws what `dag sample` draws, unlike
+    the LoRA on every step."""
+    from PIL import Image
+
+    from dagcli import api
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square"],
+                            train={"algorithm": "rtb", "epochs": 2, "learning_rate": 0.3},
+                            rtb={"log_z": "vargrad", "group_size": 3, "beta": 1.0, "tail_steps": 2},
+                            lora={"rank": 4, "alpha": ALPHA}, output={"dir": str(tmp_path / "run")})
+    api.train(cfg)
+    out = tmp_path / "lora"
+    code, _, err = run_cli(["export", tmp_path / "run", "--format", "diffusers", "-o", out], capsys)
+    assert code == 0, err
+    assert "the first 2 of 4 steps" in err and "callback" in err
+    code, _, err = run_cli(["sample", "--ckpt", tmp_path / "run", "-p", PROMPT, "-n", "1", "--steps", "4",
+                            "--eta", "0", "--guidance", "3", "--seed", "0", "-o", tmp_path / "s"], capsys)
+    assert code == 0, err
+    ours = np.asarray(Image.open(next((tmp_path / "s").glob("000-*-s0.png"))), dtype=np.float64) / 255
+
+    pipe = base_pipe(tiny_pipeline_dir)
+    pipe.load_lora_weights(out)
+    everywhere = render(pipe)
+
+    def lora_off_after(pipe, i, t, kwargs, k=2):  # the docs' callback: steps 0 .. k − 1 with the LoRA
+        if i == k - 1:
+            pipe.disable_lora()
+        return kwargs
+
+    pipe.set_progress_bar_config(disable=True)
+    tailed = pipe(PROMPT, num_inference_steps=4, guidance_scale=3.0, eta=0.0, generator=torch.Generator().manual_seed(0),
+                  output_type="np", callback_on_step_end=lora_off_after).images[0]
+    assert np.abs(tailed - everywhere).max() > 2 / 255  # the tail matters
+    assert np.abs(tailed - ours).max() <= 1.5 / 255  # up to the PNG's rounding

@@ -183,3 +183,36 @@ def test_log_ratio_steps_is_zero_for_the_base_model_and_sums_per_step(learning_r
         assert max(abs(v) for v in r["log_ratio_mean"]) > 1e-2 and r["path_log_ratio_mean"] > 0  # KL ≥ 0
     else:
         assert max(abs(v) for v in r["log_ratio_mean"]) < 1e-3 and max(r["mean_shift_in_sigma"]) < 1e-3
+
+
+def test_reward_decided_by_hand():
+    """The share of the reward's variance a state decides and the tail's bias, on rewards [states, continuations]
+    by hand: decided states give share 1 and no bias; undecided ones give share 0 and log((e^β + 1)/2) − β/2."""
+    import math
+
+    import reward_decided
+
+    decided, open_ = torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert reward_decided.decided_share(decided) == 1.0 and reward_decided.jensen_gap(decided, 2.0) == 0.0
+    assert reward_decided.decided_share(open_) == 0.0
+    assert reward_decided.jensen_gap(open_, 2.0) == pytest.approx(math.log((math.e ** 2 + 1) / 2) - 1.0)
+    # half decided: states' means 1 and 0.5 against the pooled variance of (1, 1, 1, 0): 1 − (0 + 0.25)/2 / 0.1875
+    assert reward_decided.decided_share(torch.tensor([[1.0, 1.0], [1.0, 0.0]])) == pytest.approx(1 - 0.125 / 0.1875)
+    rows = [{"state": m, "decided": d} for m, d in enumerate([0.3, 0.9, 0.995, 1.0, 1.0])]
+    assert reward_decided.longest_tail(rows, steps=4, level=0.99) == 2  # x_2 decides: steps 2 and 3 can be the base's
+
+
+def test_reward_decided_on_tiny(tmp_path, tiny_pipeline_dir):
+    """On a 4-step tiny chain the final state decides its reward exactly; the pure noise does not."""
+    import reward_decided
+
+    from helpers.cli import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle", "a blue square"])
+    out = tmp_path / "decided.json"
+    reward_decided.main(["--config", str(cfg), "--per-prompt", "3", "--continuations", "2", "--output", str(out)])
+    r = json.loads(out.read_text())
+    states = {s["state"]: s for s in r["states"]}
+    assert sorted(states) == [0, 1, 2, 3, 4] and r["prompts"] == ["a red circle", "a blue square"]
+    assert states[4]["decided"] == 1.0 and states[4]["jensen_gap_nats"] == 0.0
+    assert states[0]["decided"] < 1.0 and states[0]["jensen_gap_nats"] > 0.0

@@ -61,6 +61,11 @@ class Dag:
     def prepare(self, batch, dist) -> None:
         """Nothing to prepare: DAG needs no batch statistics."""
 
+    @property
+    def lora_steps(self) -> int | None:
+        """The leading steps the LoRA samples (the tail's are the base model's); None: all."""
+        return self.ctx.steps - self.settings.tail_steps if self.settings.tail_steps else None
+
     def epoch_logs(self, epoch: int) -> dict:
         return {"beta": beta_at(self.settings.beta, self.settings.beta_ramp_epochs, epoch),
                 "flow_warmup": int(self.lora_frozen(epoch))}

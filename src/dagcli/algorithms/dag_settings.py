@@ -28,8 +28,9 @@ class DagConfig:
     kl_weight: float = 1.0  # DAG-KL: weight of the REINFORCE term
     clip_range: float = 1e-4  # DAG-KL: ratio clip of the REINFORCE term
     adv_clip: float = 5.0  # DAG-KL: advantages clipped to ±this
-    # DAG-DB, DAG-RDB: the last k transitions untrained, x_{T−k} the terminal with log F = β·r(x̂0(x_{T−k})) (0: none,
-    # the whole chain): for samplers whose last steps are nearly deterministic (docs/algorithms.md)
+    # DAG-DB, DAG-RDB: the last k steps are the base model's (sampled with the LoRA off in training, `dag sample`
+    # and `dag eval`, never trained), x_{T−k} the terminal with log F = β·r(x̂0(x_{T−k})) (0: none, the whole
+    # chain): for samplers whose last steps are nearly deterministic (docs/algorithms.md)
     tail_steps: int = 0
 
 

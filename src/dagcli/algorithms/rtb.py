@@ -156,6 +156,11 @@ class Rtb:
         if self.learned:
             self._logs.update({f"log_z/{k}": float(v) for k, v in enumerate(self.table.log_z.detach())})
 
+    @property
+    def lora_steps(self) -> int | None:
+        """The leading steps the LoRA samples: the tail is the base model's (its log ratio exactly 0); None: all."""
+        return self.ctx.steps - self.settings.tail_steps if self.settings.tail_steps else None
+
     def ratio_steps(self, steps: int) -> int:
         """The leading steps whose log ratio A sums and whose log P_θ is trained: all but `tail_steps`."""
         return steps - self.settings.tail_steps
@@ -165,10 +170,10 @@ class Rtb:
 
     def loss(self, mb, policy, batch, epoch: int):
         a = batch.advantages[mb.traj_index].to(mb.x.device)
-        trained = a * (mb.step_index.to(a.device) < self.ratio_steps(self.ctx.steps))  # no gradient from the tail
+        trained = a * (mb.step_index.to(a.device) < self.ratio_steps(self.ctx.steps))  # the tail is never trained
         loss = transition_surrogate(trained, policy.step.log_prob)
-        if self.learned:  # every step is trained once: 1/T of the log Z term on each adds it once per trajectory
-            loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ctx.steps
+        if self.learned:  # each of the T − k trained steps is trained once: 1/(T − k) of the log Z term on each
+            loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ratio_steps(self.ctx.steps)
         return loss, {"rtb_loss": loss.detach().mean()}
 
     def state_dict(self) -> dict:

@@ -17,9 +17,11 @@ class RtbConfig:
     log_z: str = "learned"  # "learned": a per-prompt log Z table | "vargrad": each prompt group's mean (no table)
     log_z_learning_rate: float = 1e-2  # the learned log Z table's learning rate
     group_size: int = 4  # trajectories per prompt group (VarGrad's groups; 1 is allowed with "learned")
-    # the last steps left out of the log ratio and of training (0: none, the exact objective): near-deterministic
-    # steps whose tiny σ turns a small change of the mean into hundreds of nats (docs/algorithms.md); the LoRA is
-    # then trained on the steps before them, against the reward of the x_T they lead to
+    # the last k steps are the base model's (0: none, the exact objective): sampled with the LoRA switched off in
+    # training, `dag sample` and `dag eval`, so their log ratio is exactly 0 and they are neither scored nor
+    # trained. Near-deterministic steps whose tiny σ turns a small change of the mean into hundreds of nats
+    # (docs/algorithms.md) leave the objective; the LoRA is trained on the steps before them, against the reward
+    # of the x_T the base model's tail leads to
     tail_steps: int = 0
 
 

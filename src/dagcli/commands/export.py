@@ -27,7 +27,10 @@ def export(
     from dagcli.progress import default_reporter
 
     result = api.export(run, format=fmt, output=output, step=step, model=model)
-    default_reporter().info(f"exported {result.checkpoint} as {result.format} to {result.output}")
+    reporter = default_reporter()
+    for line in result.warnings:
+        reporter.warn(line)
+    reporter.info(f"exported {result.checkpoint} as {result.format} to {result.output}")
 
 
 def register(app: typer.Typer) -> None:

@@ -83,7 +83,9 @@ def generate_sets(
     model, items, settings, checkpoints: Sequence[CheckpointRef], output: Path, reporter
 ) -> list[ImageSet]:
     """Generate the base model's images, then each checkpoint's with the same seeds, into output/images/."""
-    from dagcli.checkpoint import attach_lora
+    import dataclasses
+
+    from dagcli.checkpoint import attach_lora, lora_steps_for
     from dagcli.generate import generate, write_samples
 
     sets = []
@@ -92,12 +94,13 @@ def generate_sets(
         if ref is not None:
             attach_lora(model.pipe, ref.folder, model.name)
         reporter.info(f"generating {label}")
-        generated = generate(model, items, settings, reporter)
+        own = dataclasses.replace(settings, lora_steps=lora_steps_for(ref.folder if ref else None, settings.steps))
+        generated = generate(model, items, own, reporter)
         if ref is not None:
             model.pipe.unload_lora_weights()
         folder = output / "images" / safe_label(label)
         extra = {"model": model.name, **({"ckpt": str(ref.folder)} if ref else {})}
-        write_samples(generated, settings, folder, extra)
+        write_samples(generated, own, folder, extra)
         files = list(read_manifest(folder))  # file names in the order `generate` returned the images
         source = (
             {"kind": "base"}
