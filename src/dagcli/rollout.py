@@ -41,6 +41,7 @@ class EpochBatch:
     pairs: torch.Tensor  # [M, 2] (trajectory, step) transitions to train on, shuffled
     advantages: torch.Tensor | None = None  # [N] set by an algorithm's `prepare` (DDPO, GRPO)
     groups: torch.Tensor | None = None  # [N] long: the prompt group of each trajectory (unique within the process)
+    step_weights: torch.Tensor | None = None  # [N, T'] a per-step weight set by `prepare_trajectories` (rtb "to-go")
 
 
 def draw_prompts(n_prompts: int, batch_size: int, group_size: int, generator: torch.Generator) -> torch.Tensor:

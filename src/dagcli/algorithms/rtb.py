@@ -98,6 +98,25 @@ def log_z_table_from(metadata: dict) -> LogZTable:
     return LogZTable(metadata["prompts"])
 
 
+def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups: torch.Tensor | None = None,
+                  log_z: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, S] each step's weight under `rtb.credit = "to-go"`, from the per-step log ratios `ratio` [N, S]: the log
+    ratio from that step on, Σ_{j ≥ i} ρ_j − β r, centred within its prompt group at that step (VarGrad, `groups`)
+    or plus the learned log Z (`log_z` [N]).
+
+    On-policy, the steps before i and log Z are baselines of step i's score (E[∇log P_θ(x_{i+1} | x_i) | x_≤i] = 0),
+    so 2·Σ_i w_i·∇log P_θ(x_{i+1} | x_i) has the same expectation as the trajectory's 2·A·Σ_i ∇log P_θ, ∇KL(P_θ ‖ p*)
+    up to VarGrad's factor (1 − 1/n), without the earlier steps' noise on the later steps (no gradient)."""
+    to_go = torch.flip(torch.cumsum(torch.flip(ratio.detach().double(), [1]), 1), [1])
+    w = to_go - beta * reward.detach().double()[:, None]
+    if log_z is not None:
+        return (w + log_z.detach().double()[:, None]).to(ratio.dtype)
+    if groups is None:
+        raise ValueError("to_go_weights needs the prompt groups (VarGrad) or a learned log Z")
+    centred = torch.stack([w[:, i] - _group_means(w[:, i], groups) for i in range(w.shape[1])], 1)
+    return centred.to(ratio.dtype)
+
+
 def _mean(values: torch.Tensor) -> float:
     return float(values.mean()) if values.numel() else 0.0
 
@@ -142,7 +161,8 @@ class Rtb:
             idx = every[start : start + steps]
             log_base[idx[:, 0], idx[:, 1]] = self.ctx.reference_step(
                 transition_batch(batch, idx, self.ctx.device)).log_prob.float().cpu()
-        ratio_sum = (log_pf[:, :steps] - log_base).sum(1)
+        ratio = log_pf[:, :steps] - log_base
+        ratio_sum = ratio.sum(1)
         reward, beta = batch.rewards.float(), self.settings.beta
         if self.learned:
             with torch.no_grad():
@@ -151,6 +171,10 @@ class Rtb:
         else:
             log_z = vargrad_log_z(ratio_sum, reward, groups_of(batch), beta)
             batch.advantages = vargrad_residuals(ratio_sum, reward, groups_of(batch), beta)
+        batch.step_weights = None
+        if self.settings.credit == "to-go":
+            batch.step_weights = (to_go_weights(ratio, reward, beta, log_z=log_z) if self.learned else
+                                  to_go_weights(ratio, reward, beta, groups=groups_of(batch)))
         self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
                       "rtb_residual_abs": _mean(batch.advantages.abs())}
         if self.learned:
@@ -170,7 +194,10 @@ class Rtb:
 
     def loss(self, mb, policy, batch, epoch: int):
         a = batch.advantages[mb.traj_index].to(mb.x.device)
-        trained = a * (mb.step_index.to(a.device) < self.ratio_steps(self.ctx.steps))  # the tail is never trained
+        step, end = mb.step_index.to(a.device), self.ratio_steps(self.ctx.steps)
+        weights = getattr(batch, "step_weights", None)
+        w = a if weights is None else weights[mb.traj_index, step.clamp(max=end - 1).cpu()].to(a.device)
+        trained = w * (step < end)  # the tail is never trained
         loss = transition_surrogate(trained, policy.step.log_prob)
         if self.learned:  # each of the T − k trained steps is trained once: 1/(T − k) of the log Z term on each
             loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ratio_steps(self.ctx.steps)

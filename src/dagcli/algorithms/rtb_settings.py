@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from dagcli.algorithms.settings import Section, check_tail_steps
 
 LOG_Z = ("learned", "vargrad")
+CREDIT = ("trajectory", "to-go")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class RtbConfig:
     # (docs/algorithms.md) leave the objective; the LoRA is trained on the steps before them, against the reward
     # of the x_T the base model's tail leads to
     tail_steps: int = 0
+    # the weight of each step's log P_θ: "trajectory": A(τ) on every step (the trajectory loss's gradient) |
+    # "to-go": the log ratio from that step on minus β r, centred per group and step (or plus the learned log Z):
+    # the same expected gradient on-policy, without the earlier steps' noise (docs/algorithms.md)
+    credit: str = "trajectory"
 
 
 def check_section(c, setting) -> list[str]:
@@ -45,4 +50,4 @@ def check_groups(c, setting) -> list[str]:
 
 SECTION = Section("rtb", RtbConfig, "RTB: β, log Z (learned per prompt or VarGrad), prompt group size",
                   positive=("beta", "log_z_learning_rate", "group_size"), non_negative=("tail_steps",),
-                  choices={"log_z": LOG_Z}, validate=check_section)
+                  choices={"log_z": LOG_Z, "credit": CREDIT}, validate=check_section)

@@ -202,3 +202,67 @@ def test_tail_steps_must_leave_a_step():
 
     with pytest.raises(DagError, match=r"rtb.tail_steps = 10: must be less than sampling.steps = 10"):
         config_from_dict({"train": {"algorithm": "rtb"}, "sampling": {"steps": 10}, "rtb": {"tail_steps": 10}})
+
+
+def test_to_go_weights_by_hand():
+    """Two trajectories of one group, three steps: each step's log ratio from there on minus β r, centred in the
+    group per step; with a learned log Z, plus log Z instead."""
+    ratio = torch.tensor([[0.5, 0.25, 1.0], [-0.5, 1.0, 0.0]])
+    reward, beta = torch.tensor([1.0, 0.0]), 2.0
+    # to go: [1.75, 1.25, 1.0] − 2 and [0.5, 1.0, 0.0] − 0: [−0.25, −0.75, −1.0] and [0.5, 1.0, 0.0]
+    w = rtb.to_go_weights(ratio, reward, beta, groups=torch.tensor([0, 0]))
+    torch.testing.assert_close(w, torch.tensor([[-0.375, -0.875, -0.5], [0.375, 0.875, 0.5]]))
+    w = rtb.to_go_weights(ratio, reward, beta, log_z=torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(w, torch.tensor([[0.25, -0.25, -0.5], [-0.5, 0.0, -1.0]]))
+
+
+def test_to_go_and_trajectory_credit_estimate_the_same_kl_gradient_on_a_gaussian_chain():
+    """On-policy, on a two-step chain x1 = x0 + θ1 + ε1, x2 = x1 + θ2 + ε2 (unit noise) against the base θ = 0 and
+    r(x2) = x2 at β = 1, KL(P_θ ‖ p*) = (θ1² + θ2²)/2 − θ1 − θ2 + const, so its gradient is (θ1 − 1, θ2 − 1) in
+    closed form. Both credits' estimates 2·Σ_i w_i·∂log P_θ(step i)/∂θ, over VarGrad groups of n, average to
+    2·(1 − 1/n) times it. At the target θ = (1, 1) the trajectory's residual is 0 on every path, to-go's weights
+    are not: the price of dropping the earlier steps."""
+    estimates = _credit_estimates(torch.tensor([0.3, -0.2]), n_groups=20_000, n=4)
+    expected = 2 * (1 - 1 / 4) * (torch.tensor([0.3, -0.2]).double() - 1)
+    for est in estimates:
+        mean, sem = est.mean(0), est.std(0) / len(est) ** 0.5
+        assert torch.all((mean - expected).abs() < 4 * sem), (mean, expected, sem)
+    trajectory, to_go = _credit_estimates(torch.tensor([1.0, 1.0]), n_groups=1000, n=4)
+    assert float(trajectory.abs().max()) < 1e-9 and float(to_go[:, 1].std()) > 0.5
+
+
+def _credit_estimates(theta: torch.Tensor, n_groups: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, 2] per-trajectory gradient estimates of both credits on the chain of the test above."""
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(n_groups * n, 2, generator=g, dtype=torch.float64)
+    x0 = torch.zeros(n_groups * n, dtype=torch.float64)
+    x1 = x0 + theta[0] + eps[:, 0]
+    x2 = x1 + theta[1] + eps[:, 1]
+    # ρ_i = log N(ε_i + θ_i; θ_i, 1) − log N(ε_i + θ_i; 0, 1) = θ_i·ε_i + θ_i²/2; ∂log P_θ(step i)/∂θ_i = ε_i
+    ratio = theta.double() * eps + theta.double() ** 2 / 2
+    groups = torch.arange(n_groups * n) // n
+    reward = x2
+    a = rtb.vargrad_residuals(ratio.sum(1), reward, groups, 1.0)
+    return 2 * a[:, None] * eps, 2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups) * eps
+
+
+def test_to_go_credit_weights_each_step_in_the_loss():
+    from types import SimpleNamespace
+
+    from dagcli.algorithms.rtb_settings import RtbConfig
+
+    n, steps = 2, 3
+    log_pf = torch.tensor([[0.5, 0.25, 1.0], [-0.5, 1.0, 0.0]])
+    ctx = SimpleNamespace(prompts=["p"], device=torch.device("cpu"), steps=steps,
+                          reference_step=lambda mb: SimpleNamespace(log_prob=torch.zeros(len(mb.traj_index))))
+    algo = rtb.Rtb(RtbConfig(beta=2.0, log_z="vargrad", group_size=2, credit="to-go"), ctx)
+    traj = SimpleNamespace(latents=torch.zeros(n, steps + 1, 1), cond=torch.zeros(n, 1), prompts=["p", "p"],
+                           log_probs=log_pf, out_guided=torch.zeros(n, steps, 1), num_steps=steps)
+    batch = SimpleNamespace(traj=traj, rewards=torch.tensor([1.0, 0.0]), groups=None, advantages=None)
+    algo.prepare_trajectories(batch, log_pf, dist=None)
+    log_prob = torch.ones(6, requires_grad=True)
+    mb = SimpleNamespace(traj_index=torch.tensor([0, 1, 0, 1, 0, 1]), step_index=torch.tensor([0, 0, 1, 1, 2, 2]),
+                         x=torch.zeros(6, 1), prompts=["p"] * 6)
+    loss, _ = algo.loss(mb, SimpleNamespace(step=SimpleNamespace(log_prob=log_prob)), batch, epoch=1)
+    loss.sum().backward()
+    torch.testing.assert_close(log_prob.grad, 2 * torch.tensor([-0.375, 0.375, -0.875, 0.875, -0.5, 0.5]))
