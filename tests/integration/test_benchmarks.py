@@ -216,3 +216,36 @@ def test_reward_decided_on_tiny(tmp_path, tiny_pipeline_dir):
     assert sorted(states) == [0, 1, 2, 3, 4] and r["prompts"] == ["a red circle", "a blue square"]
     assert states[4]["decided"] == 1.0 and states[4]["jensen_gap_nats"] == 0.0
     assert states[0]["decided"] < 1.0 and states[0]["jensen_gap_nats"] > 0.0
+
+
+def test_gradient_snr_by_hand():
+    """Two gradients (1, 0) and (3, 0): mean (2, 0), unbiased variance 2 on the first coordinate; the signal
+    ‖ḡ‖² − tr Σ / N = 4 − 1 = 3; SNR 1 takes tr Σ / signal = 2/3 trajectories; the halves point the same way."""
+    import gradient_snr
+
+    out = gradient_snr.snr(torch.tensor([[1.0, 0.0], [3.0, 0.0]], dtype=torch.float64))
+    assert (out["mean_norm2"], out["variance_trace"], out["signal"]) == (4.0, 2.0, 3.0)
+    assert out["trajectories_for_snr_1"] == pytest.approx(2 / 3) and out["half_cosine"] == pytest.approx(1.0)
+    assert gradient_snr.snr(torch.tensor([[1.0], [-1.0]], dtype=torch.float64))["trajectories_for_snr_1"] is None
+
+
+def test_gradient_snr_per_trajectory_gradients_add_up_to_the_epochs(tmp_path, tiny_pipeline_dir):
+    """The per-trajectory gradients of an RTB epoch on tiny sum to the gradient of the whole epoch's loss."""
+    import gradient_snr
+
+    from dagcli.config import load_config, replace
+    from dagcli.trainer import Trainer
+    from helpers.cli import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"], train={"algorithm": "rtb"},
+                            rtb={"log_z": "vargrad", "group_size": 3, "beta": 1.0, "tail_steps": 1})
+    trainer = Trainer(replace(load_config(cfg), "output", dir=str(tmp_path / "r")), ["a red circle"])
+    batch, _ = trainer.collect(0)
+    trainer.unit.before_micro_batches(trainer, batch, 0)
+    grads = gradient_snr.per_trajectory_gradients(trainer, batch, 0)
+    params = [p for p in trainer.raw_denoiser.parameters() if p.requires_grad]
+    loss, _ = trainer.micro_batch_loss(batch, batch.pairs, 0)
+    loss.sum().backward()
+    whole = torch.cat([p.grad.flatten() for p in params]).double()
+    assert grads.shape == (3, whole.numel()) and float(whole.abs().max()) > 0
+    torch.testing.assert_close(grads.sum(0), whole, rtol=1e-3, atol=1e-4 * float(whole.abs().max()))
