@@ -21,6 +21,7 @@ import torch
 from dagcli.algorithms import losses
 from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
 from dagcli.algorithms.flow import FlowConfig, FlowNetwork
+from dagcli.algorithms.settings import lora_steps as tail_lora_steps
 
 
 def _mean(values: torch.Tensor, trained: torch.Tensor | None) -> torch.Tensor:
@@ -64,7 +65,7 @@ class Dag:
     @property
     def lora_steps(self) -> int | None:
         """The leading steps the LoRA samples (the tail's are the base model's); None: all."""
-        return self.ctx.steps - self.settings.tail_steps if self.settings.tail_steps else None
+        return tail_lora_steps(self.ctx.steps, self.settings.tail_steps)
 
     def epoch_logs(self, epoch: int) -> dict:
         return {"beta": beta_at(self.settings.beta, self.settings.beta_ramp_epochs, epoch),

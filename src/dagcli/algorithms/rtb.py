@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from dagcli.algorithms.settings import lora_steps as tail_lora_steps
 from dagcli.errors import DagError
 
 
@@ -183,7 +184,7 @@ class Rtb:
     @property
     def lora_steps(self) -> int | None:
         """The leading steps the LoRA samples: the tail is the base model's (its log ratio exactly 0); None: all."""
-        return self.ctx.steps - self.settings.tail_steps if self.settings.tail_steps else None
+        return tail_lora_steps(self.ctx.steps, self.settings.tail_steps)
 
     def ratio_steps(self, steps: int) -> int:
         """The leading steps whose log ratio A sums and whose log P_θ is trained: all but `tail_steps`."""

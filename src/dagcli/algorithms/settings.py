@@ -45,3 +45,9 @@ def check_tail_steps(key: str, tail: int, steps: int | None, setting: Callable, 
     if steps is None or tail < steps:
         return []
     return [f"{setting(key, tail)}: must be less than {setting('sampling.steps', steps)}, or no {what} is trained"]
+
+
+def lora_steps(steps: int, tail: int) -> int | None:
+    """The leading steps of a `steps`-step chain the LoRA samples when the base model takes the last `tail`
+    (`Rollout.lora_steps`); None without a tail: every step."""
+    return steps - tail if tail else None
