@@ -218,6 +218,62 @@ def test_reward_decided_on_tiny(tmp_path, tiny_pipeline_dir):
     assert states[0]["decided"] < 1.0 and states[0]["jensen_gap_nats"] > 0.0
 
 
+def test_reachable_target_by_hand():
+    """Two starts, backgrounds (rewarded, unrewarded), tilt e^β = 4. Undecided starts (both 1:1): h = 2.5 at each,
+    so p_reach = p* = (0.8, 0.2). Decided starts (one all rewarded, one all unrewarded): h = 4 and 1, nothing
+    can move, p_reach = base = (0.5, 0.5) while p* = (0.8, 0.2); min KL = log 2.5 − (log 4 + log 1)/2."""
+    import math
+
+    import reachable_target
+
+    values, beta = torch.tensor([1.0, 0.0], dtype=torch.float64), math.log(4.0)
+    open_ = reachable_target.reachable(torch.tensor([[2.0, 2.0], [1.0, 1.0]]), values, beta)
+    assert open_["p_reach"] == pytest.approx([0.8, 0.2]) and open_["p_star"] == pytest.approx([0.8, 0.2])
+    assert open_["tv_reach_to_target"] == pytest.approx(0.0, abs=1e-12)
+    assert open_["log_z"] == pytest.approx(math.log(2.5)) and open_["mean_log_h"] == pytest.approx(math.log(2.5))
+    decided = reachable_target.reachable(torch.tensor([[3.0, 0.0], [0.0, 3.0]]), values, beta)
+    assert decided["p_reach"] == pytest.approx([0.5, 0.5]) and decided["p_star"] == pytest.approx([0.8, 0.2])
+    assert decided["tv_reach_to_target"] == pytest.approx(0.3) and decided["reward_reach"] == pytest.approx(0.5)
+    assert decided["log_z"] - decided["mean_log_h"] == pytest.approx(math.log(2.5) - math.log(4.0) / 2)
+    # one start 3:1, one 1:3: h = 3.25 and 1.75; p_reach(rewarded) = (3/3.25 + 1/1.75) / 2
+    mixed = reachable_target.reachable(torch.tensor([[3.0, 1.0], [1.0, 3.0]]), values, beta)
+    assert mixed["p_reach"][0] == pytest.approx((3 / 3.25 + 1 / 1.75) / 2)
+    assert reachable_target.debiased({"a": 1.0, "b": [1.0, 0.5], "c": "x"}, {"a": 0.5, "b": [0.0, 0.5], "c": "x"}) \
+        == {"a_corrected": 1.5, "b_corrected": [2.0, 0.5]}
+
+
+def test_reachable_target_on_tiny(tmp_path, tiny_pipeline_dir):
+    """On a tiny chain with the modes reward: the shares are distributions, p_reach lies between the base model
+    and p* in its reward, and the start's KL floor is not negative."""
+    import reachable_target
+
+    from helpers.cli import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"], reward={"spec": "background-modes"},
+                            dag={"beta": 0.01, "flow_learning_rate": 1e-2})
+    out = tmp_path / "reach.json"
+    reachable_target.main(["--config", str(cfg), "--starts", "3", "--continuations", "4", "--output", str(out)])
+    r = json.loads(out.read_text())
+    row = r["per_prompt"]["a red circle"]
+    assert r["backgrounds"] == ["black", "gray", "white", "brown"] and r["starts"] == 3
+    for key in ("base", "p_star", "p_reach"):
+        assert sum(row[key]) == pytest.approx(1.0)
+    assert row["reward_base"] - 1e-9 <= row["reward_reach"] <= row["reward_target"] + 1e-9
+    assert row["log_z"] >= row["mean_log_h"] - 1e-12
+    # a compare file whose last evaluation sits on p_reach reads 0 against it; its epoch 0 is the base row
+    reach_shares = dict(zip(r["backgrounds"], row["p_reach_corrected"], strict=True))
+    base_shares = dict(zip(r["backgrounds"], row["base"], strict=True))
+    compare = tmp_path / "compare.json"
+    compare.write_text(json.dumps({"runs": [{"algorithm": "rtb", "seed": 0, "evals": [
+        {"epoch": 0, "eval_reward": 0.4, "tv_exact": 0.3, "per_prompt_shares": {"a red circle": base_shares}},
+        {"epoch": 2, "eval_reward": 0.6, "tv_exact": 0.2, "per_prompt_shares": {"a red circle": reach_shares}}]}]}))
+    base, last = reachable_target.against_runs(r, [compare])
+    assert (base["epoch"], last["epoch"], last["tv_to_target"]) == (0, 2, 0.2)
+    assert last["tv_to_reachable"] == pytest.approx(0.0, abs=1e-12)
+    want = 0.5 * sum(abs(a - b) for a, b in zip(row["base"], row["p_reach_corrected"], strict=True))
+    assert base["tv_to_reachable"] == pytest.approx(want)
+
+
 def test_gradient_snr_by_hand():
     """Two gradients (1, 0) and (3, 0): mean (2, 0), unbiased variance 2 on the first coordinate; the signal
     ‖ḡ‖² − tr Σ / N = 4 − 1 = 3; SNR 1 takes tr Σ / signal = 2/3 trajectories; the halves point the same way."""
