@@ -161,16 +161,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--output", type=Path, default=None)
     ap.add_argument("--against", type=Path, nargs="+", default=None, metavar="COMPARE_JSON",
-                    help="measure nothing: read the reachable target from --output (or the model's default file)"
-                         " and print each run's final TV to p* and to it")
+                    help="measure nothing: print each run's last TV to p* and to the reachable target of --reach")
+    ap.add_argument("--reach", type=Path, default=None,
+                    help="with --against: a measured file (default: reachable-target-<the runs' model>.json)")
     a = ap.parse_args(argv)
     if a.against:
-        reach_file = a.output or ROOT / "benchmarks" / "results" / "reachable-target-tiny.json"
+        model = json.loads(a.against[0].read_text())["model"]
+        reach_file = a.reach or ROOT / "benchmarks" / "results" / f"reachable-target-{model}.json"
         reach = json.loads(reach_file.read_text())
-        print(f"{'file':<72} {'reward':>6} {'TV to p*':>8} {'TV to p_reach':>13}")
+        print(f"{'run (compare-modes-exact-*.json)':<48} {'reward':>6} {'TV to p*':>8} {'TV to p_reach':>13}")
         for row in against_runs(reach, a.against):
-            print(f"{row['file'][:72]:<72} {row['eval_reward']:6.3f} {row['tv_to_target']:8.3f} "
-                  f"{row['tv_to_reachable']:13.3f}")
+            name = row["file"].removeprefix("compare-modes-exact-").removesuffix(".json")
+            name = name if len(name) <= 48 else "…" + name[-47:]
+            print(f"{name:<48} {row['eval_reward']:6.3f} {row['tv_to_target']:8.3f} {row['tv_to_reachable']:13.3f}")
         return
     if a.starts < 2 or a.continuations < 4 or a.continuations % 2:
         sys.exit("--starts must be at least 2 and --continuations an even number of at least 4")

@@ -242,7 +242,7 @@ def test_reachable_target_by_hand():
         == {"a_corrected": 1.5, "b_corrected": [2.0, 0.5]}
 
 
-def test_reachable_target_on_tiny(tmp_path, tiny_pipeline_dir):
+def test_reachable_target_on_tiny(tmp_path, tiny_pipeline_dir, capsys):
     """On a tiny chain with the modes reward: the shares are distributions, p_reach lies between the base model
     and p* in its reward, and the start's KL floor is not negative."""
     import reachable_target
@@ -264,7 +264,7 @@ def test_reachable_target_on_tiny(tmp_path, tiny_pipeline_dir):
     reach_shares = dict(zip(r["backgrounds"], row["p_reach_corrected"], strict=True))
     base_shares = dict(zip(r["backgrounds"], row["base"], strict=True))
     compare = tmp_path / "compare.json"
-    compare.write_text(json.dumps({"runs": [{"algorithm": "rtb", "seed": 0, "evals": [
+    compare.write_text(json.dumps({"model": "tiny", "runs": [{"algorithm": "rtb", "seed": 0, "evals": [
         {"epoch": 0, "eval_reward": 0.4, "tv_exact": 0.3, "per_prompt_shares": {"a red circle": base_shares}},
         {"epoch": 2, "eval_reward": 0.6, "tv_exact": 0.2, "per_prompt_shares": {"a red circle": reach_shares}}]}]}))
     base, last = reachable_target.against_runs(r, [compare])
@@ -272,6 +272,10 @@ def test_reachable_target_on_tiny(tmp_path, tiny_pipeline_dir):
     assert last["tv_to_reachable"] == pytest.approx(0.0, abs=1e-12)
     want = 0.5 * sum(abs(a - b) for a, b in zip(row["base"], row["p_reach_corrected"], strict=True))
     assert base["tv_to_reachable"] == pytest.approx(want)
+    capsys.readouterr()
+    reachable_target.main(["--against", str(compare), "--reach", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split()[-1] == f"{want:.3f}" and printed[2].split()[-3:] == ["0.600", "0.200", "0.000"]
 
 
 def test_gradient_snr_by_hand():
