@@ -125,6 +125,9 @@ def _train_and_evaluate(preset: Path, algorithm: str, seed: int, epochs: int, ou
         t0 = time.perf_counter()
         trainer.train(until_epoch=stop)
         seconds += time.perf_counter() - t0
+        if trainer.state.epoch < stop:  # stopped by a signal: later points would score the same checkpoint again
+            raise SystemExit(f"{algorithm} (seed {seed}) stopped at epoch {trainer.state.epoch} of {epochs} (a "
+                             f"signal); no result is written for a run that did not finish")
         points.append(evaluation(stop, final_per_prompt if stop == epochs else eval_per_prompt))
     lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [{"trajectories": m["trajectories_seen"], "reward": m["reward_mean"],

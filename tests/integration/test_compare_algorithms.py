@@ -187,6 +187,27 @@ def test_run_one_evaluates_along_training(compare, tmp_path) -> None:
     assert run["eval_reward"] == pytest.approx(by_hand[-1], rel=1e-5)
 
 
+def test_run_one_refuses_a_run_stopped_by_a_signal(compare, tmp_path, monkeypatch) -> None:
+    """A run whose trainer stops early (a signal to its worker) is not evaluated at epochs it never reached."""
+    from dagcli.trainer import Trainer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    overrides = ["sampling.batch_size=2", "sampling.batches_per_epoch=1", "sampling.steps=2", "train.batch_size=2",
+                 f'sampling.prompts="{prompts}"', 'reward.spec="colorfulness"']
+    real = Trainer.train
+
+    def one_epoch_then_stop(self, until_epoch=None):  # as a SIGTERM after the first epoch's save does
+        state = real(self, until_epoch=min(until_epoch, 1))
+        self.stopped = True
+        return state
+
+    monkeypatch.setattr(Trainer, "train", one_epoch_then_stop)
+    with pytest.raises(SystemExit, match=r"ddpo \(seed 0\) stopped at epoch 1 of 3"):
+        compare.run_one(ROOT / compare.PRESETS["compressibility"], "ddpo", 0, 3, tmp_path, 2, overrides,
+                        eval_every=2, threads=1)
+
+
 def eval_reward_by_hand(run_dir: Path, step: int, prompts: list[str]) -> float:
     """Mean colourfulness of 2 images per prompt with the evaluation's seeds, from the built-in model with the
     LoRA saved at `step` (none for 0) loaded as a user would, scored with numpy."""
