@@ -102,6 +102,9 @@ def measure(config: Path, starts: int, continuations: int, seed: int, chunk: int
     cfg = load_config(config)
     cfg = replace(cfg, "output", dir=str(Path("/tmp") / f"dagcli-reachable-{config.stem}"), report_to="none")
     cfg = api.plan_config(cfg).config  # the model's defaults for what the preset leaves unset
+    if cfg.reward.spec != "background-modes":
+        raise ValueError(f"{config} rewards {cfg.reward.spec!r}; the reachable target needs background-modes "
+                         "(e.g. examples/configs/tiny-modes-exact-target.toml)")
     prompts = list(dict.fromkeys(p.prompt for p in load_prompts(cfg.sampling.prompts)))
     trainer = Trainer(cfg, prompts)
     s, family, schedule, net = cfg.sampling, trainer.family, trainer.rollout.schedule, trainer.raw_denoiser
@@ -166,20 +169,31 @@ def main(argv: list[str] | None = None) -> None:
                     help="with --against: a measured file (default: reachable-target-<the runs' model>.json)")
     a = ap.parse_args(argv)
     if a.against:
-        model = json.loads(a.against[0].read_text())["model"]
-        reach_file = a.reach or ROOT / "benchmarks" / "results" / f"reachable-target-{model}.json"
-        reach = json.loads(reach_file.read_text())
+        try:
+            model = json.loads(a.against[0].read_text())["model"]
+            reach_file = a.reach or ROOT / "benchmarks" / "results" / f"reachable-target-{model}.json"
+            reach = json.loads(reach_file.read_text())
+            rows = against_runs(reach, a.against)
+        except (OSError, ValueError, KeyError, IndexError) as e:  # missing, not JSON, or not the files expected
+            ap.error(f"--against/--reach: {e.__class__.__name__}: {e} (a compare_algorithms.py result with the "
+                     f"modes-exact metrics, and a file this script wrote)")
         print(f"{'run (compare-modes-exact-*.json)':<48} {'reward':>6} {'TV to p*':>8} {'TV to p_reach':>13}")
-        for row in against_runs(reach, a.against):
+        for row in rows:
             name = row["file"].removeprefix("compare-modes-exact-").removesuffix(".json")
             name = name if len(name) <= 48 else "…" + name[-47:]
             print(f"{name:<48} {row['eval_reward']:6.3f} {row['tv_to_target']:8.3f} {row['tv_to_reachable']:13.3f}")
         return
     if a.starts < 2 or a.continuations < 4 or a.continuations % 2:
-        sys.exit("--starts must be at least 2 and --continuations an even number of at least 4")
+        ap.error(f"--starts {a.starts} --continuations {a.continuations}: --starts must be at least 2 and "
+                 "--continuations an even number of at least 4")
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    result = measure(a.config, a.starts, a.continuations, a.seed, a.chunk)
+    from dagcli.errors import DagError
+
+    try:
+        result = measure(a.config, a.starts, a.continuations, a.seed, a.chunk)
+    except (ValueError, DagError) as e:  # not a background-modes preset, or a preset dagcli refuses
+        ap.error(str(e))
     result["seconds"] = time.perf_counter() - t0
     result["command"] = "python benchmarks/reachable_target.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "torch_threads": a.threads}
