@@ -100,16 +100,22 @@ def log_z_table_from(metadata: dict) -> LogZTable:
 
 
 def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups: torch.Tensor | None = None,
-                  log_z: torch.Tensor | None = None) -> torch.Tensor:
+                  log_z: torch.Tensor | None = None, baseline: torch.Tensor | None = None) -> torch.Tensor:
     """[N, S] each step's weight under `rtb.credit = "to-go"`, from the per-step log ratios `ratio` [N, S]: the log
     ratio from that step on, Σ_{j ≥ i} ρ_j − β r, centred within its prompt group at that step (VarGrad, `groups`)
     or plus the learned log Z (`log_z` [N]).
 
     On-policy, the steps before i and log Z are baselines of step i's score (E[∇log P_θ(x_{i+1} | x_i) | x_≤i] = 0),
     so 2·Σ_i w_i·∇log P_θ(x_{i+1} | x_i) has the same expectation as the trajectory's 2·A·Σ_i ∇log P_θ, ∇KL(P_θ ‖ p*)
-    up to VarGrad's factor (1 − 1/n), without the earlier steps' noise on the later steps (no gradient)."""
+    up to VarGrad's factor (1 − 1/n), without the earlier steps' noise on the later steps (no gradient).
+
+    `baseline` [N, S] (`rtb.credit = "to-go-x0"`: r(x̂0(x_i)), the reward of step i's start state's one-step
+    prediction) adds β·baseline_i to step i's weight: it depends on x_i alone, so it is a baseline of step i's score
+    too, and it takes out the part of β r that x_i has already decided."""
     to_go = torch.flip(torch.cumsum(torch.flip(ratio.detach().double(), [1]), 1), [1])
     w = to_go - beta * reward.detach().double()[:, None]
+    if baseline is not None:
+        w = w + beta * baseline.detach().double()
     if log_z is not None:
         return (w + log_z.detach().double()[:, None]).to(ratio.dtype)
     if groups is None:
@@ -136,6 +142,8 @@ class Rtb:
         self.settings, self.ctx = settings, ctx
         self.learned = settings.log_z == "learned"
         self.table = LogZTable(list(ctx.prompts)).to(ctx.device) if self.learned else None  # the unwrapped table
+        # "to-go-x0": the rollout scores x̂0 of every trained state with the conditional output recorded while sampling
+        self.stored_x0_rewards = "cond" if settings.credit == "to-go-x0" else None
         self.modules = {"log_z": self.table} if self.learned else {}
         self._logs: dict[str, float] = {}
 
@@ -173,9 +181,12 @@ class Rtb:
             log_z = vargrad_log_z(ratio_sum, reward, groups_of(batch), beta)
             batch.advantages = vargrad_residuals(ratio_sum, reward, groups_of(batch), beta)
         batch.step_weights = None
-        if self.settings.credit == "to-go":
-            batch.step_weights = (to_go_weights(ratio, reward, beta, log_z=log_z) if self.learned else
-                                  to_go_weights(ratio, reward, beta, groups=groups_of(batch)))
+        if self.settings.credit in ("to-go", "to-go-x0"):
+            baseline = None
+            if self.settings.credit == "to-go-x0":  # NaN (a state no trained step starts from): no baseline there
+                baseline = torch.nan_to_num(batch.fl_rewards[:, :steps].float(), nan=0.0)
+            batch.step_weights = (to_go_weights(ratio, reward, beta, log_z=log_z, baseline=baseline) if self.learned
+                                  else to_go_weights(ratio, reward, beta, groups=groups_of(batch), baseline=baseline))
         self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
                       "rtb_residual_abs": _mean(batch.advantages.abs())}
         if self.learned:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from dagcli.algorithms.settings import Section, check_tail_steps
 
 LOG_Z = ("learned", "vargrad")
-CREDIT = ("trajectory", "to-go")
+CREDIT = ("trajectory", "to-go", "to-go-x0")
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,9 @@ class RtbConfig:
     tail_steps: int = 0
     # the weight of each step's log P_θ: "trajectory": A(τ) on every step (the trajectory loss's gradient) |
     # "to-go": the log ratio from that step on minus β r, centred per group and step (or plus the learned log Z):
-    # the same expected gradient on-policy, without the earlier steps' noise (docs/algorithms.md)
+    # the same expected gradient on-policy, without the earlier steps' noise (docs/algorithms.md) | "to-go-x0":
+    # "to-go" plus β·r(Decode(x̂0(x_i))), the reward of the state's one-step prediction, as a baseline of step i
+    # (a function of x_i alone, so the expected gradient is unchanged; one decode and score per trained state)
     credit: str = "trajectory"
 
 

@@ -231,8 +231,10 @@ def test_to_go_and_trajectory_credit_estimate_the_same_kl_gradient_on_a_gaussian
     assert float(trajectory.abs().max()) < 1e-9 and float(to_go[:, 1].std()) > 0.5
 
 
-def _credit_estimates(theta: torch.Tensor, n_groups: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, 2] per-trajectory gradient estimates of both credits on the chain of the test above."""
+def _credit_estimates(theta: torch.Tensor, n_groups: int, n: int, baseline: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, 2] per-trajectory gradient estimates of both credits on the chain of the test above; with `baseline`,
+    to-go's with E[r | x_i] as step i's baseline and with x_2 (step 1's outcome, not a baseline) instead."""
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(n_groups * n, 2, generator=g, dtype=torch.float64)
     x0 = torch.zeros(n_groups * n, dtype=torch.float64)
@@ -242,8 +244,39 @@ def _credit_estimates(theta: torch.Tensor, n_groups: int, n: int) -> tuple[torch
     ratio = theta.double() * eps + theta.double() ** 2 / 2
     groups = torch.arange(n_groups * n) // n
     reward = x2
+    if baseline:
+        state = torch.stack([torch.full_like(x1, float(theta[0] + theta[1])), x1 + theta[1]], 1)
+        outcome = torch.stack([state[:, 0], x2], 1)
+        return (2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups, baseline=state) * eps,
+                2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups, baseline=outcome) * eps)
     a = rtb.vargrad_residuals(ratio.sum(1), reward, groups, 1.0)
     return 2 * a[:, None] * eps, 2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups) * eps
+
+
+def test_to_go_weights_with_a_state_baseline_by_hand():
+    """The to-go weights of the test above plus β·b_i before the group centring: b = [[1, 0, 1], [0, 0, 0]] at β 2
+    moves trajectory 0's raw weights to [1.75, −0.75, 1.0], against [0.5, 1.0, 0.0]."""
+    ratio = torch.tensor([[0.5, 0.25, 1.0], [-0.5, 1.0, 0.0]])
+    reward, beta = torch.tensor([1.0, 0.0]), 2.0
+    baseline = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    w = rtb.to_go_weights(ratio, reward, beta, groups=torch.tensor([0, 0]), baseline=baseline)
+    torch.testing.assert_close(w, torch.tensor([[0.625, -0.875, 0.5], [-0.625, 0.875, -0.5]]))
+    w = rtb.to_go_weights(ratio, reward, beta, log_z=torch.tensor([0.5, -1.0]), baseline=baseline)
+    torch.testing.assert_close(w, torch.tensor([[2.25, -0.25, 1.5], [-0.5, 0.0, -1.0]]))
+
+
+def test_a_state_baseline_keeps_the_kl_gradient_and_lowers_its_noise_on_a_gaussian_chain():
+    """On the chain above, E[r | x_1] = x_1 + θ2 as step 1's baseline (step 0's: E[r | x_0] = θ1 + θ2, a constant)
+    leaves the estimate's mean at 2·(1 − 1/n)·(θ − 1) and removes step 1's share of r = x_2 that x_1 has decided
+    (ε1): its variance falls. A baseline that looked at x_2 (step 1's own outcome) would bias it."""
+    theta, n_groups, n = torch.tensor([0.3, -0.2]), 20_000, 4
+    expected = 2 * (1 - 1 / n) * (theta.double() - 1)
+    _, plain = _credit_estimates(theta, n_groups, n)
+    with_baseline, biased = _credit_estimates(theta, n_groups, n, baseline=True)
+    mean, sem = with_baseline.mean(0), with_baseline.std(0) / len(with_baseline) ** 0.5
+    assert torch.all((mean - expected).abs() < 4 * sem), (mean, expected, sem)
+    assert float(with_baseline[:, 1].var()) < 0.8 * float(plain[:, 1].var())  # ε1·ε2: 1 of about 4 parts
+    assert float((biased.mean(0) - expected).abs()[1]) > 10 * float(sem[1])
 
 
 def test_to_go_credit_weights_each_step_in_the_loss():
@@ -266,3 +299,12 @@ def test_to_go_credit_weights_each_step_in_the_loss():
     loss, _ = algo.loss(mb, SimpleNamespace(step=SimpleNamespace(log_prob=log_prob)), batch, epoch=1)
     loss.sum().backward()
     torch.testing.assert_close(log_prob.grad, 2 * torch.tensor([-0.375, 0.375, -0.875, 0.875, -0.5, 0.5]))
+    # "to-go-x0" asks the rollout for the x̂0 rewards and uses them (NaN: no baseline) as the by-hand test's
+    x0_algo = rtb.Rtb(RtbConfig(beta=2.0, log_z="vargrad", group_size=2, credit="to-go-x0"), ctx)
+    assert (algo.stored_x0_rewards, x0_algo.stored_x0_rewards) == (None, "cond")
+    batch.fl_rewards = torch.tensor([[1.0, float("nan"), 1.0], [0.0, 0.0, 0.0]])
+    x0_algo.prepare_trajectories(batch, log_pf, dist=None)
+    log_prob = torch.ones(6, requires_grad=True)
+    loss, _ = x0_algo.loss(mb, SimpleNamespace(step=SimpleNamespace(log_prob=log_prob)), batch, epoch=1)
+    loss.sum().backward()
+    torch.testing.assert_close(log_prob.grad, 2 * torch.tensor([0.625, -0.625, -0.875, 0.875, 0.5, -0.5]))
