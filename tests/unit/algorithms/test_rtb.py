@@ -308,3 +308,27 @@ def test_to_go_credit_weights_each_step_in_the_loss():
     loss, _ = x0_algo.loss(mb, SimpleNamespace(step=SimpleNamespace(log_prob=log_prob)), batch, epoch=1)
     loss.sum().backward()
     torch.testing.assert_close(log_prob.grad, 2 * torch.tensor([0.625, -0.625, -0.875, 0.875, 0.5, -0.5]))
+
+
+def test_to_go_x0_credit_scores_the_trained_states_in_the_rollout_and_trains(tmp_path, tiny_pipeline_dir):
+    """With `rtb.credit = "to-go-x0"` the rollout scores x̂0 of every trained state; the scores equal the
+    reference procedure's (the model run again on the stored state, its x̂0 decoded and scored), and an epoch
+    trains with them."""
+    from dagcli.config import load_config, replace
+    from dagcli.trainer import Trainer
+    from helpers.cli import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"], train={"algorithm": "rtb", "epochs": 1},
+                            rtb={"log_z": "vargrad", "group_size": 3, "beta": 1.0, "credit": "to-go-x0",
+                                 "tail_steps": 1})
+    trainer = Trainer(replace(load_config(cfg), "output", dir=str(tmp_path / "r")), ["a red circle"])
+    batch, _ = trainer.collect(0)
+    fl, traj = batch.fl_rewards, batch.traj
+    assert fl is not None and torch.isfinite(fl[:, :3]).all()  # 4 steps, the last the base model's
+    for i in range(3):
+        j = torch.full((traj.batch_size,), i, dtype=torch.long)
+        again = trainer.rollout.x0_rewards(traj.latents[:, i], j, traj.cond, traj.prompts, trainer.raw_denoiser,
+                                           guided=False)
+        torch.testing.assert_close(fl[:, i], again.float().cpu(), atol=1e-5, rtol=0)
+    trainer.train()
+    assert trainer.state.epoch == 1 and math.isfinite(trainer.algorithm.epoch_logs(1)["rtb_residual_abs"])
