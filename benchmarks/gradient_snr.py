@@ -1,10 +1,12 @@
 """How much of a training gradient is signal: the per-trajectory spread of an algorithm's LoRA gradient at the base
-model, against its mean.
+model (or at a trained run's checkpoint), against its mean.
 
     python benchmarks/gradient_snr.py --config examples/configs/tiny-modes-exact-target.toml \
-        --set train.algorithm=rtb --set rtb.log_z=vargrad --set rtb.tail_steps=5 [--set ...] [--output JSON]
+        --set train.algorithm=rtb --set rtb.log_z=vargrad --set rtb.tail_steps=5 [--set ...] [--resume CKPT] \
+        [--output JSON]
 
-From the preset (with the `--set` overrides), it samples one epoch at the zero-initialised LoRA, prepares it as
+From the preset (with the `--set` overrides), it samples one epoch at the zero-initialised LoRA (with `--resume`:
+the checkpoint's LoRA, and its log Z table where it has one), prepares it as
 training does (for RTB: A(τ) of every trajectory) and takes the LoRA gradient of each trajectory's own loss, the
 sum of its trained steps' losses: g_1 .. g_N. With ḡ their mean and tr Σ the summed variance of their coordinates,
 it reports
@@ -61,7 +63,7 @@ def snr(grads: torch.Tensor) -> dict:
             "trajectories_for_snr_1": trace / signal if signal > 0 else None, "half_cosine": cosine}
 
 
-def measure(config: Path, overrides: list[str]) -> dict:
+def measure(config: Path, overrides: list[str], resume: Path | None = None) -> dict:
     from dagcli import api
     from dagcli.config import load_config, replace
     from dagcli.prompts import load_prompts
@@ -72,11 +74,14 @@ def measure(config: Path, overrides: list[str]) -> dict:
     cfg = api.plan_config(cfg).config
     prompts = list(dict.fromkeys(p.prompt for p in load_prompts(cfg.sampling.prompts)))
     trainer = Trainer(cfg, prompts)
+    if resume is not None:  # a trained run's checkpoint: its LoRA (and log Z table) in place of the base model
+        trainer.resume(resume)
     batch, _ = trainer.collect(EPOCH)
     trainer.raw_denoiser.train()
     trainer.unit.before_micro_batches(trainer, batch, EPOCH)
     grads = per_trajectory_gradients(trainer, batch, EPOCH)
     return {"config": str(config), "overrides": overrides, "algorithm": cfg.train.algorithm,
+            "resumed_from": str(resume) if resume is not None else None, "epoch": trainer.state.epoch,
             "reward_mean": float(batch.rewards.mean()), **snr(grads)}
 
 
@@ -85,10 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", type=Path, default=ROOT / "examples/configs/tiny-modes-exact-target.toml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--resume", type=Path, default=None, metavar="CHECKPOINT",
+                    help="measure at a trained run's checkpoint (its checkpoints/step-N folder; the same --config and"
+                         " --set as its run) instead of at the base model")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "gradient-snr.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    result = measure(a.config, a.overrides)
+    result = measure(a.config, a.overrides, a.resume)
     result["command"] = "python benchmarks/gradient_snr.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "torch_threads": a.threads}
     a.output.parent.mkdir(parents=True, exist_ok=True)

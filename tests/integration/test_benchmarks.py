@@ -309,3 +309,27 @@ def test_gradient_snr_per_trajectory_gradients_add_up_to_the_epochs(tmp_path, ti
     whole = torch.cat([p.grad.flatten() for p in params]).double()
     assert grads.shape == (3, whole.numel()) and float(whole.abs().max()) > 0
     torch.testing.assert_close(grads.sum(0), whole, rtol=1e-3, atol=1e-4 * float(whole.abs().max()))
+
+
+def test_gradient_snr_at_a_trained_checkpoint(tmp_path, tiny_pipeline_dir):
+    """--resume measures with a run's trained LoRA: the same seeds then give another epoch and other gradients
+    than at the base model, and the result names the checkpoint and its epoch."""
+    import gradient_snr
+
+    from helpers.cli import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"],
+                            train={"algorithm": "rtb", "epochs": 1, "learning_rate": 3e-2},
+                            rtb={"log_z": "vargrad", "group_size": 3, "beta": 1.0, "tail_steps": 1},
+                            output={"dir": str(tmp_path / "run")})
+    from dagcli.config import load_config
+    from dagcli.trainer import Trainer
+
+    Trainer(load_config(cfg), ["a red circle"]).train()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
+    base, trained = tmp_path / "base.json", tmp_path / "trained.json"
+    gradient_snr.main(["--config", str(cfg), "--output", str(base)])
+    gradient_snr.main(["--config", str(cfg), "--resume", str(checkpoint), "--output", str(trained)])
+    b, t = json.loads(base.read_text()), json.loads(trained.read_text())
+    assert (b["resumed_from"], b["epoch"]) == (None, 0) and (t["resumed_from"], t["epoch"]) == (str(checkpoint), 1)
+    assert t["mean_norm2"] != b["mean_norm2"] and t["variance_trace"] != b["variance_trace"]
