@@ -75,7 +75,9 @@ def measure(config: Path, overrides: list[str], resume: Path | None = None) -> d
     prompts = list(dict.fromkeys(p.prompt for p in load_prompts(cfg.sampling.prompts)))
     trainer = Trainer(cfg, prompts)
     if resume is not None:  # a trained run's checkpoint: its LoRA (and log Z table) in place of the base model
-        trainer.resume(resume)
+        from dagcli.checkpoint import resolve_checkpoint
+
+        trainer.resume(resolve_checkpoint(resume))  # a run directory means its latest checkpoint
     batch, _ = trainer.collect(EPOCH)
     trainer.raw_denoiser.train()
     trainer.unit.before_micro_batches(trainer, batch, EPOCH)
@@ -91,12 +93,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="section.key=value")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--resume", type=Path, default=None, metavar="CHECKPOINT",
-                    help="measure at a trained run's checkpoint (its checkpoints/step-N folder; the same --config and"
-                         " --set as its run) instead of at the base model")
+                    help="measure at a trained run's checkpoint (a checkpoints/step-N folder, or a run directory: its"
+                         " latest; the same --config and --set as its run) instead of at the base model")
     ap.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "gradient-snr.json")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    result = measure(a.config, a.overrides, a.resume)
+    from dagcli.errors import DagError
+
+    try:
+        result = measure(a.config, a.overrides, a.resume)
+    except DagError as e:  # a preset or checkpoint dagcli refuses: its one line
+        ap.error(str(e).replace("--resume-from", "--resume"))
     result["command"] = "python benchmarks/gradient_snr.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "torch_threads": a.threads}
     a.output.parent.mkdir(parents=True, exist_ok=True)

@@ -333,3 +333,6 @@ def test_gradient_snr_at_a_trained_checkpoint(tmp_path, tiny_pipeline_dir):
     b, t = json.loads(base.read_text()), json.loads(trained.read_text())
     assert (b["resumed_from"], b["epoch"]) == (None, 0) and (t["resumed_from"], t["epoch"]) == (str(checkpoint), 1)
     assert t["mean_norm2"] != b["mean_norm2"] and t["variance_trace"] != b["variance_trace"]
+    by_run = tmp_path / "by-run.json"  # the run directory stands for its latest checkpoint
+    gradient_snr.main(["--config", str(cfg), "--resume", str(tmp_path / "run"), "--output", str(by_run)])
+    assert json.loads(by_run.read_text())["mean_norm2"] == t["mean_norm2"]
