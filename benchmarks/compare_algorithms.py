@@ -624,18 +624,13 @@ def base_modes(preset: Path, overrides: list[str], per_prompt: int, cache_dir: P
     return record
 
 
-def algorithm_beta(cfg) -> float:
-    """The β of a run's target: rtb reads `rtb.beta`, every other algorithm is set against DAG's `dag.beta`."""
-    return cfg.rtb.beta if cfg.train.algorithm == "rtb" else cfg.dag.beta
-
-
 def exact_targets(base: dict, cfg) -> dict:
     """A run's exact target from the base shares record (`base_modes`) and the run's configuration: β_eff of its
     algorithm's β under its reduction, p* per prompt, and the factor that turns rtb's learned log Z into nats of a
     whole trajectory (D under "mean": the residual log Z + Σ ρ − β·r adds per-dimension means, so its log Z is
     log Z(β_eff) / D; 1 under "sum")."""
     dims, reduction = base["latent_dims"], cfg.train.reduction
-    beta_eff = modes.effective_beta(algorithm_beta(cfg), reduction, dims)
+    beta_eff = modes.effective_beta(modes.target_beta(cfg), reduction, dims)
     return {"targets": modes.targets_for(base["shares"], base["values"], beta_eff), "rewarded": base["rewarded"],
             "base": base["shares"], "values": base["values"], "beta_eff": beta_eff,
             "log_z_scale": modes.effective_beta(1.0, reduction, dims)}

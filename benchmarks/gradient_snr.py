@@ -64,16 +64,9 @@ def snr(grads: torch.Tensor) -> dict:
 
 
 def measure(config: Path, overrides: list[str], resume: Path | None = None) -> dict:
-    from dagcli import api
-    from dagcli.config import load_config, replace
-    from dagcli.prompts import load_prompts
-    from dagcli.trainer import Trainer
+    from preset_chain import preset_trainer
 
-    cfg = load_config(config, overrides)
-    cfg = replace(cfg, "output", dir=str(Path("/tmp") / f"dagcli-gradient-snr-{config.stem}"), report_to="none")
-    cfg = api.plan_config(cfg).config
-    prompts = list(dict.fromkeys(p.prompt for p in load_prompts(cfg.sampling.prompts)))
-    trainer = Trainer(cfg, prompts)
+    cfg, _, trainer = preset_trainer(config, f"dagcli-gradient-snr-{config.stem}", overrides)
     if resume is not None:  # a trained run's checkpoint: its LoRA (and log Z table) in place of the base model
         from dagcli.checkpoint import resolve_checkpoint
 

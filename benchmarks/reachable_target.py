@@ -90,57 +90,36 @@ def against_runs(reach: dict, compare_files: list[Path]) -> list[dict]:
 
 
 def measure(config: Path, starts: int, continuations: int, seed: int, chunk: int) -> dict:
-    from dagcli import api
-    from dagcli.config import load_config, replace
-    from dagcli.models import lora_disabled
-    from dagcli.modes import background_names, effective_beta
-    from dagcli.prompts import load_prompts
-    from dagcli.rewards.modes import image_backgrounds
-    from dagcli.sampling import generators_for, sample_batch
-    from dagcli.trainer import Trainer
+    from preset_chain import base_trajectories, continue_chain, preset_trainer
 
-    cfg = load_config(config)
-    cfg = replace(cfg, "output", dir=str(Path("/tmp") / f"dagcli-reachable-{config.stem}"), report_to="none")
-    cfg = api.plan_config(cfg).config  # the model's defaults for what the preset leaves unset
+    from dagcli.models import lora_disabled
+    from dagcli.modes import background_names, effective_beta, target_beta
+    from dagcli.rewards.modes import background_modes, image_backgrounds
+
+    cfg, prompts, trainer = preset_trainer(config, f"dagcli-reachable-{config.stem}")
     if cfg.reward.spec != "background-modes":
         raise ValueError(f"{config} rewards {cfg.reward.spec!r}; the reachable target needs background-modes "
                          "(e.g. examples/configs/tiny-modes-exact-target.toml)")
-    prompts = list(dict.fromkeys(p.prompt for p in load_prompts(cfg.sampling.prompts)))
-    trainer = Trainer(cfg, prompts)
-    s, family, schedule, net = cfg.sampling, trainer.family, trainer.rollout.schedule, trainer.raw_denoiser
-    names = list(background_names())
-    options = (cfg.reward.options or {}).get("background-modes", {})
-    from dagcli.rewards.modes import parse_colours
-
-    rewarded = parse_colours(options.get("colours", "black,white"))
-    high, low = float(options.get("high", 1.0)), float(options.get("low", 0.0))
-    values = torch.tensor([high if b in rewarded else low for b in names], dtype=torch.float64)
-    beta = cfg.rtb.beta if cfg.train.algorithm == "rtb" else cfg.dag.beta
+    s, names = cfg.sampling, list(background_names())
+    reward = background_modes(**dict(cfg.reward.options).get("background-modes", {}))
+    values = torch.tensor([reward.value_of(b) for b in names], dtype=torch.float64)
     per_prompt, dims = {}, None
-    with torch.no_grad(), lora_disabled(net):
+    with torch.no_grad(), lora_disabled(trainer.raw_denoiser):
         for p_index, prompt in enumerate(prompts):
-            seeds = [seed + 1000 * p_index + j for j in range(starts)]
-            traj = sample_batch(trainer.model, [prompt] * starts, generators_for(seeds), steps=s.steps,
-                                guidance=s.guidance, eta=s.eta, reduction=cfg.train.reduction, denoiser=net,
-                                height=trainer.resolution, width=trainer.resolution, decode=False)
+            traj = base_trajectories(trainer, cfg, prompt, [seed + 1000 * p_index + j for j in range(starts)])
             dims = traj.latents[0, 0].numel()
             counts = torch.zeros(starts, 2, len(names))  # [start, half, background]
             for lo in range(0, starts, chunk):
                 idx = torch.arange(lo, min(lo + chunk, starts))
                 cond = traj.cond[idx.repeat_interleave(continuations)]
-                denoise = family.denoiser_fn(net, schedule, cond, s.guidance)
-                x = traj.latents[idx, 0].repeat_interleave(continuations, 0).to(trainer.model.device)
+                x = traj.latents[idx, 0].repeat_interleave(continuations, 0)
                 g = torch.Generator().manual_seed(seed + 7919 * (p_index + 1) + lo)
-                for i in range(s.steps):
-                    index = torch.full((x.shape[0],), i, dtype=torch.long)
-                    out, _ = denoise(x, index)
-                    x = family.step(schedule, index, x, out, s.eta, generator=g).prev_sample
-                labels = image_backgrounds(family.decode(x))
+                labels = image_backgrounds(trainer.family.decode(continue_chain(trainer, cfg, x, cond, 0, g)))
                 for j, label in enumerate(labels):
                     start, k = divmod(j, continuations)
                     counts[lo + start, int(k >= continuations // 2), names.index(label)] += 1
             per_prompt[prompt] = counts
-    beta_eff = effective_beta(beta, cfg.train.reduction, dims)
+    beta_eff = effective_beta(target_beta(cfg), cfg.train.reduction, dims)
     rows = {}
     for prompt, counts in per_prompt.items():
         full, half = reachable(counts.sum(1), values, beta_eff), reachable(counts[:, 0], values, beta_eff)

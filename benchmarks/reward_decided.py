@@ -45,43 +45,26 @@ def jensen_gap(rewards: torch.Tensor, beta_eff: float) -> float:
 
 
 def measure(config: Path, per_prompt: int, continuations: int, seed: int) -> dict:
-    from dagcli import api
-    from dagcli.config import load_config, replace
-    from dagcli.models import lora_disabled
-    from dagcli.prompts import load_prompts
-    from dagcli.sampling import generators_for, sample_batch
-    from dagcli.trainer import Trainer
+    from preset_chain import base_trajectories, continue_chain, preset_trainer
 
-    cfg = load_config(config)
-    cfg = replace(cfg, "output", dir=str(Path("/tmp") / f"dagcli-reward-decided-{config.stem}"), report_to="none")
-    cfg = api.plan_config(cfg).config  # the model's defaults for what the preset leaves unset
-    prompts = list(dict.fromkeys(p.prompt for p in load_prompts(cfg.sampling.prompts)))
-    trainer = Trainer(cfg, prompts)
-    s, family, schedule, net = cfg.sampling, trainer.family, trainer.rollout.schedule, trainer.raw_denoiser
-    steps = s.steps
-    dims = None
-    beta = cfg.rtb.beta if cfg.train.algorithm == "rtb" else cfg.dag.beta
+    from dagcli.models import lora_disabled
+    from dagcli.modes import effective_beta, target_beta
+
+    cfg, prompts, trainer = preset_trainer(config, f"dagcli-reward-decided-{config.stem}")
+    s, steps, dims = cfg.sampling, cfg.sampling.steps, None
     per_state: dict[int, list[torch.Tensor]] = {m: [] for m in range(steps + 1)}
-    with torch.no_grad(), lora_disabled(net):
+    with torch.no_grad(), lora_disabled(trainer.raw_denoiser):
         for p_index, prompt in enumerate(prompts):
-            seeds = [seed + 1000 * p_index + j for j in range(per_prompt)]
-            traj = sample_batch(trainer.model, [prompt] * per_prompt, generators_for(seeds), steps=steps,
-                                guidance=s.guidance, eta=s.eta, reduction=cfg.train.reduction, denoiser=net,
-                                height=trainer.resolution, width=trainer.resolution, decode=False)
+            traj = base_trajectories(trainer, cfg, prompt, [seed + 1000 * p_index + j for j in range(per_prompt)])
             dims = traj.latents[0, 0].numel()
             cond = traj.cond[torch.arange(per_prompt).repeat_interleave(continuations)]
-            denoise = family.denoiser_fn(net, schedule, cond, s.guidance)
             for m in range(steps + 1):
-                x = traj.latents[:, m].repeat_interleave(continuations, 0).to(trainer.model.device)
+                x = traj.latents[:, m].repeat_interleave(continuations, 0)
                 g = torch.Generator().manual_seed(seed + 7919 * (p_index + 1) + m)
-                for i in range(m, steps):
-                    index = torch.full((x.shape[0],), i, dtype=torch.long)
-                    out, _ = denoise(x, index)
-                    x = family.step(schedule, index, x, out, s.eta, generator=g).prev_sample
-                images = family.decode(x)
+                images = trainer.family.decode(continue_chain(trainer, cfg, x, cond, m, g))
                 scores, _ = trainer.rollout.score(images, [prompt] * x.shape[0])
                 per_state[m].append(scores.reshape(per_prompt, continuations))
-    beta_eff = beta * dims if cfg.train.reduction == "mean" else beta
+    beta_eff = effective_beta(target_beta(cfg), cfg.train.reduction, dims)
     rows = []
     for m in range(steps + 1):
         by_prompt = per_state[m]

@@ -48,6 +48,11 @@ def effective_beta(beta: float, reduction: str, latent_dims: int) -> float:
     raise ValueError(f"unknown reduction {reduction!r}; valid options: mean, sum")
 
 
+def target_beta(cfg) -> float:
+    """The β of a run's target: rtb reads `rtb.beta`, every other algorithm is set against DAG's `dag.beta`."""
+    return cfg.rtb.beta if cfg.train.algorithm == "rtb" else cfg.dag.beta
+
+
 def target_shares(base: dict[str, float], values: dict[str, float], beta_eff: float) -> dict[str, float]:
     """p_target(b) ∝ p_base(b)·exp(β_eff·r(b)), normalised in log space (β_eff may be in the thousands)."""
     logs = {b: math.log(p) + beta_eff * values[b] if p > 0 else -math.inf for b, p in base.items()}
