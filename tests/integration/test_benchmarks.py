@@ -316,15 +316,14 @@ def test_gradient_snr_at_a_trained_checkpoint(tmp_path, tiny_pipeline_dir):
     than at the base model, and the result names the checkpoint and its epoch."""
     import gradient_snr
 
+    from dagcli.config import load_config
+    from dagcli.trainer import Trainer
     from helpers.cli import write_tiny_config
 
     cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"],
                             train={"algorithm": "rtb", "epochs": 1, "learning_rate": 3e-2},
                             rtb={"log_z": "vargrad", "group_size": 3, "beta": 1.0, "tail_steps": 1},
                             output={"dir": str(tmp_path / "run")})
-    from dagcli.config import load_config
-    from dagcli.trainer import Trainer
-
     Trainer(load_config(cfg), ["a red circle"]).train()
     checkpoint = tmp_path / "run" / "checkpoints" / "step-000001"
     base, trained = tmp_path / "base.json", tmp_path / "trained.json"

@@ -185,8 +185,8 @@ class Rtb:
             baseline = None
             if self.settings.credit == "to-go-x0":  # NaN (a state no trained step starts from): no baseline there
                 baseline = torch.nan_to_num(batch.fl_rewards[:, :steps].float(), nan=0.0)
-            batch.step_weights = (to_go_weights(ratio, reward, beta, log_z=log_z, baseline=baseline) if self.learned
-                                  else to_go_weights(ratio, reward, beta, groups=groups_of(batch), baseline=baseline))
+            batch.step_weights = to_go_weights(ratio, reward, beta, groups=None if self.learned else groups_of(batch),
+                                               log_z=log_z if self.learned else None, baseline=baseline)
         self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
                       "rtb_residual_abs": _mean(batch.advantages.abs())}
         if self.learned:
