@@ -135,6 +135,10 @@ def _resumed_config(given: dict, resume_from: Path | None, reporter: Reporter):
     cfg, changes = resume_config(saved, given)
     if changes:
         reporter.info("resuming with " + ", ".join(f"{k} {old!r} -> {new!r}" for k, old, new in changes))
+    longer = [new for k, _, new in changes if k == "train.epochs"]
+    if longer and cfg.train.lr_schedule != "constant":
+        reporter.warn(f"train.lr_schedule {cfg.train.lr_schedule!r} follows train.epochs: from the checkpoint on, "
+                      f"the learning rate is that of a {longer[0]}-epoch run at the same epoch")
     return cfg
 
 

@@ -20,6 +20,7 @@ from dagcli.errors import DagError
 
 FLOW_SAMPLERS = ("sde", "ddim")  # sampling.sampler (`families.flow.FLOW_SAMPLERS` holds their steps)
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine", "linear")  # `dagcli.optim.lr_factor`
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class TrainConfig:
     # unset: the model's (the built-in models: 1; other models: the reference's 200)
     gradient_accumulation_steps: int | None = None
     learning_rate: float = 3e-4  # LoRA
+    # how every parameter group's learning rate changes over the run's epochs: constant | cosine | linear (both
+    # to 0 at train.epochs), after a linear warm-up from 0 over the first lr_warmup_epochs (fractions count)
+    lr_schedule: str = "constant"
+    lr_warmup_epochs: float = 0.0
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -341,6 +346,7 @@ POSITIVE_KEYS = (
 )  # unset (None: the model's default, filled in later) passes
 NON_NEGATIVE_KEYS = (
     "output.sample_every", "reward.max_nonfinite", "sampling.guidance", "output.checkpoint_minutes",
+    "train.lr_warmup_epochs",
 )
 
 
@@ -362,6 +368,7 @@ def validate(c: Config) -> list[str]:
 
     one_of("train.algorithm", c.train.algorithm, tuple(ALGORITHMS))
     one_of("train.reduction", c.train.reduction, ("mean", "sum"))
+    one_of("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
     one_of("train.mixed_precision", c.train.mixed_precision, MIXED_PRECISION)
     one_of("model.device", c.model.device, ("auto", "cpu", "cuda"))
     one_of("model.dtype", c.model.dtype, ("fp32", "bf16", "fp16"))

@@ -31,7 +31,7 @@ from dagcli.families.base import check_image_size
 from dagcli.faults import fault_point
 from dagcli.metrics import MetricsLog, epoch_metrics, write_sample_grid
 from dagcli.models import add_lora, load_model, load_tiny_decoder, lora_disabled, lora_swapped
-from dagcli.optim import make_optimizer
+from dagcli.optim import lr_factor, make_optimizer
 from dagcli.progress import NullReporter, Reporter
 from dagcli.prompts import prompt_metadata
 from dagcli.rollout import EpochBatch, Rollout
@@ -101,6 +101,7 @@ class Trainer:
             self.rollout.x0_vae = load_tiny_decoder(self.algorithm.x0_decoder, self.model.device, self.model.dtype)
         groups = [{"params": [p for p in denoiser.parameters() if p.requires_grad], "lr": c.train.learning_rate}]
         self.optimizer = make_optimizer(groups + self.algorithm.param_groups(), c.train)
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]  # the schedule's multiples apply to these
         names = list(self.algorithm.modules)
         self.denoiser, *modules, self.optimizer = acc.prepare(
             denoiser, *[self.algorithm.modules[n] for n in names], self.optimizer)
@@ -223,13 +224,15 @@ class Trainer:
         frozen = self.algorithm.lora_frozen(epoch)
         sums, counts, grad_norms = defaultdict(float), defaultdict(int), defaultdict(list)
         skipped = 0
+        starts = range(0, len(micro), accum)
         with self.reporter.task(f"epoch {epoch + 1}: training", len(micro)) as advance:
-            for start in range(0, len(micro), accum):
+            for step, start in enumerate(starts):
                 group = micro[start : start + accum]
                 for k, idx in enumerate(group):
                     check_interrupt()
                     skipped += self._accumulate(batch, idx, epoch, len(group), k == len(group) - 1, sums, counts)
                     advance()
+                self._set_learning_rates((epoch + (step + 0.5) / len(starts)) / c.train.epochs)
                 self._optimizer_step(frozen, grad_norms)
         if skipped:
             self.reporter.warn(f"skipped {skipped} micro-batches with a NaN/inf loss")
@@ -237,6 +240,8 @@ class Trainer:
         out.update({f"grad_norm_{k}": sum(v) / len(v) for k, v in grad_norms.items() if v})
         out.update(self.algorithm.epoch_logs(epoch))
         out["skipped_micro_batches"] = skipped
+        if c.train.lr_schedule != "constant" or c.train.lr_warmup_epochs > 0:
+            out["learning_rate"] = self._base_lrs[0] * self.lr_factor  # the LoRA's, at the epoch's last step
         return out
 
     def _accumulate(self, batch, idx, epoch: int, group_size: int, sync: bool, sums: dict, counts: dict) -> int:
@@ -252,6 +257,15 @@ class Trainer:
             sums[name] += float(v)
             counts[name] += 1
         return 0
+
+    def _set_learning_rates(self, progress: float) -> None:
+        """Each group's learning rate at `progress` (the step's midpoint, a fraction of train.epochs): its own rate
+        times `train.lr_schedule`'s multiple there."""
+        t = self.config.train
+        factor = lr_factor(t.lr_schedule, progress, t.lr_warmup_epochs / t.epochs)
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
+            group["lr"] = base * factor
+        self.lr_factor = factor
 
     def _optimizer_step(self, lora_frozen: bool, grad_norms: dict) -> None:
         """Clip each group's gradient norm, step, zero; during a flow warm-up the LoRA gets no update."""
