@@ -118,7 +118,7 @@ class Trainer:
                        height=self.resolution, width=self.resolution, steps=c.sampling.steps, seed=c.train.seed,
                        reduction=c.train.reduction, autocast=self.accelerator.autocast, x0_rewards=x0_rewards,
                        reference_step=self.reference_step, prompts=tuple(self.prompts),
-                       frozen_output=self.frozen_output)
+                       frozen_output=self.frozen_output, recorded_step=self.recorded_step)
 
     @torch.no_grad()
     def reference_step(self, mb: MicroBatch):
@@ -128,6 +128,14 @@ class Trainer:
             out, _ = self.family.denoiser_fn(raw, self.rollout.schedule, mb.cond, c.sampling.guidance)(mb.x, mb.step_index)
         return self.family.step(self.rollout.schedule, mb.step_index, mb.x, out, c.sampling.eta, prev=mb.x_next,
                                 reduction=c.train.reduction)
+
+    @torch.no_grad()
+    def recorded_step(self, mb: MicroBatch):
+        """The sampling policy's step on a micro-batch's stored transitions, from the guided outputs recorded while
+        sampling (no forward pass): its mean and std as the sampler drew them."""
+        c = self.config
+        return self.family.step(self.rollout.schedule, mb.step_index, mb.x, mb.out_old, c.sampling.eta,
+                                prev=mb.x_next, reduction=c.train.reduction)
 
     @torch.no_grad()
     def frozen_output(self, x, j, cond, lora: dict | None):

@@ -159,3 +159,6 @@ class Context:
     # (x [n,...], state index j [n], cond, lora) -> the guided output of a frozen policy, no gradients: the base
     # model (lora None: the LoRA disabled) or the denoiser with the stored LoRA tensors `lora` swapped in
     frozen_output: object = None
+    # (micro-batch) -> StepOutput of the policy that sampled the batch, rebuilt from the guided outputs recorded
+    # while sampling (its step mean and std; no forward pass)
+    recorded_step: object = None

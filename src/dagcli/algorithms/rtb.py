@@ -43,6 +43,12 @@ def log_z_surrogate(traj_residual: torch.Tensor, log_z: torch.Tensor) -> torch.T
     return 2 * traj_residual.detach() * log_z
 
 
+def group_counts(groups: torch.Tensor) -> torch.Tensor:
+    """[N] the size of each trajectory's group (float64)."""
+    _, inverse, counts = torch.unique(groups.cpu(), return_inverse=True, return_counts=True)
+    return counts[inverse].double()
+
+
 def _group_means(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """[N] each value's group mean (float64)."""
     _, inverse = torch.unique(groups.cpu(), return_inverse=True)
@@ -99,8 +105,21 @@ def log_z_table_from(metadata: dict) -> LogZTable:
     return LogZTable(metadata["prompts"])
 
 
+def step_kl(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
+    """[n] KL(N(μ_θ, σ²I) ‖ N(μ_base, σ²I)) = ‖μ_θ − μ_base‖²/(2σ²), reduced over latent dims as the log-probs are:
+    the expectation of the step's log ratio ρ = log P_θ − log P_base over its noise, from its start state; 0 for a
+    deterministic step (σ = 0), whose log-probs are 0. Differentiable in `mean`."""
+    from dagcli.kernels.gaussian import bcast, reduce_latent
+
+    sigma = bcast(std.float(), mean)
+    stochastic = sigma > 0
+    elem = (mean.float() - base_mean.float().detach()) ** 2 / (2 * torch.where(stochastic, sigma, 1.0) ** 2)
+    return reduce_latent(torch.where(stochastic, elem, 0.0), reduction)
+
+
 def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups: torch.Tensor | None = None,
-                  log_z: torch.Tensor | None = None, baseline: torch.Tensor | None = None) -> torch.Tensor:
+                  log_z: torch.Tensor | None = None, baseline: torch.Tensor | None = None, own: bool = True
+                  ) -> torch.Tensor:
     """[N, S] each step's weight under `rtb.credit = "to-go"`, from the per-step log ratios `ratio` [N, S]: the log
     ratio from that step on, Σ_{j ≥ i} ρ_j − β r, centred within its prompt group at that step (VarGrad, `groups`)
     or plus the learned log Z (`log_z` [N]).
@@ -111,8 +130,13 @@ def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups
 
     `baseline` [N, S] (`rtb.credit = "to-go-x0"`: r(x̂0(x_i)), the reward of step i's start state's one-step
     prediction) adds β·baseline_i to step i's weight: it depends on x_i alone, so it is a baseline of step i's score
-    too, and it takes out the part of β r that x_i has already decided."""
+    too, and it takes out the part of β r that x_i has already decided.
+
+    `own` False (`rtb.log_ratio = "expected"`, `ratio` the steps' KLs): the sum starts after step i, Σ_{j > i}; step
+    i's own term enters the loss as the pathwise gradient of its KL instead (`Rtb.loss`)."""
     to_go = torch.flip(torch.cumsum(torch.flip(ratio.detach().double(), [1]), 1), [1])
+    if not own:
+        to_go = to_go - ratio.detach().double()
     w = to_go - beta * reward.detach().double()[:, None]
     if baseline is not None:
         w = w + beta * baseline.detach().double()
@@ -166,10 +190,19 @@ class Rtb:
         n, steps = log_pf.shape[0], self.ratio_steps(log_pf.shape[1])
         every = torch.stack(torch.meshgrid(torch.arange(n), torch.arange(steps), indexing="ij"), -1).reshape(-1, 2)
         log_base = torch.empty(n, steps)
+        expected = self.settings.log_ratio == "expected"
+        kl, base_means = (torch.empty(n, steps), None) if expected else (None, None)
         for start in range(0, len(every), steps):
             idx = every[start : start + steps]
-            log_base[idx[:, 0], idx[:, 1]] = self.ctx.reference_step(
-                transition_batch(batch, idx, self.ctx.device)).log_prob.float().cpu()
+            mb = transition_batch(batch, idx, self.ctx.device)
+            base = self.ctx.reference_step(mb)
+            log_base[idx[:, 0], idx[:, 1]] = base.log_prob.float().cpu()
+            if expected:  # the sampling policy's own step means, rebuilt from its recorded outputs
+                if base_means is None:
+                    base_means = torch.empty(n, steps, *base.mean.shape[1:])
+                base_means[idx[:, 0], idx[:, 1]] = base.mean.float().cpu()
+                kl[idx[:, 0], idx[:, 1]] = step_kl(self.ctx.recorded_step(mb).mean, base.mean, base.std,
+                                                   self.ctx.reduction).cpu()
         ratio = log_pf[:, :steps] - log_base
         ratio_sum = ratio.sum(1)
         reward, beta = batch.rewards.float(), self.settings.beta
@@ -180,15 +213,21 @@ class Rtb:
         else:
             log_z = vargrad_log_z(ratio_sum, reward, groups_of(batch), beta)
             batch.advantages = vargrad_residuals(ratio_sum, reward, groups_of(batch), beta)
-        batch.step_weights = None
+        batch.step_weights, batch.base_means, batch.kl_scale = None, base_means, None
         if self.settings.credit in ("to-go", "to-go-x0"):
             baseline = None
             if self.settings.credit == "to-go-x0":  # NaN (a state no trained step starts from): no baseline there
                 baseline = torch.nan_to_num(batch.fl_rewards[:, :steps].float(), nan=0.0)
-            batch.step_weights = to_go_weights(ratio, reward, beta, groups=None if self.learned else groups_of(batch),
-                                               log_z=log_z if self.learned else None, baseline=baseline)
+            groups = None if self.learned else groups_of(batch)
+            batch.step_weights = to_go_weights(kl if expected else ratio, reward, beta, groups=groups,
+                                               log_z=log_z if self.learned else None, baseline=baseline,
+                                               own=not expected)
+            if expected:  # VarGrad's centring scales the score terms by 1 − 1/n: the pathwise KL term alike
+                batch.kl_scale = torch.ones(n) if self.learned else 1 - 1 / group_counts(groups)
         self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
                       "rtb_residual_abs": _mean(batch.advantages.abs())}
+        if expected:
+            self._logs["log_ratio_expected"] = _mean(kl.sum(1))
         if self.learned:
             self._logs.update({f"log_z/{k}": float(v) for k, v in enumerate(self.table.log_z.detach())})
 
@@ -211,6 +250,10 @@ class Rtb:
         w = a if weights is None else weights[mb.traj_index, step.clamp(max=end - 1).cpu()].to(a.device)
         trained = w * (step < end)  # the tail is never trained
         loss = transition_surrogate(trained, policy.step.log_prob)
+        if getattr(batch, "kl_scale", None) is not None:  # rtb.log_ratio "expected": step i's own term, pathwise
+            t, i = mb.traj_index, step.clamp(max=end - 1).cpu()
+            kl = step_kl(policy.step.mean, batch.base_means[t, i].to(mb.x.device), policy.step.std, self.ctx.reduction)
+            loss = loss + 2 * batch.kl_scale[t].to(a.device) * kl * (step < end)
         if self.learned:  # each of the T − k trained steps is trained once: 1/(T − k) of the log Z term on each
             loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ratio_steps(self.ctx.steps)
         return loss, {"rtb_loss": loss.detach().mean()}

@@ -8,6 +8,7 @@ from dagcli.algorithms.settings import Section, check_tail_steps
 
 LOG_Z = ("learned", "vargrad")
 CREDIT = ("trajectory", "to-go", "to-go-x0")
+LOG_RATIO = ("sampled", "expected")
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,20 @@ class RtbConfig:
     # "to-go" plus β·r(Decode(x̂0(x_i))), the reward of the state's one-step prediction, as a baseline of step i
     # (a function of x_i alone, so the expected gradient is unchanged; one decode and score per trained state)
     credit: str = "trajectory"
+    # the log ratios in the to-go weights: "sampled": ρ_j = log P_θ − log P_base of the sampled step | "expected":
+    # their expectation over each step's noise, the Gaussian KL ‖μ_θ − μ_base‖²/(2σ²) of the step from its start
+    # state, and step i's own ρ_i replaced by that KL's gradient through μ_θ: the same expected gradient without the
+    # noise of ρ, which grows with the log ratio (docs/algorithms.md); needs credit "to-go" or "to-go-x0"
+    log_ratio: str = "sampled"
 
 
 def check_section(c, setting) -> list[str]:
     """The group checks, and a tail that leaves at least one step to train."""
-    return check_groups(c, setting) + check_tail_steps("rtb.tail_steps", c.rtb.tail_steps, c.sampling.steps, setting)
+    e = check_groups(c, setting) + check_tail_steps("rtb.tail_steps", c.rtb.tail_steps, c.sampling.steps, setting)
+    if c.rtb.log_ratio == "expected" and c.rtb.credit == "trajectory":
+        e.append(f"{setting('rtb.log_ratio', c.rtb.log_ratio)} needs rtb.credit = 'to-go' or 'to-go-x0' (each "
+                 f"step's weight from that step on), not {setting('rtb.credit', c.rtb.credit)}")
+    return e
 
 
 def check_groups(c, setting) -> list[str]:
@@ -52,4 +62,4 @@ def check_groups(c, setting) -> list[str]:
 
 SECTION = Section("rtb", RtbConfig, "RTB: β, log Z (learned per prompt or VarGrad), prompt group size",
                   positive=("beta", "log_z_learning_rate", "group_size"), non_negative=("tail_steps",),
-                  choices={"log_z": LOG_Z, "credit": CREDIT}, validate=check_section)
+                  choices={"log_z": LOG_Z, "credit": CREDIT, "log_ratio": LOG_RATIO}, validate=check_section)

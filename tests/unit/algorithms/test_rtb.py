@@ -231,10 +231,12 @@ def test_to_go_and_trajectory_credit_estimate_the_same_kl_gradient_on_a_gaussian
     assert float(trajectory.abs().max()) < 1e-9 and float(to_go[:, 1].std()) > 0.5
 
 
-def _credit_estimates(theta: torch.Tensor, n_groups: int, n: int, baseline: bool = False
+def _credit_estimates(theta: torch.Tensor, n_groups: int, n: int, baseline: bool = False, expected: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, 2] per-trajectory gradient estimates of both credits on the chain of the test above; with `baseline`,
-    to-go's with E[r | x_i] as step i's baseline and with x_2 (step 1's outcome, not a baseline) instead."""
+    to-go's with E[r | x_i] as step i's baseline and with x_2 (step 1's outcome, not a baseline) instead; with
+    `expected`, to-go's with sampled log ratios and with `rtb.log_ratio = "expected"`'s: the later steps' KLs
+    θ_j²/2 in the weights, step i's own as the KL's gradient θ_i times VarGrad's 1 − 1/n."""
     g = torch.Generator().manual_seed(0)
     eps = torch.randn(n_groups * n, 2, generator=g, dtype=torch.float64)
     x0 = torch.zeros(n_groups * n, dtype=torch.float64)
@@ -250,7 +252,12 @@ def _credit_estimates(theta: torch.Tensor, n_groups: int, n: int, baseline: bool
         return (2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups, baseline=state) * eps,
                 2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups, baseline=outcome) * eps)
     a = rtb.vargrad_residuals(ratio.sum(1), reward, groups, 1.0)
-    return 2 * a[:, None] * eps, 2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups) * eps
+    to_go = 2 * rtb.to_go_weights(ratio, reward, 1.0, groups=groups) * eps
+    if expected:
+        kl = (theta.double() ** 2 / 2).expand_as(ratio)
+        w = rtb.to_go_weights(kl, reward, 1.0, groups=groups, own=False)
+        return to_go, 2 * w * eps + 2 * (1 - 1 / rtb.group_counts(groups))[:, None] * theta.double()
+    return 2 * a[:, None] * eps, to_go
 
 
 def test_to_go_weights_with_a_state_baseline_by_hand():
@@ -277,6 +284,67 @@ def test_a_state_baseline_keeps_the_kl_gradient_and_lowers_its_noise_on_a_gaussi
     assert torch.all((mean - expected).abs() < 4 * sem), (mean, expected, sem)
     assert float(with_baseline[:, 1].var()) < 0.8 * float(plain[:, 1].var())  # ε1·ε2: 1 of about 4 parts
     assert float((biased.mean(0) - expected).abs()[1]) > 10 * float(sem[1])
+
+
+def test_step_kl_by_hand():
+    """‖μ − μ_base‖²/(2σ²) per row, reduced as the log-probs are; a deterministic row (σ = 0) is 0."""
+    mean = torch.tensor([[1.0, 2.0], [0.5, 0.5], [3.0, 0.0]])
+    base = torch.tensor([[0.0, 0.0], [0.0, 1.5], [0.0, 0.0]])
+    std = torch.tensor([2.0, 0.5, 0.0])
+    # (1 + 4)/8 = 0.625 ; (0.25 + 1)/0.5 = 2.5 ; 0
+    torch.testing.assert_close(rtb.step_kl(mean, base, std, "sum"), torch.tensor([0.625, 2.5, 0.0]))
+    torch.testing.assert_close(rtb.step_kl(mean, base, std, "mean"), torch.tensor([0.3125, 1.25, 0.0]))
+
+
+def test_step_kl_is_the_expected_log_ratio_of_the_sampled_step():
+    """E over the step's noise of log N(x; μ, σ²) − log N(x; μ_base, σ²) at x ~ N(μ, σ²), by Monte Carlo."""
+    from dagcli.kernels.gaussian import gaussian_log_prob
+
+    g = torch.Generator().manual_seed(0)
+    mean, base, std = torch.tensor([[0.3, -0.2, 0.1]]), torch.tensor([[0.0, 0.1, 0.4]]), torch.tensor([0.25])
+    x = mean + std * torch.randn(200_000, 3, generator=g, dtype=torch.float64)
+    rho = gaussian_log_prob(x, mean.double(), std.double().expand(len(x)), "sum") - gaussian_log_prob(
+        x, base.double(), std.double().expand(len(x)), "sum")
+    assert abs(float(rho.mean()) - float(rtb.step_kl(mean, base, std, "sum"))) < 4 * float(rho.std()) / len(x) ** 0.5
+
+
+def test_to_go_weights_without_the_own_step_by_hand():
+    """`own` False sums the log ratios after step i only: [0.25 + 1, 1, 0] − 2 and [1, 0, 0] − 0 before centring."""
+    ratio = torch.tensor([[0.5, 0.25, 1.0], [-0.5, 1.0, 0.0]])
+    w = rtb.to_go_weights(ratio, torch.tensor([1.0, 0.0]), 2.0, groups=torch.tensor([0, 0]), own=False)
+    # raw [−0.75, −1, −2] and [1, 0, 0]
+    torch.testing.assert_close(w, torch.tensor([[-0.875, -0.5, -1.0], [0.875, 0.5, 1.0]]))
+    torch.testing.assert_close(rtb.group_counts(torch.tensor([3, 1, 3, 3])), torch.tensor([3.0, 1, 3, 3]).double())
+
+
+def test_expected_log_ratios_keep_the_kl_gradient_and_trade_noise_by_where_the_policy_is():
+    """On the two-step chain, `rtb.log_ratio = "expected"` averages to the same 2·(1 − 1/n)·(θ − 1) at θ = (1.5,
+    2.5), where the sampled ρ_i = θ_i·ε_i + θ_i²/2 is noisy; without VarGrad's 1 − 1/n on the pathwise term it would
+    be biased. The noise it removes is the sampled ρ's, which grows with θ: away from the target θ = (1, 1) in the
+    direction the reward does not pay for (θ = (−1.5, −2.5)) its variance is a fraction of the sampled one's on
+    both steps; at the target the sampled ρ's noise cancels the reward's (the residual is 0 on every path), and
+    there the sampled weights are the quieter ones."""
+    n_groups, n = 20_000, 4
+    theta = torch.tensor([1.5, 2.5])
+    expected = 2 * (1 - 1 / n) * (theta.double() - 1)
+    sampled, rb = _credit_estimates(theta, n_groups, n, expected=True)
+    for est in (sampled, rb):
+        mean, sem = est.mean(0), est.std(0) / len(est) ** 0.5
+        assert torch.all((mean - expected).abs() < 4 * sem), (mean, expected, sem)
+    unscaled = rb + 2 * (1 / n) * theta.double()  # the pathwise term at weight 1 instead of 1 − 1/n
+    sem = rb.std(0) / len(rb) ** 0.5
+    assert torch.all((unscaled.mean(0) - expected).abs() > 10 * sem)
+    sampled, rb = _credit_estimates(torch.tensor([-1.5, -2.5]), n_groups, n, expected=True)
+    assert torch.all(rb.var(0) < 0.3 * sampled.var(0)), (rb.var(0), sampled.var(0))
+    sampled, rb = _credit_estimates(torch.tensor([1.0, 1.0]), n_groups, n, expected=True)
+    assert torch.all(sampled.var(0) < 0.5 * rb.var(0)), (rb.var(0), sampled.var(0))
+
+
+def test_expected_log_ratio_needs_a_to_go_credit():
+    from dagcli.config import config_from_dict
+
+    with pytest.raises(DagError, match=r"rtb.log_ratio = 'expected' needs rtb.credit = 'to-go' or 'to-go-x0'"):
+        config_from_dict({"train": {"algorithm": "rtb"}, "rtb": {"log_ratio": "expected"}})
 
 
 def test_to_go_credit_weights_each_step_in_the_loss():
@@ -310,6 +378,47 @@ def test_to_go_credit_weights_each_step_in_the_loss():
     torch.testing.assert_close(log_prob.grad, 2 * torch.tensor([0.625, -0.625, -0.875, 0.875, 0.5, -0.5]))
 
 
+def test_expected_log_ratio_weights_and_pathwise_term_in_the_loss():
+    """Two trajectories of one group, two steps, a 1-d latent, σ = 0.5: the sampling policy's recorded means
+    μ = [[1, 0.5], [0, 1]] against the base's [[0, 0], [0.5, 1]] give KLs (μ − μ_b)²/(2σ²) = [[2, 0.5], [0.5, 0]];
+    step 0's weight is step 1's KL minus β r, centred, step 1's is −β r centred; each step adds 2·(1 − 1/2)·KL
+    through the policy's current mean."""
+    from types import SimpleNamespace
+
+    from dagcli.algorithms.rtb_settings import RtbConfig
+
+    n, steps = 2, 2
+    policy_mean = torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+    base_mean = torch.tensor([[0.0, 0.0], [0.5, 1.0]])
+    std = torch.full((n * steps,), 0.5)
+
+    def step_of(means):
+        return lambda mb: SimpleNamespace(log_prob=torch.zeros(len(mb.traj_index)), std=std[: len(mb.traj_index)],
+                                          mean=means[mb.traj_index, mb.step_index][:, None])
+
+    ctx = SimpleNamespace(prompts=["p"], device=torch.device("cpu"), steps=steps, reduction="sum",
+                          reference_step=step_of(base_mean), recorded_step=step_of(policy_mean))
+    algo = rtb.Rtb(RtbConfig(beta=2.0, log_z="vargrad", group_size=2, credit="to-go", log_ratio="expected"), ctx)
+    log_pf = torch.tensor([[0.3, -0.1], [0.2, 0.4]])  # sampled ratios: not used by the weights
+    traj = SimpleNamespace(latents=torch.zeros(n, steps + 1, 1), cond=torch.zeros(n, 1), prompts=["p", "p"],
+                           log_probs=log_pf, out_guided=torch.zeros(n, steps, 1), num_steps=steps)
+    batch = SimpleNamespace(traj=traj, rewards=torch.tensor([1.0, 0.0]), groups=None, advantages=None)
+    algo.prepare_trajectories(batch, log_pf, dist=None)
+    # raw weights: step 0: [0.5 − 2, 0 − 0] = [−1.5, 0] -> centred [−0.75, 0.75]; step 1: [−2, 0] -> [−1, 1]
+    torch.testing.assert_close(batch.step_weights, torch.tensor([[-0.75, -1.0], [0.75, 1.0]]))
+    assert algo.epoch_logs(1)["log_ratio_expected"] == pytest.approx((2.5 + 0.5) / 2)
+    log_prob = torch.ones(4, requires_grad=True)
+    mean = torch.tensor([[1.0], [0.0], [0.5], [1.0]], requires_grad=True)  # the current policy = the sampling one
+    mb = SimpleNamespace(traj_index=torch.tensor([0, 1, 0, 1]), step_index=torch.tensor([0, 0, 1, 1]),
+                         x=torch.zeros(4, 1), prompts=["p"] * 4)
+    policy = SimpleNamespace(step=SimpleNamespace(log_prob=log_prob, mean=mean, std=std))
+    loss, _ = algo.loss(mb, policy, batch, epoch=1)
+    loss.sum().backward()
+    torch.testing.assert_close(log_prob.grad, 2 * torch.tensor([-0.75, 0.75, -1.0, 1.0]))
+    # d/dμ 2·(1/2)·(μ − μ_b)²/(2σ²) = (μ − μ_b)/σ² = 4·(μ − μ_b)
+    torch.testing.assert_close(mean.grad, 4 * torch.tensor([[1.0], [-0.5], [0.5], [0.0]]))
+
+
 def test_to_go_x0_credit_scores_the_trained_states_in_the_rollout_and_trains(tmp_path, tiny_pipeline_dir):
     """With `rtb.credit = "to-go-x0"` the rollout scores x̂0 of every trained state; the scores equal the
     reference procedure's (the model run again on the stored state, its x̂0 decoded and scored), and an epoch
@@ -330,5 +439,40 @@ def test_to_go_x0_credit_scores_the_trained_states_in_the_rollout_and_trains(tmp
         again = trainer.rollout.x0_rewards(traj.latents[:, i], j, traj.cond, traj.prompts, trainer.raw_denoiser,
                                            guided=False)
         torch.testing.assert_close(fl[:, i], again.float().cpu(), atol=1e-5, rtol=0)
+    trainer.train()
+    assert trainer.state.epoch == 1 and math.isfinite(trainer.algorithm.epoch_logs(1)["rtb_residual_abs"])
+
+
+def test_expected_log_ratio_trains_from_the_recorded_steps(tmp_path, tiny_pipeline_dir):
+    """The sampling policy's step rebuilt from its recorded outputs gives back the log-probs the sampler recorded;
+    with a LoRA away from zero the steps' KLs to the base are positive and average to the sampled log ratios'
+    mean within their noise; an epoch trains with `rtb.log_ratio = "expected"`."""
+    from dagcli.algorithms.base import transition_batch
+    from dagcli.config import load_config, replace
+    from dagcli.trainer import Trainer
+    from helpers.cli import write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, tiny_pipeline_dir, ["a red circle"], train={"algorithm": "rtb", "epochs": 1},
+                            sampling={"batch_size": 6},
+                            rtb={"log_z": "vargrad", "group_size": 3, "beta": 1.0, "credit": "to-go",
+                                 "log_ratio": "expected", "tail_steps": 1})
+    trainer = Trainer(replace(load_config(cfg), "output", dir=str(tmp_path / "r")), ["a red circle"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a LoRA away from zero (both inits start with B = 0)
+        for name, p in trainer.raw_denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    batch, _ = trainer.collect(0)
+    traj = batch.traj
+    idx = torch.stack(torch.meshgrid(torch.arange(traj.batch_size), torch.arange(3), indexing="ij"), -1).reshape(-1, 2)
+    mb = transition_batch(batch, idx, trainer.model.device)
+    torch.testing.assert_close(trainer.recorded_step(mb).log_prob.float().cpu(), traj.log_probs[idx[:, 0], idx[:, 1]],
+                               atol=1e-4, rtol=1e-5)
+    trainer.unit.before_micro_batches(trainer, batch, 0)
+    logs = trainer.algorithm.epoch_logs(0)
+    assert batch.base_means.shape == (traj.batch_size, 3, *traj.latents.shape[2:])
+    assert logs["log_ratio_expected"] > 1e-4
+    spread = float(batch.advantages.std())  # VarGrad's residuals: the sampled Σρ's spread within the group and more
+    assert abs(logs["log_ratio_expected"] - logs["log_ratio_base"]) < 3 * spread + 1e-3
     trainer.train()
     assert trainer.state.epoch == 1 and math.isfinite(trainer.algorithm.epoch_logs(1)["rtb_residual_abs"])
