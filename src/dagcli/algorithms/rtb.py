@@ -117,6 +117,15 @@ def step_kl(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor, redu
     return reduce_latent(torch.where(stochastic, elem, 0.0), reduction)
 
 
+def own_ratio_surrogate(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor, reduction: str
+                        ) -> torch.Tensor:
+    """[n] the term whose gradient through μ_θ is E[∇log P_θ(x_{i+1} | x_i)·ρ_i | x_i], step i's own log ratio times
+    its own score, in the units of the reduced log-probs: the step's KL under "sum"; under "mean", where the score
+    and ρ are each divided by the latent's D dims, the mean KL divided by D once more."""
+    kl = step_kl(mean, base_mean, std, reduction)
+    return kl / mean[0].numel() if reduction == "mean" else kl
+
+
 def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups: torch.Tensor | None = None,
                   log_z: torch.Tensor | None = None, baseline: torch.Tensor | None = None, own: bool = True
                   ) -> torch.Tensor:
@@ -252,8 +261,9 @@ class Rtb:
         loss = transition_surrogate(trained, policy.step.log_prob)
         if getattr(batch, "kl_scale", None) is not None:  # rtb.log_ratio "expected": step i's own term, pathwise
             t, i = mb.traj_index, step.clamp(max=end - 1).cpu()
-            kl = step_kl(policy.step.mean, batch.base_means[t, i].to(mb.x.device), policy.step.std, self.ctx.reduction)
-            loss = loss + 2 * batch.kl_scale[t].to(a.device) * kl * (step < end)
+            own = own_ratio_surrogate(policy.step.mean, batch.base_means[t, i].to(mb.x.device), policy.step.std,
+                                      self.ctx.reduction)
+            loss = loss + 2 * batch.kl_scale[t].to(a.device) * own * (step < end)
         if self.learned:  # each of the T − k trained steps is trained once: 1/(T − k) of the log Z term on each
             loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ratio_steps(self.ctx.steps)
         return loss, {"rtb_loss": loss.detach().mean()}

@@ -308,6 +308,26 @@ def test_step_kl_is_the_expected_log_ratio_of_the_sampled_step():
     assert abs(float(rho.mean()) - float(rtb.step_kl(mean, base, std, "sum"))) < 4 * float(rho.std()) / len(x) ** 0.5
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_own_ratio_surrogate_is_the_own_steps_score_times_its_ratio(reduction):
+    """E[∇_μ log P(x)·ρ(x)] over x ~ N(μ, σ²I), both reduced over the D = 3 dims as the engine reduces them, by Monte
+    Carlo, against the gradient of `own_ratio_surrogate` through μ: the step's KL under "sum", KL/D² under "mean"."""
+    from dagcli.kernels.gaussian import gaussian_log_prob
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.tensor([[0.3, -0.2, 0.1]], dtype=torch.float64, requires_grad=True)
+    base, std = torch.tensor([[0.0, 0.1, 0.4]], dtype=torch.float64), torch.tensor([0.25], dtype=torch.float64)
+    x = (mean + std * torch.randn(400_000, 3, generator=g, dtype=torch.float64)).detach().requires_grad_()
+    log_p = gaussian_log_prob(x, mean.detach().expand_as(x), std.expand(len(x)), reduction)
+    rho = (log_p - gaussian_log_prob(x, base.expand_as(x), std.expand(len(x)), reduction)).detach()
+    score = -torch.autograd.grad(log_p.sum(), x)[0]  # ∇_μ log P(x) = −∇_x log P(x), each sample's own
+    mc = score * rho[:, None]
+    sem = mc.std(0) / len(x) ** 0.5
+    want = torch.autograd.grad(rtb.own_ratio_surrogate(mean, base, std, reduction).sum(), mean)[0][0]
+    assert torch.all((mc.mean(0) - want).abs() < 4 * sem), (mc.mean(0), want, sem)
+    assert torch.all(want.abs() > 10 * sem)  # resolved: a factor D off would fail
+
+
 def test_to_go_weights_without_the_own_step_by_hand():
     """`own` False sums the log ratios after step i only: [0.25 + 1, 1, 0] − 2 and [1, 0, 0] − 0 before centring."""
     ratio = torch.tensor([[0.5, 0.25, 1.0], [-0.5, 1.0, 0.0]])
