@@ -66,9 +66,24 @@ def debiased(full: dict, half: dict) -> dict:
     return out
 
 
+def kl_estimate(run: dict, base: dict | None, epochs: int = 4) -> float | None:
+    """The on-policy estimate of KL(P_θ ‖ p*) over a run's last `epochs` training epochs, in nats:
+    E_q[Σρ] − β_eff·E_q[r] + log Z, averaged over the prompts (each epoch's logged mean log ratio, per latent
+    dimension under the "mean" reduction, times the D dims; `base`: the result file's base-model record); None for a
+    run that logs no log ratio to the base."""
+    curve = [c for c in run.get("curve", []) if "log_ratio_base" in c][-epochs:]
+    if not curve or base is None:
+        return None
+    scale = base["latent_dims"] if base["reduction"] == "mean" else 1
+    log_z = [p["log_z"] for p in run["evals"][0]["per_prompt_exact"].values()]
+    terms = [c["log_ratio_base"] * scale - base["beta_eff"] * c["reward"] for c in curve]
+    return sum(terms) / len(terms) + sum(log_z) / len(log_z)
+
+
 def against_runs(reach: dict, compare_files: list[Path]) -> list[dict]:
     """Each run of compare_algorithms.py result files at its last evaluation: TV to p* (as the file has it) and TV
-    to the reachable target p_reach (debiased), per prompt averaged over prompts."""
+    to the reachable target p_reach (debiased), per prompt averaged over prompts, and for runs that log their log
+    ratio to the base the on-policy KL estimate of their last epochs (`kl_estimate`)."""
     names = reach["backgrounds"]
 
     def row(label: str, run: dict, evaluation: dict) -> dict:
@@ -82,10 +97,11 @@ def against_runs(reach: dict, compare_files: list[Path]) -> list[dict]:
 
     rows = []
     for path in compare_files:
-        for run in json.loads(Path(path).read_text())["runs"]:
+        result = json.loads(Path(path).read_text())
+        for run in result["runs"]:
             if not rows and run["evals"][0]["epoch"] == 0:
-                rows.append(row("base model (the first run's epoch 0)", run, run["evals"][0]))
-            rows.append(row(Path(path).name, run, run["evals"][-1]))
+                rows.append({**row("base model (the first run's epoch 0)", run, run["evals"][0]), "kl_estimate": None})
+            rows.append({**row(Path(path).name, run, run["evals"][-1]), "kl_estimate": kl_estimate(run, result.get("base"))})
     return rows
 
 
@@ -156,11 +172,14 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError, KeyError, IndexError) as e:  # missing, not JSON, or not the files expected
             ap.error(f"--against/--reach: {e.__class__.__name__}: {e} (a compare_algorithms.py result with the "
                      f"modes-exact metrics, and a file this script wrote)")
-        print(f"{'run (compare-modes-exact-*.json)':<48} {'reward':>6} {'TV to p*':>8} {'TV to p_reach':>13}")
+        print(f"{'run (compare-modes-exact-*.json)':<40} {'reward':>6} {'TV to p*':>8} {'TV to p_reach':>13} "
+              f"{'KL est.':>7}")
         for row in rows:
             name = row["file"].removeprefix("compare-modes-exact-").removesuffix(".json")
-            name = name if len(name) <= 48 else "…" + name[-47:]
-            print(f"{name:<48} {row['eval_reward']:6.3f} {row['tv_to_target']:8.3f} {row['tv_to_reachable']:13.3f}")
+            name = name if len(name) <= 40 else "…" + name[-39:]
+            kl = "—" if row["kl_estimate"] is None else f"{row['kl_estimate']:.2f}"
+            print(f"{name:<40} {row['eval_reward']:6.3f} {row['tv_to_target']:8.3f} {row['tv_to_reachable']:13.3f} "
+                  f"{kl:>7}")
         return
     if a.starts < 2 or a.continuations < 4 or a.continuations % 2:
         ap.error(f"--starts {a.starts} --continuations {a.continuations}: --starts must be at least 2 and "

@@ -275,7 +275,26 @@ def test_reachable_target_on_tiny(tmp_path, tiny_pipeline_dir, capsys):
     capsys.readouterr()
     reachable_target.main(["--against", str(compare), "--reach", str(out)])
     printed = capsys.readouterr().out.splitlines()
-    assert printed[1].split()[-1] == f"{want:.3f}" and printed[2].split()[-3:] == ["0.600", "0.200", "0.000"]
+    assert printed[1].split()[-2] == f"{want:.3f}" and printed[2].split()[-4:] == ["0.600", "0.200", "0.000", "—"]
+
+
+def test_kl_estimate_by_hand():
+    """The last 4 epochs' Σρ (per dim × D under "mean") − β_eff·r, averaged, plus the prompts' mean log Z:
+    D = 256, β_eff = ln 4, log Z 0.8 and 1.0; epochs (ρ/D, r) = (0.001, 0.5) ×2 and (0.002, 0.75) ×2 after an
+    earlier epoch that is left out."""
+    import math
+
+    import reachable_target
+
+    curve = [{"log_ratio_base": 9.0, "reward": 0.0}] + [{"log_ratio_base": 0.001, "reward": 0.5}] * 2 + [
+        {"log_ratio_base": 0.002, "reward": 0.75}] * 2
+    run = {"curve": curve, "evals": [{"per_prompt_exact": {"a": {"log_z": 0.8}, "b": {"log_z": 1.0}}}]}
+    base = {"latent_dims": 256, "reduction": "mean", "beta_eff": math.log(4)}
+    want = (0.256 + 0.512) / 2 - math.log(4) * 0.625 + 0.9
+    assert reachable_target.kl_estimate(run, base) == pytest.approx(want)
+    assert reachable_target.kl_estimate(run, {**base, "reduction": "sum"}) == pytest.approx(
+        0.0015 - math.log(4) * 0.625 + 0.9)
+    assert reachable_target.kl_estimate({"curve": [{"reward": 0.5}], "evals": run["evals"]}, base) is None
 
 
 def test_gradient_snr_by_hand():
