@@ -249,7 +249,7 @@ class Trainer:
         out.update(self.algorithm.epoch_logs(epoch))
         out["skipped_micro_batches"] = skipped
         if c.train.lr_schedule != "constant" or c.train.lr_warmup_epochs > 0:
-            out["learning_rate"] = self._base_lrs[0] * self.lr_factor  # the LoRA's, at the epoch's last step
+            out["learning_rate"] = self.optimizer.param_groups[0]["lr"]  # the LoRA's, at the epoch's last step
         return out
 
     def _accumulate(self, batch, idx, epoch: int, group_size: int, sync: bool, sums: dict, counts: dict) -> int:
@@ -273,7 +273,6 @@ class Trainer:
         factor = lr_factor(t.lr_schedule, progress, t.lr_warmup_epochs / t.epochs)
         for group, base in zip(self.optimizer.param_groups, self._base_lrs, strict=True):
             group["lr"] = base * factor
-        self.lr_factor = factor
 
     def _optimizer_step(self, lora_frozen: bool, grad_norms: dict) -> None:
         """Clip each group's gradient norm, step, zero; during a flow warm-up the LoRA gets no update."""

@@ -109,12 +109,11 @@ def step_kl(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor, redu
     """[n] KL(N(μ_θ, σ²I) ‖ N(μ_base, σ²I)) = ‖μ_θ − μ_base‖²/(2σ²), reduced over latent dims as the log-probs are:
     the expectation of the step's log ratio ρ = log P_θ − log P_base over its noise, from its start state; 0 for a
     deterministic step (σ = 0), whose log-probs are 0. Differentiable in `mean`."""
-    from dagcli.kernels.gaussian import bcast, reduce_latent
+    from dagcli.algorithms.grpo import kl_to_reference
 
-    sigma = bcast(std.float(), mean)
-    stochastic = sigma > 0
-    elem = (mean.float() - base_mean.float().detach()) ** 2 / (2 * torch.where(stochastic, sigma, 1.0) ** 2)
-    return reduce_latent(torch.where(stochastic, elem, 0.0), reduction)
+    stochastic = std > 0
+    kl = kl_to_reference(mean, base_mean, torch.where(stochastic, std, torch.ones_like(std)), reduction)
+    return torch.where(stochastic.to(kl.device), kl, torch.zeros_like(kl))
 
 
 def own_ratio_surrogate(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor, reduction: str
@@ -256,11 +255,11 @@ class Rtb:
         a = batch.advantages[mb.traj_index].to(mb.x.device)
         step, end = mb.step_index.to(a.device), self.ratio_steps(self.ctx.steps)
         weights = getattr(batch, "step_weights", None)
-        w = a if weights is None else weights[mb.traj_index, step.clamp(max=end - 1).cpu()].to(a.device)
+        t, i = mb.traj_index, step.clamp(max=end - 1).cpu()
+        w = a if weights is None else weights[t, i].to(a.device)
         trained = w * (step < end)  # the tail is never trained
         loss = transition_surrogate(trained, policy.step.log_prob)
         if getattr(batch, "kl_scale", None) is not None:  # rtb.log_ratio "expected": step i's own term, pathwise
-            t, i = mb.traj_index, step.clamp(max=end - 1).cpu()
             own = own_ratio_surrogate(policy.step.mean, batch.base_means[t, i].to(mb.x.device), policy.step.std,
                                       self.ctx.reduction)
             loss = loss + 2 * batch.kl_scale[t].to(a.device) * own * (step < end)
