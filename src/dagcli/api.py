@@ -93,7 +93,8 @@ def plan_training(
         "model.dtype": dtype, "output.report_to": report_to,
     }
     given_flags = {key: TRAIN_FLAGS[key] for key, v in values.items() if v is not None}
-    overrides = list(overrides or []) + [f"{k}={_toml(v)}" for k, v in values.items() if v is not None]
+    settings = list(overrides or [])
+    overrides = settings + [f"{k}={_toml(v)}" for k, v in values.items() if v is not None]
     resume_from = Path(resume_from) if resume_from is not None else None
     with named_by_flags(given_flags):
         given = read_settings(config, overrides)
@@ -101,7 +102,27 @@ def plan_training(
             cfg = _resumed_config(given, resume_from, reporter or NullReporter())
         else:
             cfg = config_from_dict(given)
-        return plan_config(cfg, resume=resume, resume_from=resume_from)
+        plan = plan_config(cfg, resume=resume, resume_from=resume_from)
+    for line in unread_settings(settings, plan.config.train.algorithm):
+        (reporter or NullReporter()).warn(line)
+    return plan
+
+
+def unread_settings(overrides: Sequence[str], algorithm: str) -> list[str]:
+    """A line for each `--set` of another algorithm's section (`--algorithm dag-db --set rtb.credit=to-go`): the
+    run does not read it, which is most often a mistake in the algorithm or the key."""
+    from dagcli.algorithms import ALGORITHMS, sections
+
+    own = ALGORITHMS[algorithm].section
+    lines = []
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        section = key.split(".", 1)[0]
+        if section in sections() and section != own:
+            readers = [n for n, info in ALGORITHMS.items() if info.section == section]
+            lines.append(f"--set {key}: {algorithm} does not read {section}.* (only {', '.join(readers)} "
+                         f"{'does' if len(readers) == 1 else 'do'}); the setting has no effect")
+    return lines
 
 
 def _toml(value) -> str:

@@ -402,15 +402,15 @@ def validate(c: Config) -> list[str]:
 
 
 def _check_algorithm(c: Config) -> list[str]:
-    """The selected algorithm's section: its ranges and choices, then how it fits the rest of the config."""
-    from dagcli.algorithms import ALGORITHMS
+    """Every algorithm's section by its ranges and choices (a mistyped value is a mistake whichever algorithm runs:
+    `--set rtb.credit=bad` beside `--algorithm dag-db` would otherwise pass unseen), then how the selected
+    algorithm's section fits the rest of the config."""
+    from dagcli.algorithms import ALGORITHMS, sections
     from dagcli.algorithms.settings import check_section
 
+    problems = [p for section in sections().values() for p in check_section(section, getattr(c, section.name), setting)]
     info = ALGORITHMS.get(c.train.algorithm)
-    if info is None:  # already said
-        return []
-    problems = check_section(info.settings, getattr(c, info.section), setting)
-    return problems + info.settings.validate(c, setting)
+    return problems if info is None else problems + info.settings.validate(c, setting)
 
 
 def _unset_ok(value: int | float | None) -> int | float:

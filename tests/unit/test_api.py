@@ -107,6 +107,25 @@ def test_plan_resolves_without_loading_a_model(tmp_path, tiny_pipeline_dir):
     assert "eta 1" in plan.defaults_used and not (tmp_path / "run").exists()
 
 
+def test_a_setting_of_another_algorithms_section_is_warned_about(tmp_path, tiny_pipeline_dir):
+    preset = write_tiny_config(tmp_path, tiny_pipeline_dir, PROMPTS)
+    recorder = Recorder()
+    plan = api.plan_training(preset, algorithm="dag-db", output=tmp_path / "run", reporter=recorder,
+                             overrides=['rtb.credit="to-go"', "dag.beta=3.0", "train.epochs=2", "grpo.group_size=4"])
+    assert plan.config.rtb.credit == "to-go" and plan.config.dag.beta == 3.0
+    assert [line for line in recorder.lines if line.startswith("warning: ")] == [
+        "warning: --set rtb.credit: dag-db does not read rtb.* (only rtb does); the setting has no effect",
+        "warning: --set grpo.group_size: dag-db does not read grpo.* (only grpo does); the setting has no effect"]
+    recorder.lines.clear()  # dag-rdb reads the [dag] section of dag-db and dag-kl
+    api.plan_training(preset, algorithm="dag-rdb", output=tmp_path / "run", reporter=recorder,
+                      overrides=["dag.proximity=0.5"])
+    assert recorder.lines == []
+    api.plan_training(preset, algorithm="rtb", output=tmp_path / "run", reporter=recorder,
+                      overrides=["dag.beta=1.0", "rtb.group_size=1"])
+    assert recorder.lines == ["warning: --set dag.beta: rtb does not read dag.* (only dag-db, dag-kl, dag-rdb do); "
+                              "the setting has no effect"]
+
+
 def test_sample_returns_the_images_it_wrote(trained, tmp_path):
     result, _, _ = trained
     out = tmp_path / "shots"

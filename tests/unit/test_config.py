@@ -54,15 +54,25 @@ def test_range_checks_name_the_key(algorithm, key, value, message):
         config_from_dict(data)
 
 
-@pytest.mark.parametrize("key, value", [("grpo.group_size", 1), ("grpo.std", "batch"), ("ddpo.clip_range", 0),
-                                        ("dag.beta", -1.0), ("dag.x0_source", "nowhere")])
-def test_an_algorithms_values_are_checked_only_when_it_runs(key, value):
+@pytest.mark.parametrize("key, value, message", [
+    ("grpo.std", "batch", "valid options: global, group"), ("ddpo.clip_range", 0, "must be positive"),
+    ("dag.beta", -1.0, "must not be negative"), ("dag.x0_source", "nowhere", "valid options"),
+    ("rtb.credit", "bad", "valid options: trajectory, to-go, to-go-x0")])
+def test_every_sections_ranges_and_choices_are_checked_whichever_algorithm_runs(key, value, message):
     section, name = key.split(".")
     other = next(a for a, info in ALGORITHMS.items() if info.section != section)
-    c = config_from_dict({"train": {"algorithm": other}, section: {name: value}})
-    assert getattr(getattr(c, section), name) == value
-    with pytest.raises(DagError, match="expected"):  # its types are checked whichever algorithm runs
-        config_from_dict({"train": {"algorithm": other}, section: {name: [value]}})
+    with pytest.raises(DagError, match=rf"{re.escape(key)} = .*: {message}"):
+        config_from_dict({"train": {"algorithm": other}, section: {name: value}})
+
+
+def test_how_a_section_fits_the_rest_is_checked_only_when_its_algorithm_runs():
+    # grpo.group_size 1 is a valid number; it only fails against the batch it would group, which GRPO alone forms
+    c = config_from_dict({"train": {"algorithm": "dag-db"}, "grpo": {"group_size": 1}})
+    assert c.grpo.group_size == 1
+    with pytest.raises(DagError, match="grpo.group_size"):
+        config_from_dict({"train": {"algorithm": "grpo"}, "grpo": {"group_size": 1}})
+    with pytest.raises(DagError, match="expected"):  # types are checked whichever algorithm runs
+        config_from_dict({"train": {"algorithm": "dag-db"}, "grpo": {"group_size": [1]}})
 
 
 def test_config_from_dict_reports_every_problem_at_once():

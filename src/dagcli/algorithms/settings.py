@@ -1,8 +1,10 @@
 """What an algorithm declares about its config section, without torch: the settings dataclass, its range and
-choice checks (run only when the algorithm is selected), a cross-field check, and the section's help text.
+choice checks (run on every section, whichever algorithm is selected), a cross-field check (run
+for the selected algorithm only), and the section's help text.
 
 `dagcli.config` builds `Config` from these sections (one per section, shared by the algorithms that read it),
-checks every section's types always and the selected algorithm's values once it knows which one runs.
+checks every section's types, ranges and choices always and the selected algorithm's cross-field checks once
+it knows which one runs.
 """
 
 from __future__ import annotations
