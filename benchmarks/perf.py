@@ -359,9 +359,11 @@ def x0_decoder_folder(a, latent_channels: int) -> str:
 
 
 def make_trainer(b: Bench, micro_batch: int, algorithm: str = "dag-db"):
+    """A one-epoch trainer at the benchmark's shapes; `algorithm` an algorithm's name or an `ALGORITHM_VARIANTS` row."""
     from dagcli.config import Config, replace
     from dagcli.trainer import Trainer
 
+    algorithm, settings = ALGORITHM_VARIANTS.get(algorithm, (algorithm, {}))
     a = b.args
     cfg = Config()
     cfg = replace(cfg, "model", name=a.model, device=a.device, dtype=a.dtype)
@@ -376,6 +378,8 @@ def make_trainer(b: Bench, micro_batch: int, algorithm: str = "dag-db"):
     cfg = replace(cfg, "rtb", group_size=2)
     cfg = replace(cfg, "dag", beta=1.0, beta_ramp_epochs=0, x0_source="sampling", x0_guidance="cond")
     cfg = replace(cfg, "output", dir=tempfile.mkdtemp(prefix="dagcli-perf-"), checkpoint_minutes=0.0)
+    for section, values in settings.items():
+        cfg = replace(cfg, section, **values)
     model = load_model_at(a.model, a.device, a.dtype, a.resolution)
     if a.x0_decoder:
         cfg = replace(cfg, "dag", x0_decoder=x0_decoder_folder(a, model.family.latent_channels))
@@ -434,7 +438,10 @@ class AlgorithmVariants:
 
 
 # each ratio: (algorithm, its baseline) on the same samples budget
-ALGORITHM_RATIOS = (("dag-rdb", "dag-db"), ("rtb", "grpo"), ("nft", "grpo"))
+ALGORITHM_RATIOS = (("dag-rdb", "dag-db"), ("rtb", "grpo"), ("rtb-x0-expected", "grpo"), ("nft", "grpo"))
+# a row's name -> its algorithm and settings over `make_trainer`'s: rtb as the exact-target runs train it (each
+# trained state's x̂0 scored by the reward for its baseline, the later steps' log ratios by their Gaussian KL)
+ALGORITHM_VARIANTS = {"rtb-x0-expected": ("rtb", {"rtb": {"credit": "to-go-x0", "log_ratio": "expected"}})}
 
 
 def bench_algorithms(b: Bench) -> dict:
