@@ -138,7 +138,10 @@ def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups
 
     `baseline` [N, S] (`rtb.credit = "to-go-x0"`: r(x̂0(x_i)), the reward of step i's start state's one-step
     prediction) adds β·baseline_i to step i's weight: it depends on x_i alone, so it is a baseline of step i's score
-    too, and it takes out the part of β r that x_i has already decided.
+    too, and it takes out the part of β r that x_i has already decided. It stands in for log F(x_i), of which the
+    learned log Z = log F(x_0) is the first, so with a baseline a learned `log_z` is not added: it would count
+    the same level twice, a constant on every weight (whose steps, on a batch already stepped on, push the policy
+    on in the direction it has moved; the learned log Z is still fitted and logged).
 
     `own` False (`rtb.log_ratio = "expected"`, `ratio` the steps' KLs): the sum starts after step i, Σ_{j > i}; step
     i's own term enters the loss as the pathwise gradient of its KL instead (`Rtb.loss`)."""
@@ -149,7 +152,7 @@ def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups
     if baseline is not None:
         w = w + beta * baseline.detach().double()
     if log_z is not None:
-        return (w + log_z.detach().double()[:, None]).to(ratio.dtype)
+        return (w if baseline is not None else w + log_z.detach().double()[:, None]).to(ratio.dtype)
     if groups is None:
         raise ValueError("to_go_weights needs the prompt groups (VarGrad) or a learned log Z")
     centred = torch.stack([w[:, i] - _group_means(w[:, i], groups) for i in range(w.shape[1])], 1)

@@ -268,8 +268,10 @@ def test_to_go_weights_with_a_state_baseline_by_hand():
     baseline = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
     w = rtb.to_go_weights(ratio, reward, beta, groups=torch.tensor([0, 0]), baseline=baseline)
     torch.testing.assert_close(w, torch.tensor([[0.625, -0.875, 0.5], [-0.625, 0.875, -0.5]]))
+    # with a learned log Z the raw weights themselves: β·b_i stands for log F(x_i), which log Z = log F(x_0) would
+    # count a second time (without the baseline log Z is added, as in the test above)
     w = rtb.to_go_weights(ratio, reward, beta, log_z=torch.tensor([0.5, -1.0]), baseline=baseline)
-    torch.testing.assert_close(w, torch.tensor([[2.25, -0.25, 1.5], [-0.5, 0.0, -1.0]]))
+    torch.testing.assert_close(w, torch.tensor([[1.75, -0.75, 1.0], [0.5, 1.0, 0.0]]))
 
 
 def test_a_state_baseline_keeps_the_kl_gradient_and_lowers_its_noise_on_a_gaussian_chain():
