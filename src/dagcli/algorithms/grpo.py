@@ -51,10 +51,14 @@ def zero_std_fraction(rewards: torch.Tensor, groups: torch.Tensor) -> float:
 
 
 def kl_to_reference(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor, reduction: str) -> torch.Tensor:
-    """[n] KL(N(μ_θ, σ²I) ‖ N(μ_ref, σ²I)) reduced over latent dims ("mean": Flow-GRPO's; "sum": the true KL)."""
+    """[n] KL(N(μ_θ, σ²I) ‖ N(μ_ref, σ²I)) reduced over latent dims ("mean": Flow-GRPO's; "sum": the true KL); 0, with
+    no gradient, on a deterministic step (σ = 0: the flow DDIM sampler's last one, a pair of point masses whose
+    log-probs are 0 by its convention, `dagcli.kernels.flow_ddim`), where the formula would divide by 0."""
     mean = mean.float()
-    elem = (mean - mean_ref.float().detach()) ** 2 / (2 * bcast(std.float(), mean) ** 2)
-    return reduce_latent(elem, reduction)
+    std = bcast(std.float(), mean)
+    stochastic = std > 0
+    elem = (mean - mean_ref.float().detach()) ** 2 / (2 * torch.where(stochastic, std, torch.ones_like(std)) ** 2)
+    return reduce_latent(torch.where(stochastic, elem, torch.zeros_like(elem)), reduction)
 
 
 def prompt_groups(prompts: list[str]) -> torch.Tensor:

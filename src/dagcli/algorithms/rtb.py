@@ -111,9 +111,7 @@ def step_kl(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor, redu
     deterministic step (σ = 0), whose log-probs are 0. Differentiable in `mean`."""
     from dagcli.algorithms.grpo import kl_to_reference
 
-    stochastic = std > 0
-    kl = kl_to_reference(mean, base_mean, torch.where(stochastic, std, torch.ones_like(std)), reduction)
-    return torch.where(stochastic.to(kl.device), kl, torch.zeros_like(kl))
+    return kl_to_reference(mean, base_mean, std, reduction)
 
 
 def own_ratio_surrogate(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor, reduction: str

@@ -67,6 +67,17 @@ def test_kl_term_hand_computed():
     torch.testing.assert_close(kl_to_reference(mean, ref, std, "sum"), torch.tensor([0.625, 4.5]))
 
 
+def test_kl_term_is_zero_without_gradient_on_a_deterministic_step():
+    """σ = 0 (the flow DDIM sampler's last step, whose log-probs are 0): the row's KL is 0 and its gradient 0, not
+    inf or NaN; the stochastic row keeps the value above."""
+    mean = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[0.0, 0.0], [0.0, 3.0]])
+    kl = kl_to_reference(mean, ref, torch.tensor([2.0, 0.0]), "mean")
+    torch.testing.assert_close(kl.detach(), torch.tensor([0.3125, 0.0]))
+    kl.sum().backward()  # row 0: (μ − μ_ref)/(σ²·D) = [1, 2]/8
+    torch.testing.assert_close(mean.grad, torch.tensor([[0.125, 0.25], [0.0, 0.0]]))
+
+
 def _micro_batch(log_pf_old):
     n = len(log_pf_old)
     return MicroBatch(traj_index=torch.arange(n), step_index=torch.zeros(n, dtype=torch.long),
@@ -247,18 +258,21 @@ def test_bad_grpo_settings_are_one_line(grpo_config, tmp_path, capsys, sets, nee
 
 
 # --- every family ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("model", ["tiny-random-sdxl", "tiny-random-sd3", "tiny-random-flux"])
-def test_grpo_trains_every_family_with_the_base_model_as_reference(model, tmp_path):
+@pytest.mark.parametrize("model, sampler", [("tiny-random-sdxl", None), ("tiny-random-sd3", None),
+                                            ("tiny-random-flux", None), ("tiny-random-sd3", "ddim")])
+def test_grpo_trains_every_family_with_the_base_model_as_reference(model, sampler, tmp_path):
     """SDXL (DDIM) and the flow families (SDE step): the reference step is the family's own step with the LoRA off,
     KL exactly 0 at a zero-initialised LoRA, then positive once the LoRA has moved."""
     from dagcli.trainer import Trainer
 
-    cfg = write_tiny_config(tmp_path, model, ["a red circle", "a blue square"], sampling={"batch_size": 4},
+    sampling = {"batch_size": 4} if sampler is None else {"batch_size": 4, "sampler": sampler}  # ddim: the last
+    # step is deterministic, and every micro-batch holds one of it: the KL there must not be NaN
+    cfg = write_tiny_config(tmp_path, model, ["a red circle", "a blue square"], sampling=sampling,
                             train={"algorithm": "grpo", "learning_rate": 5e-2}, grpo={"group_size": 2},
                             lora={"init": "true"}, output={"dir": str(tmp_path / "run")})
     trainer = Trainer(load_config(cfg), ["a red circle", "a blue square"])
     batch, _ = trainer.collect(0)
-    pairs = torch.tensor([[0, 0], [1, 1], [2, 2], [3, 3]])
+    pairs = torch.tensor([[0, 0], [1, 1], [2, 2], [3, trainer.config.sampling.steps - 1]])  # (trajectory, step)
     loss, logs = trainer.micro_batch_loss(batch, pairs, epoch=0)
     assert logs["kl_loss"] == 0.0 and torch.isfinite(loss).all()
     out = trainer.train_epoch(0, batch)
