@@ -354,3 +354,40 @@ def test_gradient_snr_at_a_trained_checkpoint(tmp_path, tiny_pipeline_dir):
     by_run = tmp_path / "by-run.json"  # the run directory stands for its latest checkpoint
     gradient_snr.main(["--config", str(cfg), "--resume", str(tmp_path / "run"), "--output", str(by_run)])
     assert json.loads(by_run.read_text())["mean_norm2"] == t["mean_norm2"]
+
+
+def test_shift_bound_by_hand(tmp_path, capsys):
+    """Base share 1/2 (c = 0) at odds 4: p* has 4/5 of the mass on the rewarded side, and the best shift solves
+    d = ln 4·φ(d), here by fixed-point iteration (a contraction: |ln 4·φ'| < 0.34), not the script's bisection."""
+    import math
+
+    import shift_bound
+
+    beta = math.log(4)
+    d = 0.0
+    for _ in range(200):
+        d = beta * math.exp(-d * d / 2) / math.sqrt(2 * math.pi)
+    r = shift_bound.best_shift(0.5, beta)
+    assert r["target"] == pytest.approx(0.8, abs=1e-12) and r["shift"] == pytest.approx(d, abs=1e-9)
+    share = 0.5 * (1 + math.erf(d / math.sqrt(2)))
+    assert r["share"] == pytest.approx(share, abs=1e-9) and r["gap"] == pytest.approx(share - 0.8, abs=1e-9)
+    assert r["kl_to_base"] == pytest.approx(d * d / 2) and r["share"] < r["target"]
+
+    def kl_to_target(x):  # the policy N(x, 1) against p*: x²/2 − β Φ(x) + log Z, Z = (1 + 4)/2
+        return x * x / 2 - beta * 0.5 * (1 + math.erf(x / math.sqrt(2))) + math.log(2.5)
+    assert r["kl_to_target"] == pytest.approx(kl_to_target(d))
+    assert kl_to_target(d) < min(kl_to_target(d - 0.01), kl_to_target(d + 0.01))  # the best shift
+    assert r["target_kl_to_base"] == pytest.approx(beta * 0.8 - math.log(2.5))  # KL(p* ‖ base) of the two sides
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"shares": {"a": {"black": 0.25, "white": 0.25, "gray": 0.5}, "b": {"gray": 0.9,
+                                                                                               "white": 0.1}}}))
+    out = shift_bound.main(["--base", str(base)])
+    assert out["per_prompt"]["a"]["shift"] == pytest.approx(d, abs=1e-9) and out["per_prompt"]["b"]["base"] == 0.1
+    assert out["mean_gap"] == pytest.approx((out["per_prompt"]["a"]["gap"] + out["per_prompt"]["b"]["gap"]) / 2)
+    assert "mean reward gap at the shift bound" in capsys.readouterr().out
+    for bad in (["--odds", "1"], ["--base", str(tmp_path / "missing.json")]):
+        with pytest.raises(SystemExit) as e:
+            shift_bound.main(["--base", str(base), *bad])
+        assert e.value.code == 2
+    with pytest.raises(ValueError, match="base rewarded share"):
+        shift_bound.best_shift(1.0, beta)
