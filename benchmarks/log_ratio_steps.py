@@ -14,8 +14,14 @@ under reduction "mean" times the latent's dimensions):
     shift_i = ‖μ_θ − μ_base‖ / σ_i                                     the two means' distance in units of σ_i
 
 E[Σ ρ] on the policy's own trajectories is KL(P_θ ‖ P_base) over whole paths: what RTB's residual carries beside
-β·r, and what DAG-RDB's per-step residuals carry step by step. Results go to
-benchmarks/results/log-ratio-steps.json unless --output says otherwise.
+β·r, and what DAG-RDB's per-step residuals carry step by step.
+
+`--continuations K` also runs K base-model continuations (LoRA off) from every state x_i and splits the states by
+whether the reward is still open there (the K rewards disagree) or decided (they agree), reporting shift_i per
+group. The target's twisted kernel moves a state by σ²∇log h(x_i), h(x_i) = E_base[exp(β r) | x_i], which vanishes
+where x_i has decided r: a policy that moves decided states as much as open ones pays KL for nothing.
+
+Results go to benchmarks/results/log-ratio-steps.json unless --output says otherwise.
 """
 
 from __future__ import annotations
@@ -31,7 +37,34 @@ ROOT = Path(__file__).resolve().parents[1]
 EPOCH = 10_000  # the sampling seeds of an epoch that no run of a few hundred epochs reaches
 
 
-def measure(run: Path, batches: int | None) -> dict:
+def decided_split(shift: torch.Tensor, rewards: torch.Tensor) -> dict:
+    """The mean shift [n] of states whose continuation rewards [n, K] agree (decided) and of those where they differ
+    (open), and how many of each; None for an empty group."""
+    open_ = (rewards != rewards[:, :1]).any(1)
+
+    def mean(mask):
+        return float(shift[mask].mean()) if mask.any() else None
+
+    return {"shift_open": mean(open_), "shift_decided": mean(~open_), "states_open": int(open_.sum()),
+            "states_decided": int((~open_).sum())}
+
+
+def continuation_rewards(trainer, cfg, traj, step: int, k: int) -> torch.Tensor:
+    """[n, k] rewards of k base-model continuations from every trajectory's state x_step (the LoRA off)."""
+    from preset_chain import continue_chain
+
+    from dagcli.models import lora_disabled
+
+    n = traj.latents.shape[0]
+    with torch.no_grad(), lora_disabled(trainer.raw_denoiser):
+        x = traj.latents[:, step].repeat_interleave(k, 0)
+        cond = traj.cond[torch.arange(n).repeat_interleave(k)]
+        final = continue_chain(trainer, cfg, x, cond, step, torch.Generator().manual_seed(7919 + step))
+        scores, _ = trainer.rollout.score(trainer.family.decode(final), [p for p in traj.prompts for _ in range(k)])
+    return scores.reshape(n, k)
+
+
+def measure(run: Path, batches: int | None, continuations: int = 0) -> dict:
     from dagcli.algorithms.base import transition_batch
     from dagcli.config import load_config, replace
     from dagcli.prompts import load_prompts
@@ -60,23 +93,31 @@ def measure(run: Path, batches: int | None) -> dict:
                                        cfg.sampling.eta, prev=mb.x_next, reduction=cfg.train.reduction).mean
             sigma[i] = ref.std.float().mean().cpu()
             shift[:, i] = ((mean - ref.mean).flatten(1).norm(dim=1) / ref.std.float()).cpu()
+    split = [{"step": i, **decided_split(shift[:, i], continuation_rewards(trainer, cfg, traj, i, continuations))}
+             for i in range(trainer.rollout.lora_steps or steps) if continuations and sigma[i] > 0]
     total = ratio.sum(1)
     return {"run": str(run), "checkpoint": checkpoints[-1].name, "algorithm": cfg.train.algorithm,
             "trajectories": n, "latent_dims": traj.latents[0, 0].numel(),
             "log_ratio_mean": ratio.mean(0).tolist(), "log_ratio_std": ratio.std(0).tolist(),
             "share": (ratio.mean(0) / total.mean()).tolist(), "sigma": sigma.tolist(),
             "mean_shift_in_sigma": shift.mean(0).tolist(),
-            "path_log_ratio_mean": float(total.mean()), "path_log_ratio_std": float(total.std())}
+            "path_log_ratio_mean": float(total.mean()), "path_log_ratio_std": float(total.std()),
+            **({"continuations": continuations, "decided_split": split} if continuations else {})}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--batches", type=int, help="sampler calls (default: the run's batches_per_epoch)")
+    parser.add_argument("--continuations", type=int, default=0,
+                        help="base continuations from every state the LoRA samples, to split the shifts by whether "
+                             "the state has decided the reward (default 0: no split)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "log-ratio-steps.json")
     args = parser.parse_args(argv)
+    if args.continuations == 1 or args.continuations < 0:
+        parser.exit(2, f"usage: --continuations {args.continuations}: 0 (no split) or at least 2\n")
     torch.set_num_threads(1)
-    results = [measure(run, args.batches) for run in args.runs]
+    results = [measure(run, args.batches, args.continuations) for run in args.runs]
     for r in results:
         print(f"{r['run']} ({r['algorithm']}, {r['checkpoint']}, {r['trajectories']} trajectories): "
               f"E[Σρ] = {r['path_log_ratio_mean']:.1f} ± {r['path_log_ratio_std']:.1f} nats")
@@ -84,6 +125,13 @@ def main(argv: list[str] | None = None) -> None:
         for i, (m, s, sh, sg, d) in enumerate(zip(r["log_ratio_mean"], r["log_ratio_std"], r["share"], r["sigma"],
                                                   r["mean_shift_in_sigma"], strict=True)):
             print(f"  {i:>4} {m:>10.2f} {s:>8.2f} {sh:>8.1%} {sg:>8.4f} {d:>8.2f}")
+        if r.get("decided_split"):
+            print(f"  shift/σ where {r['continuations']} base continuations disagree (open) or agree (decided):")
+            for g in r["decided_split"]:
+                def cell(v):
+                    return "    —" if v is None else f"{v:5.2f}"
+                print(f"  {g['step']:>4}  open {cell(g['shift_open'])} ({g['states_open']:>3})  decided "
+                      f"{cell(g['shift_decided'])} ({g['states_decided']:>3})")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"command": " ".join(["python", "benchmarks/log_ratio_steps.py",
                                                             *(argv if argv is not None else sys.argv[1:])]),

@@ -183,6 +183,25 @@ def test_log_ratio_steps_is_zero_for_the_base_model_and_sums_per_step(learning_r
         assert max(abs(v) for v in r["log_ratio_mean"]) > 1e-2 and r["path_log_ratio_mean"] > 0  # KL ≥ 0
     else:
         assert max(abs(v) for v in r["log_ratio_mean"]) < 1e-3 and max(r["mean_shift_in_sigma"]) < 1e-3
+    if moved:  # the split by decided states: every stochastic step the LoRA samples, every state in one group
+        log_ratio_steps.main([str(run), "--output", str(out), "--continuations", "2"])
+        split = json.loads(out.read_text())["runs"][0]["decided_split"]
+        assert [g["step"] for g in split] == [0, 1, 2, 3][: len(split)] and len(split) >= 3
+        assert all(g["states_open"] + g["states_decided"] == 3 for g in split)
+        assert "base continuations disagree (open) or agree (decided)" in capsys.readouterr().out
+
+
+def test_decided_split_by_hand():
+    import log_ratio_steps
+
+    shift = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0], [1.0, 0.0]])  # rows 1 and 3 are still open
+    assert log_ratio_steps.decided_split(shift, rewards) == {"shift_open": 3.5, "shift_decided": 2.0,
+                                                             "states_open": 2, "states_decided": 2}
+    assert log_ratio_steps.decided_split(shift[:1], rewards[:1])["shift_open"] is None
+    with pytest.raises(SystemExit) as e:
+        log_ratio_steps.main(["nowhere", "--continuations", "1"])
+    assert e.value.code == 2
 
 
 def test_reward_decided_by_hand():
