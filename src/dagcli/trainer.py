@@ -244,6 +244,11 @@ class Trainer:
                 self._optimizer_step(frozen, grad_norms)
         if skipped:
             self.reporter.warn(f"skipped {skipped} micro-batches with a NaN/inf loss")
+        every = self.dist.sum_int(skipped)  # summed on every process alike, so that all stop together
+        if every and every == self.dist.sum_int(len(micro)):  # nothing trained: the next epoch would do the same
+            raise DagError(self._stopping_message(epoch, DagError(
+                f"the loss was NaN/inf in every micro-batch ({every}), so nothing was trained (a reward on a "
+                "scale whose β·r overflows, or a learning rate that has diverged: see the run's metrics.jsonl)")))
         out = {name: sums[name] / max(counts[name], 1) for name in sums}
         out.update({f"grad_norm_{k}": sum(v) / len(v) for k, v in grad_norms.items() if v})
         out.update(self.algorithm.epoch_logs(epoch))

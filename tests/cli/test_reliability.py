@@ -51,6 +51,9 @@ def nan_for_squares():
 
 def factory_raises():
     raise ValueError("bad set-up")
+
+def huge():  # finite, so not dropped, but rtb's beta * r overflows float32 in every loss
+    return _Reward(lambda images, prompts: torch.full((images.shape[0],), 3e38))
 '''
 
 
@@ -218,6 +221,18 @@ def test_nan_rewards_are_dropped_then_stop_with_a_checkpoint(files, tmp_path, ca
                             "--reward", f"{plug}:all_nan", "--set", "reward.max_nonfinite=1"], capsys)
     assert code == 2 and "max_nonfinite" in err
     assert (stop / "checkpoints" / "step-000000" / "meta.json").is_file()
+
+
+def test_an_epoch_whose_every_loss_is_nan_stops_the_run_with_its_last_checkpoint(files, tmp_path, capsys):
+    run = tmp_path / "huge"
+    code, _, err = run_cli(["train", "--config", files / "tiny.toml", "--epochs", "3", "-o", run, "--algorithm",
+                            "rtb", "--set", 'rtb.log_z="learned"', "--set", "rtb.group_size=1",
+                            "--reward", f"{files / 'plug.py'}:huge"], capsys)
+    lines = [x for x in err.splitlines() if x.startswith("error")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "stopping in epoch 1: the loss was NaN/inf in every micro-batch (3), so nothing was trained" in lines[0]
+    assert lines[0].endswith("no checkpoint had been saved yet") and (run / "config.toml").is_file()
+    assert not (run / "checkpoints" / "step-000001").exists()  # nothing of the failed epoch is saved
 
 
 def _train_killed(config: Path, out: Path, fault: str) -> subprocess.CompletedProcess:
