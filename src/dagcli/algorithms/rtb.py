@@ -138,8 +138,8 @@ def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups
     prediction) adds β·baseline_i to step i's weight: it depends on x_i alone, so it is a baseline of step i's score
     too, and it takes out the part of β r that x_i has already decided. It stands in for log F(x_i), of which the
     learned log Z = log F(x_0) is the first, so with a baseline a learned `log_z` is not added: it would count
-    the same level twice, a constant on every weight (whose steps, on a batch already stepped on, push the policy
-    on in the direction it has moved; the learned log Z is still fitted and logged).
+    the same level twice, a constant on every weight, which on tiny-flow drove a run to "always rewarded"
+    (docs/algorithms.md); the learned log Z is still fitted and logged.
 
     `own` False (`rtb.log_ratio = "expected"`, `ratio` the steps' KLs): the sum starts after step i, Σ_{j > i}; step
     i's own term enters the loss as the pathwise gradient of its KL instead (`Rtb.loss`)."""
