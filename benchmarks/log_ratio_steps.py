@@ -51,17 +51,13 @@ def decided_split(shift: torch.Tensor, rewards: torch.Tensor) -> dict:
 
 def continuation_rewards(trainer, cfg, traj, step: int, k: int) -> torch.Tensor:
     """[n, k] rewards of k base-model continuations from every trajectory's state x_step (the LoRA off)."""
-    from preset_chain import continue_chain
+    from preset_chain import continuation_rewards
 
     from dagcli.models import lora_disabled
 
-    n = traj.latents.shape[0]
     with torch.no_grad(), lora_disabled(trainer.raw_denoiser):
-        x = traj.latents[:, step].repeat_interleave(k, 0)
-        cond = traj.cond[torch.arange(n).repeat_interleave(k)]
-        final = continue_chain(trainer, cfg, x, cond, step, torch.Generator().manual_seed(7919 + step))
-        scores, _ = trainer.rollout.score(trainer.family.decode(final), [p for p in traj.prompts for _ in range(k)])
-    return scores.reshape(n, k)
+        return continuation_rewards(trainer, cfg, traj.latents[:, step], traj.cond, traj.prompts, step, k,
+                                    torch.Generator().manual_seed(7919 + step))
 
 
 def measure(run: Path, batches: int | None, continuations: int = 0) -> dict:

@@ -1,8 +1,8 @@
 """What the benchmarks that measure a preset's own sampling chain share: the trainer a preset builds, the base
-model's trajectories from seeds, and the base model's chain continued from any of their states to x_T.
+model's trajectories from seeds, and the base model's chain continued from any of their states to x_T (and scored).
 
-Used by gradient_snr.py, reward_decided.py and reachable_target.py (imported as a sibling module: run them as
-`python benchmarks/<script>.py`).
+Used by gradient_snr.py, reward_decided.py, reachable_target.py and log_ratio_steps.py (imported as a sibling
+module: run them as `python benchmarks/<script>.py`).
 """
 
 from __future__ import annotations
@@ -50,3 +50,14 @@ def continue_chain(trainer, cfg, x: torch.Tensor, cond, start: int, generator: t
         out, _ = denoise(x, index)
         x = family.step(schedule, index, x, out, s.eta, generator=generator).prev_sample
     return x
+
+
+def continuation_rewards(trainer, cfg, states: torch.Tensor, cond, prompts: Sequence[str], start: int, k: int,
+                         generator: torch.Generator) -> torch.Tensor:
+    """[n, k] the rewards of k continuations (`continue_chain`) from each of the states [n, ...] at step `start`,
+    state j with conditioning `cond[j]` and prompt `prompts[j]` (call with the LoRA off for the base model's)."""
+    n = states.shape[0]
+    x = states.repeat_interleave(k, 0)
+    final = continue_chain(trainer, cfg, x, cond[torch.arange(n).repeat_interleave(k)], start, generator)
+    scores, _ = trainer.rollout.score(trainer.family.decode(final), [p for p in prompts for _ in range(k)])
+    return scores.reshape(n, k)

@@ -45,7 +45,7 @@ def jensen_gap(rewards: torch.Tensor, beta_eff: float) -> float:
 
 
 def measure(config: Path, per_prompt: int, continuations: int, seed: int) -> dict:
-    from preset_chain import base_trajectories, continue_chain, preset_trainer
+    from preset_chain import base_trajectories, continuation_rewards, preset_trainer
 
     from dagcli.models import lora_disabled
     from dagcli.modes import effective_beta, target_beta
@@ -57,13 +57,10 @@ def measure(config: Path, per_prompt: int, continuations: int, seed: int) -> dic
         for p_index, prompt in enumerate(prompts):
             traj = base_trajectories(trainer, cfg, prompt, [seed + 1000 * p_index + j for j in range(per_prompt)])
             dims = traj.latents[0, 0].numel()
-            cond = traj.cond[torch.arange(per_prompt).repeat_interleave(continuations)]
             for m in range(steps + 1):
-                x = traj.latents[:, m].repeat_interleave(continuations, 0)
                 g = torch.Generator().manual_seed(seed + 7919 * (p_index + 1) + m)
-                images = trainer.family.decode(continue_chain(trainer, cfg, x, cond, m, g))
-                scores, _ = trainer.rollout.score(images, [prompt] * x.shape[0])
-                per_state[m].append(scores.reshape(per_prompt, continuations))
+                per_state[m].append(continuation_rewards(trainer, cfg, traj.latents[:, m], traj.cond,
+                                                         [prompt] * per_prompt, m, continuations, g))
     beta_eff = effective_beta(target_beta(cfg), cfg.train.reduction, dims)
     rows = []
     for m in range(steps + 1):
