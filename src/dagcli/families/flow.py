@@ -38,11 +38,8 @@ class PromptCache:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Cond:
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            out = self.encode(missing)
-            for n, p in enumerate(missing):
-                self._cache[p] = {k: v[n].clone() for k, v in out.items()}
+        for p in sorted({p for p in prompts if p not in self._cache}):  # one at a time: see `PromptEncoder.encode` (sd.py)
+            self._cache[p] = {k: v[0].clone() for k, v in self.encode([p]).items()}
         rows = [self._cache[p] for p in prompts]
         for p in prompts:
             self._cache.move_to_end(p)

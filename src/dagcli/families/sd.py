@@ -56,11 +56,11 @@ class PromptEncoder:
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """name -> [B, ...] for the prompts, in the text encoders' dtype, on their device."""
-        missing = sorted({p for p in prompts if p not in self._cache})
-        if missing:
-            out = self.embed(missing)
-            for i, p in enumerate(missing):
-                self._cache[p] = {k: v[i] for k, v in out.items()}
+        # one prompt per encoder call: a CPU matmul's rounding can depend on the batch it is in, so encoding the
+        # prompts a batch happened to bring together would make a prompt's embedding depend on the run's history
+        # (a resumed run would then sample other latents than the uninterrupted one)
+        for p in sorted({p for p in prompts if p not in self._cache}):
+            self._cache[p] = {k: v[0] for k, v in self.embed([p]).items()}
         return {k: torch.stack([self._cache[p][k] for p in prompts]) for k in self._cache[prompts[0]]}
 
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -21,9 +21,9 @@ def pipe():
 
 
 def full_sequence(pipe, prompts):
-    """The pipeline's own encoding: CLIP tokens then 256 zero tokens."""
-    embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False)
-    return embeds, pooled
+    """The pipeline's own encoding, one prompt per call as the family encodes: CLIP tokens then 256 zero tokens."""
+    parts = [pipe.encode_prompt([p], None, None, do_classifier_free_guidance=False) for p in prompts]
+    return torch.cat([e for e, _, _, _ in parts]), torch.cat([pooled for _, _, pooled, _ in parts])
 
 
 def plain_transformer(pipe):

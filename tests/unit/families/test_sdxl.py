@@ -81,7 +81,8 @@ def test_family_sizes_scheduler_and_defaults(sdxl, tmp_path):
 def test_conditioning_has_both_encoders_and_pooled(sdxl):
     pipe = sdxl.pipe
     cond = sdxl.family.encode(PROMPTS)
-    embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    parts = [pipe.encode_prompt([p], device="cpu", do_classifier_free_guidance=False) for p in PROMPTS]  # one per call
+    embeds, pooled = torch.cat([e for e, _, _, _ in parts]), torch.cat([q for _, _, q, _ in parts])
     assert cond.tensors["embeds"].shape == (2, 16, 64) and cond.tensors["pooled"].shape == (2, 32)
     torch.testing.assert_close(cond.tensors["embeds"], embeds, rtol=0, atol=0)
     torch.testing.assert_close(cond.tensors["pooled"], pooled, rtol=0, atol=0)
