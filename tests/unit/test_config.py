@@ -57,7 +57,7 @@ def test_range_checks_name_the_key(algorithm, key, value, message):
 @pytest.mark.parametrize("key, value, message", [
     ("grpo.std", "batch", "valid options: global, group"), ("ddpo.clip_range", 0, "must be positive"),
     ("dag.beta", -1.0, "must not be negative"), ("dag.x0_source", "nowhere", "valid options"),
-    ("rtb.credit", "bad", "valid options: trajectory, to-go, to-go-x0")])
+    ("rtb.credit", "bad", "valid options: trajectory, to-go, to-go-x0, to-go-flow")])
 def test_every_sections_ranges_and_choices_are_checked_whichever_algorithm_runs(key, value, message):
     section, name = key.split(".")
     other = next(a for a, info in ALGORITHMS.items() if info.section != section)

@@ -124,8 +124,8 @@ def own_ratio_surrogate(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.
 
 
 def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups: torch.Tensor | None = None,
-                  log_z: torch.Tensor | None = None, baseline: torch.Tensor | None = None, own: bool = True
-                  ) -> torch.Tensor:
+                  log_z: torch.Tensor | None = None, baseline: torch.Tensor | None = None, own: bool = True,
+                  critic: torch.Tensor | None = None) -> torch.Tensor:
     """[N, S] each step's weight under `rtb.credit = "to-go"`, from the per-step log ratios `ratio` [N, S]: the log
     ratio from that step on, Σ_{j ≥ i} ρ_j − β r, centred within its prompt group at that step (VarGrad, `groups`)
     or plus the learned log Z (`log_z` [N]).
@@ -142,19 +142,38 @@ def to_go_weights(ratio: torch.Tensor, reward: torch.Tensor, beta: float, groups
     (docs/algorithms.md); the learned log Z is still fitted and logged.
 
     `own` False (`rtb.log_ratio = "expected"`, `ratio` the steps' KLs): the sum starts after step i, Σ_{j > i}; step
-    i's own term enters the loss as the pathwise gradient of its KL instead (`Rtb.loss`)."""
-    to_go = torch.flip(torch.cumsum(torch.flip(ratio.detach().double(), [1]), 1), [1])
-    if not own:
-        to_go = to_go - ratio.detach().double()
-    w = to_go - beta * reward.detach().double()[:, None]
-    if baseline is not None:
-        w = w + beta * baseline.detach().double()
+    i's own term enters the loss as the pathwise gradient of its KL instead (`Rtb.loss`).
+
+    `critic` [N, S] (`rtb.credit = "to-go-flow"`: F̃_φ(x_i), in the log-probs' units) is added to the weights after
+    the baseline, before any centring: fitted to `critic_targets`, it is the rest of the weight's expectation given
+    x_i, so what is left is step i's own outcome and what follows it."""
+    w = critic_targets(ratio, reward, beta, baseline, own).neg()
+    if critic is not None:
+        w = w + critic.detach().double()
     if log_z is not None:
-        return (w if baseline is not None else w + log_z.detach().double()[:, None]).to(ratio.dtype)
+        anchored = baseline is not None or critic is not None  # log F(x_i) already in the weight: no log Z on top
+        return (w if anchored else w + log_z.detach().double()[:, None]).to(ratio.dtype)
     if groups is None:
         raise ValueError("to_go_weights needs the prompt groups (VarGrad) or a learned log Z")
     centred = torch.stack([w[:, i] - _group_means(w[:, i], groups) for i in range(w.shape[1])], 1)
     return centred.to(ratio.dtype)
+
+
+def critic_targets(ratio: torch.Tensor, reward: torch.Tensor, beta: float, baseline: torch.Tensor | None = None,
+                   own: bool = True) -> torch.Tensor:
+    """[N, S] float64, what the critic F̃_φ(x_i) of `rtb.credit = "to-go-flow"` is fitted to: minus step i's to-go
+    weight before any critic and centring, β r − β·baseline_i − Σ_{j ≥ i} ρ_j (Σ_{j > i} when `own` is False). Its
+    least-squares fit is that quantity's expectation given x_i, so the fitted critic makes each weight's mean
+    given x_i zero: with the x̂0 baseline, log F(x_i) = β r(x̂0(x_i)) + F̃_φ(x_i) is the state's soft value under
+    the policy, E[β r − Σ_{j ≥ i} ρ_j | x_i] (with `own`), the log of the twist E_base[exp(β r) | x_i] at the
+    target."""
+    to_go = torch.flip(torch.cumsum(torch.flip(ratio.detach().double(), [1]), 1), [1])
+    if not own:
+        to_go = to_go - ratio.detach().double()
+    y = beta * reward.detach().double()[:, None] - to_go
+    if baseline is not None:
+        y = y - beta * baseline.detach().double()
+    return y
 
 
 def _mean(values: torch.Tensor) -> float:
@@ -176,17 +195,32 @@ class Rtb:
         self.learned = settings.log_z == "learned"
         self.table = LogZTable(list(ctx.prompts)).to(ctx.device) if self.learned else None  # the unwrapped table
         # "to-go-x0": the rollout scores x̂0 of every trained state with the conditional output recorded while sampling
-        self.stored_x0_rewards = "cond" if settings.credit == "to-go-x0" else None
+        self.stored_x0_rewards = "cond" if settings.credit in ("to-go-x0", "to-go-flow") else None
         self.modules = {"log_z": self.table} if self.learned else {}
+        self.critic = settings.credit == "to-go-flow"
+        if self.critic:  # DAG's flow network as the critic F̃_φ(x_i); its init depends on the run seed only
+            from dagcli.algorithms.flow import FlowNetwork
+
+            self.flow_config = ctx.family.flow_config(ctx.height, ctx.width)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(ctx.seed)
+                flow = FlowNetwork(self.flow_config)
+            torch.nn.init.zeros_(flow.head.weight)  # F̃ = 0 at first: the weights start as "to-go-x0"'s
+            torch.nn.init.zeros_(flow.head.bias)
+            self.modules["flow"] = flow.to(ctx.device)
         self._logs: dict[str, float] = {}
 
     def param_groups(self) -> list[dict]:
-        if not self.learned:
-            return []
-        return [{"params": list(self.modules["log_z"].parameters()), "lr": self.settings.log_z_learning_rate}]
+        groups = []
+        if self.learned:
+            groups.append({"params": list(self.modules["log_z"].parameters()), "lr": self.settings.log_z_learning_rate})
+        if self.critic:
+            groups.append({"params": list(self.modules["flow"].parameters()), "lr": self.settings.flow_learning_rate})
+        return groups
 
     def lora_frozen(self, epoch: int) -> bool:
-        return False
+        """With the critic, its first `flow_warmup_epochs` fit it alone, so the first weights it enters are fitted."""
+        return self.critic and epoch < self.settings.flow_warmup_epochs
 
     def prepare(self, batch, dist) -> None:
         """Nothing before the policy pass: A needs every step's current log-prob."""
@@ -201,9 +235,13 @@ class Rtb:
         log_base = torch.empty(n, steps)
         expected = self.settings.log_ratio == "expected"
         kl, base_means = (torch.empty(n, steps), None) if expected else (None, None)
+        critic = torch.empty(n, steps) if self.critic else None
         for start in range(0, len(every), steps):
             idx = every[start : start + steps]
             mb = transition_batch(batch, idx, self.ctx.device)
+            if self.critic:
+                with torch.no_grad():  # F̃ is in reward units: β·F̃ in the weights' (the log-probs' reduction)
+                    critic[idx[:, 0], idx[:, 1]] = self.settings.beta * self._critic(mb).float().cpu()
             base = self.ctx.reference_step(mb)
             log_base[idx[:, 0], idx[:, 1]] = base.log_prob.float().cpu()
             if expected:  # the sampling policy's own step means, rebuilt from its recorded outputs
@@ -223,20 +261,30 @@ class Rtb:
             log_z = vargrad_log_z(ratio_sum, reward, groups_of(batch), beta)
             batch.advantages = vargrad_residuals(ratio_sum, reward, groups_of(batch), beta)
         batch.step_weights, batch.base_means, batch.kl_scale = None, base_means, None
-        if self.settings.credit in ("to-go", "to-go-x0"):
+        batch.critic_targets = None
+        if self.settings.credit in ("to-go", "to-go-x0", "to-go-flow"):
             baseline = None
-            if self.settings.credit == "to-go-x0":  # NaN (a state no trained step starts from): no baseline there
+            if self.settings.credit != "to-go":  # NaN (a state no trained step starts from): no baseline there
                 baseline = torch.nan_to_num(batch.fl_rewards[:, :steps].float(), nan=0.0)
             groups = None if self.learned else groups_of(batch)
             batch.step_weights = to_go_weights(kl if expected else ratio, reward, beta, groups=groups,
                                                log_z=log_z if self.learned else None, baseline=baseline,
-                                               own=not expected)
+                                               own=not expected, critic=critic)
+            if self.critic:
+                batch.critic_targets = critic_targets(kl if expected else ratio, reward, beta, baseline,
+                                                      own=not expected).float()
+                target = batch.critic_targets.double() / beta  # in reward units, as F̃
+                err = critic.double() / beta - target
+                self._critic_logs = {"critic_loss": float((err**2).mean()),
+                                     "critic_explained": float(1 - err.var() / target.var().clamp(min=1e-30))}
             if expected:  # VarGrad's centring scales the score terms by 1 − 1/n: the pathwise KL term alike
                 batch.kl_scale = torch.ones(n) if self.learned else 1 - 1 / group_counts(groups)
         self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
                       "rtb_residual_abs": _mean(batch.advantages.abs())}
         if expected:
             self._logs["log_ratio_expected"] = _mean(kl.sum(1))
+        if self.critic:
+            self._logs.update(self._critic_logs)
         if self.learned:
             self._logs.update({f"log_z/{k}": float(v) for k, v in enumerate(self.table.log_z.detach())})
 
@@ -266,7 +314,20 @@ class Rtb:
             loss = loss + 2 * batch.kl_scale[t].to(a.device) * own * (step < end)
         if self.learned:  # each of the T − k trained steps is trained once: 1/(T − k) of the log Z term on each
             loss = loss + log_z_surrogate(a, self.modules["log_z"](mb.prompts)) / self.ratio_steps(self.ctx.steps)
-        return loss, {"rtb_loss": loss.detach().mean()}
+        logs = {"rtb_loss": loss.detach().mean()}
+        if self.critic:  # least squares of F̃_φ(x_i) to its target; the tail's states are not fitted
+            target = batch.critic_targets[t, i].to(mb.x.device) / self.settings.beta
+            fit = (self._critic(mb) - target) ** 2 * (step < end)
+            loss = loss + fit
+            logs["critic_fit"] = fit.detach().mean()
+        return loss, logs
+
+    def _critic(self, mb) -> torch.Tensor:
+        """[n] F̃_φ(x_i) of a micro-batch's start states, in reward units (the weights carry β·F̃)."""
+        ctx = self.ctx
+        x, time, text = ctx.family.flow_inputs(ctx.schedule, mb.step_index, mb.x, mb.cond)
+        with ctx.autocast():
+            return self.modules["flow"](x, time, text).float()
 
     def state_dict(self) -> dict:
         return {}
@@ -275,4 +336,7 @@ class Rtb:
         pass
 
     def module_metadata(self) -> dict[str, dict]:
-        return {"log_z": self.table.metadata()} if self.learned else {}
+        meta = {"log_z": self.table.metadata()} if self.learned else {}
+        if self.critic:
+            meta["flow"] = {"config": self.flow_config.to_dict()}
+        return meta

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from dagcli.algorithms.settings import Section, check_tail_steps
 
 LOG_Z = ("learned", "vargrad")
-CREDIT = ("trajectory", "to-go", "to-go-x0")
+CREDIT = ("trajectory", "to-go", "to-go-x0", "to-go-flow")
 LOG_RATIO = ("sampled", "expected")
 
 
@@ -29,21 +29,26 @@ class RtbConfig:
     # "to-go": the log ratio from that step on minus β r, centred per group and step (or plus the learned log Z):
     # the same expected gradient on-policy, without the earlier steps' noise (docs/algorithms.md) | "to-go-x0":
     # "to-go" plus β·r(Decode(x̂0(x_i))), the reward of the state's one-step prediction, as a baseline of step i
-    # (a function of x_i alone, so the expected gradient is unchanged; one decode and score per trained state)
+    # (a function of x_i alone, so the expected gradient is unchanged; one decode and score per trained state) |
+    # "to-go-flow": "to-go-x0" plus a learned critic F̃_φ(x_i) (DAG's flow network), fitted by least squares to what
+    # the rest of step i's weight averages to from x_i, so the baseline is the state's expected weight rather than
+    # its x̂0's reward: still a function of x_i alone, fitted on earlier epochs (docs/algorithms.md)
     credit: str = "trajectory"
     # the log ratios in the to-go weights: "sampled": ρ_j = log P_θ − log P_base of the sampled step | "expected":
     # their expectation over each step's noise, the Gaussian KL ‖μ_θ − μ_base‖²/(2σ²) of the step from its start
     # state, and step i's own ρ_i replaced by that KL's gradient through μ_θ: the same expected gradient without the
     # noise of ρ, which grows with the log ratio (docs/algorithms.md); needs credit "to-go" or "to-go-x0"
     log_ratio: str = "sampled"
+    flow_learning_rate: float = 1e-3  # "to-go-flow": the critic's learning rate
+    flow_warmup_epochs: int = 1  # "to-go-flow": epochs that fit the critic alone, the LoRA frozen
 
 
 def check_section(c, setting) -> list[str]:
     """The group checks, and a tail that leaves at least one step to train."""
     e = check_groups(c, setting) + check_tail_steps("rtb.tail_steps", c.rtb.tail_steps, c.sampling.steps, setting)
     if c.rtb.log_ratio == "expected" and c.rtb.credit == "trajectory":
-        e.append(f"{setting('rtb.log_ratio', c.rtb.log_ratio)} needs rtb.credit = 'to-go' or 'to-go-x0' (each "
-                 f"step's weight from that step on), not {setting('rtb.credit', c.rtb.credit)}")
+        e.append(f"{setting('rtb.log_ratio', c.rtb.log_ratio)} needs rtb.credit = 'to-go', 'to-go-x0' or "
+                 f"'to-go-flow' (each step's weight from that step on), not {setting('rtb.credit', c.rtb.credit)}")
     return e
 
 
@@ -61,5 +66,6 @@ def check_groups(c, setting) -> list[str]:
 
 
 SECTION = Section("rtb", RtbConfig, "RTB: β, log Z (learned per prompt or VarGrad), prompt group size",
-                  positive=("beta", "log_z_learning_rate", "group_size"), non_negative=("tail_steps",),
+                  positive=("beta", "log_z_learning_rate", "group_size", "flow_learning_rate"),
+                  non_negative=("tail_steps", "flow_warmup_epochs"),
                   choices={"log_z": LOG_Z, "credit": CREDIT, "log_ratio": LOG_RATIO}, validate=check_section)

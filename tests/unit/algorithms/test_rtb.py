@@ -365,7 +365,7 @@ def test_expected_log_ratios_keep_the_kl_gradient_and_trade_noise_by_where_the_p
 def test_expected_log_ratio_needs_a_to_go_credit():
     from dagcli.config import config_from_dict
 
-    with pytest.raises(DagError, match=r"rtb.log_ratio = 'expected' needs rtb.credit = 'to-go' or 'to-go-x0'"):
+    with pytest.raises(DagError, match=r"rtb.log_ratio = 'expected' needs rtb.credit = 'to-go', 'to-go-x0' or 'to-go-flow'"):
         config_from_dict({"train": {"algorithm": "rtb"}, "rtb": {"log_ratio": "expected"}})
 
 
@@ -498,3 +498,97 @@ def test_expected_log_ratio_trains_from_the_recorded_steps(tmp_path, tiny_pipeli
     assert abs(logs["log_ratio_expected"] - logs["log_ratio_base"]) < 3 * spread + 1e-3
     trainer.train()
     assert trainer.state.epoch == 1 and math.isfinite(trainer.algorithm.epoch_logs(1)["rtb_residual_abs"])
+
+
+def test_critic_targets_and_weights_by_hand():
+    """The by-hand chain above with the x̂0 baseline b: the critic's targets are minus the raw weights
+    [[1.75, −0.75, 1.0], [0.5, 1.0, 0.0]]; a critic c is added to them, raw with a learned log Z (which the critic,
+    log F(x_i) in part, replaces) and centred per group and step with VarGrad."""
+    ratio = torch.tensor([[0.5, 0.25, 1.0], [-0.5, 1.0, 0.0]])
+    reward, beta = torch.tensor([1.0, 0.0]), 2.0
+    baseline = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    targets = rtb.critic_targets(ratio, reward, beta, baseline)
+    torch.testing.assert_close(targets, -torch.tensor([[1.75, -0.75, 1.0], [0.5, 1.0, 0.0]], dtype=torch.float64))
+    # without the own step (expected log ratios): each target is larger by that step's ratio
+    torch.testing.assert_close(rtb.critic_targets(ratio, reward, beta, baseline, own=False),
+                               targets + ratio.double())
+    critic = torch.tensor([[-1.0, 0.5, -1.0], [-0.5, -1.0, 0.0]])
+    w = rtb.to_go_weights(ratio, reward, beta, log_z=torch.tensor([0.5, -1.0]), baseline=baseline, critic=critic)
+    torch.testing.assert_close(w, torch.tensor([[0.75, -0.25, 0.0], [0.0, 0.0, 0.0]]))
+    w = rtb.to_go_weights(ratio, reward, beta, log_z=torch.tensor([0.5, -1.0]), critic=critic)  # no x̂0 baseline
+    torch.testing.assert_close(w, torch.tensor([[-1.25, -0.25, -2.0], [0.0, 0.0, 0.0]]))
+    w = rtb.to_go_weights(ratio, reward, beta, groups=torch.tensor([0, 0]), baseline=baseline, critic=critic)
+    torch.testing.assert_close(w, torch.tensor([[0.375, -0.125, 0.0], [-0.375, 0.125, 0.0]]))
+
+
+def test_a_least_squares_critic_keeps_the_kl_gradient_and_lowers_its_noise_on_a_gaussian_chain():
+    """On the chain above, a critic fitted by least squares to `critic_targets` on one sample (features [1] at step
+    0, [1, x_1] at step 1, which hold E[target | x_i] exactly) and used on another: the weights' mean given x_i is
+    zero, the estimate's mean is the KL gradient 2·(θ − 1) in closed form with no VarGrad factor (nothing is
+    centred), and step 1's variance is below VarGrad's with its constant baseline. Fitted on the sample it is used
+    on, the critic would see each step's own outcome; on a separate sample it is a baseline."""
+    theta, m = torch.tensor([0.3, -0.2]).double(), 40_000
+
+    def chain(seed):
+        g = torch.Generator().manual_seed(seed)
+        eps = torch.randn(m, 2, generator=g, dtype=torch.float64)
+        x1 = theta[0] + eps[:, 0]
+        return eps, x1, x1 + theta[1] + eps[:, 1], theta * eps + theta**2 / 2
+
+    eps, x1, x2, ratio = chain(1)
+    targets = rtb.critic_targets(ratio, x2, 1.0)
+    coef0 = targets[:, 0].mean()
+    design = torch.stack([torch.ones_like(x1), x1], 1)
+    coef1 = torch.linalg.lstsq(design, targets[:, 1:2]).solution[:, 0]
+    torch.testing.assert_close(coef1, torch.tensor([theta[1] - theta[1] ** 2 / 2, 1.0], dtype=torch.float64),
+                               atol=0.03, rtol=0)  # E[x_2 − ρ_1 | x_1] = x_1 + θ2 − θ2²/2
+    eps, x1, x2, ratio = chain(2)
+    critic = torch.stack([coef0.expand(m), coef1[0] + coef1[1] * x1], 1)
+    w = rtb.to_go_weights(ratio, x2, 1.0, log_z=torch.zeros(m), critic=critic)
+    assert abs(float(w[:, 0].mean())) < 0.05
+    slope = torch.linalg.lstsq(torch.stack([torch.ones_like(x1), x1], 1), w[:, 1:2]).solution[1, 0]
+    assert abs(float(slope)) < 0.03  # nothing of x_1 left in step 1's weight
+    est = 2 * w * eps
+    mean, sem = est.mean(0), est.std(0) / m**0.5
+    assert torch.all((mean - 2 * (theta - 1)).abs() < 4 * sem), (mean, sem)
+    plain = 2 * rtb.to_go_weights(ratio, x2, 1.0, groups=torch.arange(m) // 4) * eps
+    assert float(est[:, 1].var()) < 0.8 * float((plain[:, 1] / (1 - 1 / 4)).var())
+    # a critic that had seen step 1's outcome x_2 is no baseline: the mean moves
+    seen = torch.stack([coef0.expand(m), x2 - theta[1] ** 2 / 2], 1)
+    biased = 2 * rtb.to_go_weights(ratio, x2, 1.0, log_z=torch.zeros(m), critic=seen) * eps
+    assert float((biased[:, 1].mean() - 2 * (theta[1] - 1)).abs()) > 10 * float(sem[1])
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-flow"])
+def test_to_go_flow_fits_the_critic_alone_in_its_warm_up_and_resumes_bit_for_bit(model, tmp_path, capsys):
+    """`rtb.credit = "to-go-flow"`: the critic starts at zero (the first epoch's weights are "to-go-x0"'s, its
+    explained share exactly 0), the warm-up epoch trains it and leaves the LoRA at zero (the second epoch's log
+    ratio is then still 0), the next trains both; the critic is checkpointed and a resumed run ends on the same
+    weights bit for bit."""
+    import json
+
+    from helpers.cli import run_cli, write_tiny_config
+
+    cfg = write_tiny_config(tmp_path, model, ["a red circle", "a blue square"], train={"algorithm": "rtb"},
+                            sampling={"batch_size": 4}, lora={"rank": 2, "alpha": 2.0},
+                            rtb={"beta": 1.0, "log_z": "vargrad", "group_size": 2, "credit": "to-go-flow",
+                                 "log_ratio": "expected", "tail_steps": 1, "flow_warmup_epochs": 1},
+                            output={"checkpoint_every": 1})
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(["train", "--config", cfg, "--epochs", "3", "-o", a], capsys)[0] == 0
+    assert run_cli(["train", "--config", cfg, "--epochs", "2", "-o", b], capsys)[0] == 0
+    code, _, err = run_cli(["train", "--config", cfg, "--epochs", "3", "-o", b, "--resume"], capsys)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [m["log_ratio_base"] for m in lines[:2]] == [0.0, 0.0] and lines[2]["log_ratio_base"] != 0.0
+    assert lines[0]["grad_norm_flow"] > 0 and lines[1]["grad_norm_lora"] > 0
+    for m in lines:
+        for key in ("critic_loss", "critic_explained", "critic_fit", "rtb_loss"):
+            assert math.isfinite(m[key]), key
+    assert lines[0]["critic_explained"] == pytest.approx(0.0, abs=1e-9)  # a zero head: nothing taken out yet
+    assert lines[0]["critic_loss"] > 0 and lines[1]["critic_explained"] != 0.0
+    one, two = (load_file(a / "checkpoints" / f"step-00000{k}" / "flow.safetensors") for k in (1, 2))
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+    for name in ("pytorch_lora_weights.safetensors", "flow.safetensors"):
+        wa, wb = (load_file(r / "checkpoints" / "step-000003" / name) for r in (a, b))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), name
