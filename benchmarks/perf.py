@@ -438,10 +438,14 @@ class AlgorithmVariants:
 
 
 # each ratio: (algorithm, its baseline) on the same samples budget
-ALGORITHM_RATIOS = (("dag-rdb", "dag-db"), ("rtb", "grpo"), ("rtb-x0-expected", "grpo"), ("nft", "grpo"))
+ALGORITHM_RATIOS = (("dag-rdb", "dag-db"), ("rtb", "grpo"), ("rtb-x0-expected", "grpo"), ("rtb-flow-expected", "grpo"),
+                    ("nft", "grpo"))
 # a row's name -> its algorithm and settings over `make_trainer`'s: rtb as the exact-target runs train it (each
 # trained state's x̂0 scored by the reward for its baseline, the later steps' log ratios by their Gaussian KL)
-ALGORITHM_VARIANTS = {"rtb-x0-expected": ("rtb", {"rtb": {"credit": "to-go-x0", "log_ratio": "expected"}})}
+ALGORITHM_VARIANTS = {"rtb-x0-expected": ("rtb", {"rtb": {"credit": "to-go-x0", "log_ratio": "expected"}}),
+                      # and with the learned critic (its warm-up off: the LoRA trains in every timed epoch)
+                      "rtb-flow-expected": ("rtb", {"rtb": {"credit": "to-go-flow", "log_ratio": "expected",
+                                                            "flow_warmup_epochs": 0}})}
 
 
 def bench_algorithms(b: Bench) -> dict:
@@ -460,7 +464,13 @@ def bench_algorithms(b: Bench) -> dict:
     a, mb = b.args, b.args.train_batches[0]
     out: dict = {"micro_batch": mb, "trajectories_per_epoch": a.batch, "steps": a.steps, "items_per_epoch":
                  a.batch * a.steps}
+    chosen = a.pairs.split(",") if a.pairs else [name for name, _ in ALGORITHM_RATIOS]
+    unknown = sorted(set(chosen) - {name for name, _ in ALGORITHM_RATIOS})
+    if unknown:
+        raise SystemExit(f"error: --pairs {unknown[0]!r}: valid: {', '.join(n for n, _ in ALGORITHM_RATIOS)}")
     for name, base in ALGORITHM_RATIOS:  # two trainers at a time: SD 1.5's shapes hold 4-5 GB each
+        if name not in chosen:
+            continue
         trainers = {}
         for n in (base, name):
             trainer, _, _ = make_trainer(b, mb, algorithm=n)
@@ -855,6 +865,8 @@ def parse_args(argv=None):
                         "by default): dag-rdb against DAG-DB, rtb and NFT against GRPO, epoch by epoch")
     p.add_argument("--time-budget", type=float, default=0, help="skip remaining sections after this many s")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--pairs", default="", help="the algorithms section's rows, comma-separated (default: all), e.g. "
+                   "rtb-x0-expected,rtb-flow-expected")
     p.add_argument("--clock", default="wall", choices=["wall", "process"],
                    help="process: CPU time of this process (CPU runs with --threads 1 on a shared machine, where "
                         "wall time also counts the other processes' turns)")

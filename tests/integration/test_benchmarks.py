@@ -161,6 +161,18 @@ def test_perf_algorithms_times_each_algorithm_against_its_baseline(tmp_path):
         assert f"{name} / {base}: epoch (per trajectory)" in result["table"]
 
 
+def test_perf_algorithms_times_only_the_pairs_asked_for(tmp_path):
+    out = tmp_path / "perf.json"
+    args = ["--quick", "--sections", "algorithms", "--batch", "2", "--steps", "3", "--train-batches", "2",
+            "--epoch-repeats", "1", "--threads", "1", "--out", str(out)]
+    perf.main([*args, "--pairs", "rtb-flow-expected"])
+    al = json.loads(out.read_text())["sections"]["algorithms"]
+    timed = {k for k in al if isinstance(al[k], dict) and "epoch" in al[k]}
+    assert timed == {"grpo", "rtb-flow-expected", "rtb_flow_expected_over_grpo"}
+    with pytest.raises(SystemExit, match="--pairs 'rtb-flow': valid: dag-rdb, rtb, rtb-x0-expected"):
+        perf.main([*args, "--pairs", "rtb-flow"])
+
+
 @pytest.mark.parametrize("learning_rate, moved", [(1e-12, False), (3e-2, True)])
 def test_log_ratio_steps_is_zero_for_the_base_model_and_sums_per_step(learning_rate, moved, tmp_path,
                                                                       tiny_pipeline_dir, capsys):
