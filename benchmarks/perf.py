@@ -464,12 +464,8 @@ def bench_algorithms(b: Bench) -> dict:
     a, mb = b.args, b.args.train_batches[0]
     out: dict = {"micro_batch": mb, "trajectories_per_epoch": a.batch, "steps": a.steps, "items_per_epoch":
                  a.batch * a.steps}
-    chosen = a.pairs.split(",") if a.pairs else [name for name, _ in ALGORITHM_RATIOS]
-    unknown = sorted(set(chosen) - {name for name, _ in ALGORITHM_RATIOS})
-    if unknown:
-        raise SystemExit(f"error: --pairs {unknown[0]!r}: valid: {', '.join(n for n, _ in ALGORITHM_RATIOS)}")
     for name, base in ALGORITHM_RATIOS:  # two trainers at a time: SD 1.5's shapes hold 4-5 GB each
-        if name not in chosen:
+        if name not in a.pairs:
             continue
         trainers = {}
         for n in (base, name):
@@ -878,6 +874,11 @@ def parse_args(argv=None):
     a.epoch_repeats = a.epoch_repeats or (2 if a.quick else 5)
     a.train_batches = [int(v) for v in (a.train_batches or ("4" if a.quick else "4,8")).split(",")]
     a.fractions = [float(v) for v in a.fractions.split(",")]
+    names = [name for name, _ in ALGORITHM_RATIOS]
+    a.pairs = a.pairs.split(",") if a.pairs else names
+    unknown = sorted(set(a.pairs) - set(names))
+    if unknown:  # before any model is built
+        p.error(f"--pairs {unknown[0]!r}: valid: {', '.join(names)}")
     a.out = a.out or str(HERE / "results" / f"perf-{a.device}.json")
     return a
 

@@ -20,7 +20,7 @@ import torch
 
 from dagcli.algorithms import losses
 from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
-from dagcli.algorithms.flow import FlowConfig, FlowNetwork
+from dagcli.algorithms.flow import FlowConfig, FlowNetwork, seeded_flow_network
 from dagcli.algorithms.settings import lora_steps as tail_lora_steps
 
 
@@ -48,10 +48,8 @@ class Dag:
         self.min_micro_batch = 2 if kl else 1  # DAG-KL's leave-one-out baseline needs two transitions
         self.stored_x0_rewards = settings.x0_guidance if settings.x0_source == "sampling" else None
         self.x0_decoder = settings.x0_decoder or None
-        self.flow_config = ctx.family.flow_config(ctx.height, ctx.width)
-        with torch.random.fork_rng(devices=[]):  # the flow network's init depends on the run seed only
-            torch.manual_seed(ctx.seed)
-            self.modules = {"flow": FlowNetwork(self.flow_config).to(ctx.device)}
+        self.flow_config, flow = seeded_flow_network(ctx)
+        self.modules = {"flow": flow}
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.modules["flow"].parameters()), "lr": self.settings.flow_learning_rate}]

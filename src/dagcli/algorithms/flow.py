@@ -108,3 +108,13 @@ class FlowNetwork(nn.Module):
             else:
                 h, _ = block(hidden_states=h, temb=emb)
         return self.head(h.mean(dim=(2, 3))).squeeze(-1).float()
+
+
+def seeded_flow_network(ctx) -> tuple[FlowConfig, FlowNetwork]:
+    """The run's flow network, sized for its model and image size (`Context`), on its device; its initial weights
+    depend on the run seed alone (the global random state is left as it was)."""
+    config = ctx.family.flow_config(ctx.height, ctx.width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        network = FlowNetwork(config)
+    return config, network.to(ctx.device)

@@ -198,16 +198,13 @@ class Rtb:
         self.stored_x0_rewards = "cond" if settings.credit in ("to-go-x0", "to-go-flow") else None
         self.modules = {"log_z": self.table} if self.learned else {}
         self.critic = settings.credit == "to-go-flow"
-        if self.critic:  # DAG's flow network as the critic F̃_φ(x_i); its init depends on the run seed only
-            from dagcli.algorithms.flow import FlowNetwork
+        if self.critic:  # DAG's flow network as the critic F̃_φ(x_i)
+            from dagcli.algorithms.flow import seeded_flow_network
 
-            self.flow_config = ctx.family.flow_config(ctx.height, ctx.width)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(ctx.seed)
-                flow = FlowNetwork(self.flow_config)
+            self.flow_config, flow = seeded_flow_network(ctx)
             torch.nn.init.zeros_(flow.head.weight)  # F̃ = 0 at first: the weights start as "to-go-x0"'s
             torch.nn.init.zeros_(flow.head.bias)
-            self.modules["flow"] = flow.to(ctx.device)
+            self.modules["flow"] = flow
         self._logs: dict[str, float] = {}
 
     def param_groups(self) -> list[dict]:
@@ -261,7 +258,7 @@ class Rtb:
             log_z = vargrad_log_z(ratio_sum, reward, groups_of(batch), beta)
             batch.advantages = vargrad_residuals(ratio_sum, reward, groups_of(batch), beta)
         batch.step_weights, batch.base_means, batch.kl_scale = None, base_means, None
-        batch.critic_targets = None
+        batch.critic_targets, critic_logs = None, {}
         if self.settings.credit in ("to-go", "to-go-x0", "to-go-flow"):
             baseline = None
             if self.settings.credit != "to-go":  # NaN (a state no trained step starts from): no baseline there
@@ -275,16 +272,15 @@ class Rtb:
                                                       own=not expected).float()
                 target = batch.critic_targets.double() / beta  # in reward units, as F̃
                 err = critic.double() / beta - target
-                self._critic_logs = {"critic_loss": float((err**2).mean()),
-                                     "critic_explained": float(1 - err.var() / target.var().clamp(min=1e-30))}
+                critic_logs = {"critic_loss": float((err**2).mean()),
+                               "critic_explained": float(1 - err.var() / target.var().clamp(min=1e-30))}
             if expected:  # VarGrad's centring scales the score terms by 1 − 1/n: the pathwise KL term alike
                 batch.kl_scale = torch.ones(n) if self.learned else 1 - 1 / group_counts(groups)
         self._logs = {"log_z": _mean(log_z), "log_ratio_base": _mean(ratio_sum),
                       "rtb_residual_abs": _mean(batch.advantages.abs())}
         if expected:
             self._logs["log_ratio_expected"] = _mean(kl.sum(1))
-        if self.critic:
-            self._logs.update(self._critic_logs)
+        self._logs.update(critic_logs)
         if self.learned:
             self._logs.update({f"log_z/{k}": float(v) for k, v in enumerate(self.table.log_z.detach())})
 
