@@ -48,7 +48,7 @@ class Dag:
         self.min_micro_batch = 2 if kl else 1  # DAG-KL's leave-one-out baseline needs two transitions
         self.stored_x0_rewards = settings.x0_guidance if settings.x0_source == "sampling" else None
         self.x0_decoder = settings.x0_decoder or None
-        self.flow_config, flow = seeded_flow_network(ctx)
+        self.flow_config, flow = seeded_flow_network(ctx, zero_head=settings.flow_init == "zero")
         self.modules = {"flow": flow}
 
     def param_groups(self) -> list[dict]:

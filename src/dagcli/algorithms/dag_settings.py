@@ -9,6 +9,7 @@ from dagcli.algorithms.settings import Section, check_tail_steps
 
 X0_SOURCES = ("sampling", "current")
 X0_GUIDANCE = ("cond", "guided")
+FLOW_INITS = ("reference", "zero")
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,9 @@ class DagConfig:
     beta: float = 100.0  # reward exponent: R(x) = exp(β r(x)) (per latent dim under reduction = "mean")
     beta_ramp_epochs: int = 50  # β grows linearly over this many epochs (reference: half of 100), 0 = no ramp
     flow_warmup_epochs: int = 0  # first epochs train only the flow network (the LoRA waits for a fitted F̃)
+    # the flow network's last layer: "reference" (drawn, as DAG's code) | "zero" (F̃ = 0 at the start, so that
+    # log F is β·r(x̂0) until F̃ learns a correction; for small β, whose reward term a drawn F̃ dwarfs)
+    flow_init: str = "reference"
     proximity: float = 1.0  # λ: weight of mean (ε̃_θ − ε̃_sampling)²
     x0_source: str = "sampling"  # forward-looking x̂0: "sampling" (stored, each state once) | "current" (reference)
     x0_guidance: str = "cond"  # x̂0 from the conditional ε (reference) or the guided ε
@@ -48,5 +52,5 @@ SECTION = Section(
     "dag", DagConfig, "DAG-DB / DAG-KL: reward exponent β and its ramp, the flow network, x̂0 rewards, proximity",
     positive=("flow_learning_rate", "clip_range", "adv_clip"),
     non_negative=("beta", "proximity", "beta_ramp_epochs", "flow_warmup_epochs", "kl_weight", "tail_steps"),
-    choices={"x0_source": X0_SOURCES, "x0_guidance": X0_GUIDANCE}, validate=check_tail,
+    choices={"x0_source": X0_SOURCES, "x0_guidance": X0_GUIDANCE, "flow_init": FLOW_INITS}, validate=check_tail,
 )

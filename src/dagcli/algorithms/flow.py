@@ -110,11 +110,15 @@ class FlowNetwork(nn.Module):
         return self.head(h.mean(dim=(2, 3))).squeeze(-1).float()
 
 
-def seeded_flow_network(ctx) -> tuple[FlowConfig, FlowNetwork]:
+def seeded_flow_network(ctx, zero_head: bool = False) -> tuple[FlowConfig, FlowNetwork]:
     """The run's flow network, sized for its model and image size (`Context`), on its device; its initial weights
-    depend on the run seed alone (the global random state is left as it was)."""
+    depend on the run seed alone (the global random state is left as it was). `zero_head`: the last layer at zero,
+    so that F̃ = 0 everywhere until it is trained (the rest drawn as without it)."""
     config = ctx.family.flow_config(ctx.height, ctx.width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         network = FlowNetwork(config)
+    if zero_head:
+        torch.nn.init.zeros_(network.head.weight)
+        torch.nn.init.zeros_(network.head.bias)
     return config, network.to(ctx.device)

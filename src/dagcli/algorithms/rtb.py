@@ -201,9 +201,7 @@ class Rtb:
         if self.critic:  # DAG's flow network as the critic F̃_φ(x_i)
             from dagcli.algorithms.flow import seeded_flow_network
 
-            self.flow_config, flow = seeded_flow_network(ctx)
-            torch.nn.init.zeros_(flow.head.weight)  # F̃ = 0 at first: the weights start as "to-go-x0"'s
-            torch.nn.init.zeros_(flow.head.bias)
+            self.flow_config, flow = seeded_flow_network(ctx, zero_head=True)  # the weights start as "to-go-x0"'s
             self.modules["flow"] = flow
         self._logs: dict[str, float] = {}
 

@@ -35,11 +35,12 @@ def test_rdb_residual_hand_computed_and_the_base_is_data():
     assert log_p_base.grad is None
 
 
-@pytest.mark.parametrize("tail", [0, 1])
-def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base(tail):
+@pytest.mark.parametrize(("tail", "flow_init"), [(0, "reference"), (1, "reference"), (0, "zero")])
+def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base(tail, flow_init):
     """Two SD3 steps; the policy's and the base model's velocities are chosen, so both log-probs are closed-form
     Gaussians: δ_k = log F(x_k) + log P_θ − log P_base − log F(x_{k+1}), with no P_B anywhere. With
-    `dag.tail_steps` 1 the second transition is not trained and x_1 is the terminal, log F(x_1) = β·r(x̂0(x_1))."""
+    `dag.tail_steps` 1 the second transition is not trained and x_1 is the terminal, log F(x_1) = β·r(x̂0(x_1)).
+    With `dag.flow_init` "zero" F̃ is 0 everywhere, so log F is β·r(x̂0) alone."""
     from dagcli.algorithms.base import Context, MicroBatch, PolicyOutput
     from dagcli.algorithms.dag import Dag
     from dagcli.algorithms.dag_settings import DagConfig
@@ -66,8 +67,8 @@ def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base(tail):
     ctx = Context(family=family, schedule=schedule, device=torch.device("cpu"), height=32, width=32, steps=2,
                   seed=0, reduction="mean", autocast=contextlib.nullcontext, x0_rewards=None,
                   reference_step=reference_step)
-    dag = Dag(DagConfig(beta=beta, beta_ramp_epochs=0, proximity=0.0, tail_steps=tail), ctx, kl=False,
-              relative=True)
+    dag = Dag(DagConfig(beta=beta, beta_ramp_epochs=0, proximity=0.0, tail_steps=tail, flow_init=flow_init), ctx,
+              kl=False, relative=True)
     cond = family.encode(["a red circle"])
     reward, fl = 0.25, torch.tensor([[0.1, -0.3]])
     traj = Trajectory(latents=torch.stack(xs, 1), log_probs=torch.zeros(1, 2), out_guided=torch.stack(vs, 1),
@@ -84,6 +85,7 @@ def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base(tail):
     with torch.no_grad():
         embeds = family.pipe.encode_prompt(["a red circle"], None, None, do_classifier_free_guidance=False)[0]
         flow = dag.modules["flow"](torch.cat(xs[:2]), torch.tensor(sig[:2]) * 1000, torch.cat([embeds] * 2))
+    assert (flow == 0).all() if flow_init == "zero" else (flow.abs() > 1e-4).all()
     dims = 4 * 8 * 8
 
     def log_p(k, vel):  # Flow-GRPO's SDE step k as a float64 Gaussian (σ < 1 on both steps)
@@ -105,6 +107,21 @@ def test_rdb_loss_of_a_hand_built_two_step_chain_with_a_known_base(tail):
         ratios.append(ratio)
     torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-4)
     assert logs["log_ratio_base"].item() == pytest.approx(sum(ratios[:2 - tail]) / (2 - tail), rel=1e-4, abs=1e-5)
+
+
+def test_a_zero_flow_head_leaves_the_rest_of_the_seeded_flow_network_as_drawn():
+    from dagcli.algorithms.base import Context
+    from dagcli.algorithms.flow import seeded_flow_network
+
+    ctx = Context(family=loaded("sd3").family, schedule=None, device=torch.device("cpu"), height=32, width=32,
+                  steps=2, seed=3, reduction="mean", autocast=contextlib.nullcontext, x0_rewards=None,
+                  reference_step=None)
+    (_, drawn), (_, zero) = seeded_flow_network(ctx), seeded_flow_network(ctx, zero_head=True)
+    a, b = drawn.state_dict(), zero.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(b[k], torch.zeros_like(a[k])) if k.startswith("head.") else torch.equal(a[k], b[k]), k
+    assert a["head.weight"].abs().sum() > 0
 
 
 @pytest.fixture
