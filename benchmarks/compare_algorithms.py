@@ -29,11 +29,13 @@ table."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import platform
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -152,6 +154,26 @@ def learned_log_z(trainer, mode_targets: dict | None) -> dict:
             for p in learned}
     return {"log_z_learned": learned, "log_z_true": true,
             "log_z_error": sum(abs(learned[p] - true[p]) for p in learned) / len(learned)}
+
+
+@contextlib.contextmanager
+def workers_stop_with_us(pool: ProcessPoolExecutor):
+    """A SIGTERM to this process ends the pool's workers too: without that they would go on training, orphaned, to
+    the end of their runs, and skew any timing measured beside them. They are killed, and the runs not yet started
+    fail with them: a comparison writes nothing for a run it did not finish. (Ctrl-C reaches the workers by itself.)"""
+
+    def stop(signum, frame):  # the pool then finds its workers gone and fails the runs left (BrokenProcessPool)
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            process.kill()
+        print("compare_algorithms: stopped by SIGTERM, and so were its runs; nothing written", file=sys.stderr,
+              flush=True)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_task(task: dict) -> dict:
@@ -780,7 +802,8 @@ def compare_reward(reward: str, args: argparse.Namespace, jobs: int, threads: in
                                      for n in sorted({per_prompt, final_per_prompt})}}
     started = time.perf_counter()
     runs = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool, \
+            workers_stop_with_us(pool):
         for run in pool.map(_run_task, tasks):
             runs.append(run)
             tv = f", TV {run['tv']:.3f}" if "tv" in run else ""

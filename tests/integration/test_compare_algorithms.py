@@ -351,3 +351,53 @@ def test_run_one_with_rtb_reports_the_exact_target(compare, tmp_path) -> None:
     (value,) = [float(v) for v in saved.values()]
     assert value != 0.0 and run["log_z_learned"]["a red circle"] == pytest.approx(value * 256, rel=1e-6)
     assert "log_z" in run["curve"][0] and "log_ratio_base" in run["curve"][0]
+
+
+SIGTERM_SCRIPT = """
+import importlib.util, multiprocessing, sys, time
+from concurrent.futures import ProcessPoolExecutor
+
+if __name__ == "__main__":
+    spec = importlib.util.spec_from_file_location("compare_algorithms", sys.argv[1])
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool, \\
+            compare.workers_stop_with_us(pool):
+        futures = [pool.submit(time.sleep, 120) for _ in range(3)]
+        while not all(f.running() for f in futures[:2]):
+            time.sleep(0.1)
+        print(" ".join(str(p) for p in pool._processes), flush=True)
+        futures[0].result()
+"""
+
+
+def test_a_sigterm_to_the_comparison_ends_its_worker_processes(tmp_path) -> None:
+    """Without `workers_stop_with_us` the two sleeping workers outlive their parent by two minutes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "pool.py"
+    script.write_text(SIGTERM_SCRIPT)
+    child = subprocess.Popen([sys.executable, script, ROOT / "benchmarks" / "compare_algorithms.py"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = [int(p) for p in child.stdout.readline().split()]
+    assert len(workers) == 2 and all(_running(p) for p in workers), child.stderr.read()[-2000:]
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err[-2000:]
+    deadline, alive = time.monotonic() + 10, workers
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in workers if _running(p)]
+        time.sleep(0.1)
+    assert not alive, f"workers {alive} outlived the comparison"
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its reaper."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
