@@ -66,18 +66,32 @@ def debiased(full: dict, half: dict) -> dict:
     return out
 
 
-def kl_estimate(run: dict, base: dict | None, epochs: int = 4) -> float | None:
+def kl_estimate(run: dict, base: dict | None, epochs: int = 4, transitions: int | None = None) -> float | None:
     """The on-policy estimate of KL(P_θ ‖ p*) over a run's last `epochs` training epochs, in nats:
     E_q[Σρ] − β_eff·E_q[r] + log Z, averaged over the prompts (each epoch's logged mean log ratio, per latent
     dimension under the "mean" reduction, times the D dims; `base`: the result file's base-model record); None for a
-    run that logs no log ratio to the base."""
+    run that logs no log ratio to the base. `rtb` logs Σρ of each trajectory, taken before the epoch's updates;
+    `dag-rdb` the mean ρ of its trained transitions, taken as it trains, so its Σρ is that mean times
+    `transitions`, the trained transitions of a trajectory (`trained_transitions`; None: no estimate for it)."""
     curve = [c for c in run.get("curve", []) if "log_ratio_base" in c][-epochs:]
-    if not curve or base is None:
+    per_transition = run.get("algorithm") == "dag-rdb"
+    if not curve or base is None or (per_transition and not transitions):
         return None
-    scale = base["latent_dims"] if base["reduction"] == "mean" else 1
+    scale = (base["latent_dims"] if base["reduction"] == "mean" else 1) * (transitions if per_transition else 1)
     log_z = [p["log_z"] for p in run["evals"][0]["per_prompt_exact"].values()]
     terms = [c["log_ratio_base"] * scale - base["beta_eff"] * c["reward"] for c in curve]
     return sum(terms) / len(terms) + sum(log_z) / len(log_z)
+
+
+def trained_transitions(result: dict, run: dict) -> int:
+    """The transitions of a trajectory that a `dag-rdb` run of a compare_algorithms.py result trains: its sampler's
+    steps less `dag.tail_steps`, from the result's preset with the run's overrides (every step trained: the
+    exact-target presets' `train.timestep_fraction` is 1)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from dagcli.config import load_config
+
+    cfg = load_config(ROOT / result["preset"], run["overrides"])
+    return cfg.sampling.steps - cfg.dag.tail_steps
 
 
 def against_runs(reach: dict, compare_files: list[Path]) -> list[dict]:
@@ -101,7 +115,9 @@ def against_runs(reach: dict, compare_files: list[Path]) -> list[dict]:
         for run in result["runs"]:
             if not rows and run["evals"][0]["epoch"] == 0:
                 rows.append({**row("base model (the first run's epoch 0)", run, run["evals"][0]), "kl_estimate": None})
-            rows.append({**row(Path(path).name, run, run["evals"][-1]), "kl_estimate": kl_estimate(run, result.get("base"))})
+            transitions = trained_transitions(result, run) if run["algorithm"] == "dag-rdb" else None
+            rows.append({**row(Path(path).name, run, run["evals"][-1]),
+                         "kl_estimate": kl_estimate(run, result.get("base"), transitions=transitions)})
     return rows
 
 

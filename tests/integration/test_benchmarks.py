@@ -328,6 +328,20 @@ def test_kl_estimate_by_hand():
     assert reachable_target.kl_estimate(run, {**base, "reduction": "sum"}) == pytest.approx(
         0.0015 - math.log(4) * 0.625 + 0.9)
     assert reachable_target.kl_estimate({"curve": [{"reward": 0.5}], "evals": run["evals"]}, base) is None
+    # dag-rdb logs the mean ρ of a trained transition: Σρ is 5 of them on a chain that trains 5
+    rdb = {**run, "algorithm": "dag-rdb"}
+    assert reachable_target.kl_estimate(rdb, base) is None
+    assert reachable_target.kl_estimate(rdb, base, transitions=5) == pytest.approx(
+        5 * (0.256 + 0.512) / 2 - math.log(4) * 0.625 + 0.9)
+
+
+def test_trained_transitions_of_a_dag_rdb_run_from_its_preset_and_overrides():
+    import reachable_target
+
+    result = {"preset": "examples/configs/tiny-flow-modes-exact-target.toml"}
+    assert reachable_target.trained_transitions(result, {"overrides": []}) == 10
+    assert reachable_target.trained_transitions(result, {"overrides": ["dag.tail_steps=5"]}) == 5
+    assert reachable_target.trained_transitions(result, {"overrides": ["sampling.steps=8", "dag.tail_steps=2"]}) == 6
 
 
 def test_gradient_snr_by_hand():
