@@ -39,7 +39,8 @@ def epoch_metrics(batch, train_logs: dict, timing: dict, state, dist) -> dict:
 
 
 def _stats(name: str, v: torch.Tensor, extremes: bool = False) -> dict:
-    v = v.double()  # float32 sums of finite rewards near its range (3e38) overflow: the mean would read inf
+    if torch.isfinite(v).all() and not (torch.isfinite(v.mean()) and torch.isfinite(v.std())):
+        v = v.double()  # float32 sums of finite rewards near its range (3e38) overflow; others keep float32's bits
     out = {f"{name}_mean": float(v.mean()) if v.numel() else float("nan"),
            f"{name}_std": float(v.std()) if v.numel() > 1 else 0.0}
     if extremes:
