@@ -87,7 +87,6 @@ def trained_transitions(result: dict, run: dict) -> int:
     """The transitions of a trajectory that a `dag-rdb` run of a compare_algorithms.py result trains: its sampler's
     steps less `dag.tail_steps`, from the result's preset with the run's overrides (every step trained: the
     exact-target presets' `train.timestep_fraction` is 1)."""
-    sys.path.insert(0, str(ROOT / "src"))
     from dagcli.config import load_config
 
     cfg = load_config(ROOT / result["preset"], run["overrides"])

@@ -4,6 +4,7 @@ TensorBoard or Weights & Biases when asked, a console line, and sample grids to 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,11 +39,19 @@ def epoch_metrics(batch, train_logs: dict, timing: dict, state, dist) -> dict:
     return m
 
 
+def _mean_std(v: torch.Tensor) -> tuple[float, float]:
+    """Mean and sample std (NaN and 0 for no value, std 0 for one), in v's dtype: float32 keeps the bits the golden
+    runs record. Only where that overflows on finite values (rewards near float32's range, 3e38) in float64."""
+    mean = float(v.mean()) if v.numel() else float("nan")
+    std = float(v.std()) if v.numel() > 1 else 0.0
+    if v.numel() and not math.isfinite(mean + std) and bool(torch.isfinite(v).all()):
+        return _mean_std(v.double())
+    return mean, std
+
+
 def _stats(name: str, v: torch.Tensor, extremes: bool = False) -> dict:
-    if torch.isfinite(v).all() and not (torch.isfinite(v.mean()) and torch.isfinite(v.std())):
-        v = v.double()  # float32 sums of finite rewards near its range (3e38) overflow; others keep float32's bits
-    out = {f"{name}_mean": float(v.mean()) if v.numel() else float("nan"),
-           f"{name}_std": float(v.std()) if v.numel() > 1 else 0.0}
+    mean, std = _mean_std(v)
+    out = {f"{name}_mean": mean, f"{name}_std": std}
     if extremes:
         out[f"{name}_min"] = float(v.min()) if v.numel() else float("nan")
         out[f"{name}_max"] = float(v.max()) if v.numel() else float("nan")
